@@ -1,0 +1,79 @@
+"""Shared fixtures: a tiny CIFAR-10 folder in the official pickled layout, so the real loading code runs."""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+os.environ.setdefault("TQDM_DISABLE", "1")
+os.environ.setdefault("MPLBACKEND", "Agg")
+os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = REPO.parent / "shared" / "data"
+CLASSES = ["airplane", "automobile", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
+
+
+def write_cifar_folder(root: Path, *, n_train: int = 100, n_test: int = 50, seed: int = 0) -> Path:
+    """Write root/cifar-10-batches-py with random images whose colour depends on the class (learnable).
+
+    Same layout as the official files: five data_batch_k and test_batch pickles of {'data': uint8 (N, 3072)
+    channel-major rows, 'labels': list[int], ...} and batches.meta with 'label_names'.
+    """
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True, exist_ok=True)
+    palette = rng.integers(30, 225, size=(10, 3))
+
+    def make(n: int):
+        labels = np.arange(n) % 10
+        rng.shuffle(labels)
+        noise = rng.integers(-30, 30, size=(n, 32, 32, 3))
+        images = np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+        return images, labels
+
+    def dump(name: str, images: np.ndarray, labels: np.ndarray) -> None:
+        rows = images.transpose(0, 3, 1, 2).reshape(len(images), -1)
+        entry = {"batch_label": name, "labels": [int(v) for v in labels], "data": rows,
+                 "filenames": [f"{name}_{i}.png" for i in range(len(images))]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+
+    train_x, train_y = make(n_train)
+    for k, part in enumerate(np.array_split(np.arange(n_train), 5), start=1):
+        dump(f"data_batch_{k}", train_x[part], train_y[part])
+    dump("test_batch", *make(n_test))
+    with open(folder / "batches.meta", "wb") as f:
+        pickle.dump({"label_names": CLASSES, "num_cases_per_batch": n_train // 5, "num_vis": 3072}, f, protocol=2)
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data(tmp_path_factory) -> Path:
+    """A data directory holding a tiny CIFAR-10 (100 train, 50 test images) in the official layout."""
+    return write_cifar_folder(tmp_path_factory.mktemp("tiny"))
+
+
+@pytest.fixture(scope="session")
+def tiny_arrays(tiny_data):
+    from helpers.data import load_cifar10
+
+    return load_cifar10(tiny_data, train=True, download=False), load_cifar10(tiny_data, train=False, download=False)
+
+
+@pytest.fixture(scope="session")
+def shared_cifar(tmp_path_factory) -> Path:
+    """A class-balanced 2,000/1,000 subset of ../shared's CIFAR-10 (JPEG copy); skipped when it is absent."""
+    script = SHARED_DATA / "make_cifar10.py"
+    if not script.is_file():
+        pytest.skip("../shared/data is absent")
+    import subprocess
+    import sys
+
+    out = tmp_path_factory.mktemp("shared_cifar")
+    subprocess.run([sys.executable, str(script), str(out), "--train", "2000", "--test", "1000"], check=True)
+    return out
