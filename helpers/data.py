@@ -15,6 +15,7 @@ import os
 import pickle
 import socket
 import tarfile
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -102,12 +103,30 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return np.ascontiguousarray(images), labels
 
 
+def _try(fn, *args):
+    try:
+        return fn(*args)
+    except Exception as err:  # noqa: BLE001 - handed back to the caller's thread
+        return err
+
+
 def _download(data_dir: Path, timeout: float) -> None:
     """Fetch and unpack the official archive; fail within `timeout` seconds when there is no network."""
     from torchvision.datasets.utils import check_integrity, download_url
 
+    # Probe first, with a deadline on the name lookup too (getaddrinfo ignores socket timeouts): no network
+    # must mean a quick, clear error, not a hang.
+    lookup: list = []
+    probe = threading.Thread(target=lambda: lookup.append(_try(socket.getaddrinfo, "www.cs.toronto.edu", 443)),
+                             daemon=True)
+    probe.start()
+    probe.join(timeout)
+    if not lookup:
+        raise TimeoutError(f"no answer from DNS within {timeout:.0f} s")
+    if isinstance(lookup[0], Exception):
+        raise lookup[0]
     old = socket.getdefaulttimeout()
-    socket.setdefaulttimeout(timeout)  # urllib has no timeout of its own: no network must not mean a hang
+    socket.setdefaulttimeout(timeout)  # urllib has no timeout of its own
     try:
         socket.create_connection(("www.cs.toronto.edu", 443), timeout=timeout).close()
         download_url(CIFAR10_URL, str(data_dir), md5=CIFAR10_MD5)
@@ -325,3 +344,104 @@ def make_loader(
 def sampling_generator(loader) -> torch.Generator:
     """The generator that drives a loader's shuffling and augmentation (checkpoints save its state)."""
     return loader.sampler.generator if isinstance(loader, DataLoader) else loader.generator
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GpuLoader: the whole uint8 set on the device, augmentation on whole batches with tensor ops
+#
+# The recipes match `build_transform` in distribution (not sample for sample: albumentations draws from its own
+# generator). Pad 4 (reflect, = cv2 BORDER_REFLECT_101) + random 32x32 crop is a shift of -4..4 px per axis,
+# each of the 9 values equally likely (albumentations maps h_start in [0, 1) onto 0..8 inclusive). CoarseDropout
+# places a hole wholly inside the image: top-left uniform over 0..32-size per axis, never clipped at the border.
+
+GPU_CUTOUT = {"davidnet": (8, 1.0), "resnet18": (16, 0.5), "none": (0, 0.0)}  # recipe -> (hole side px, probability)
+GPU_PAD = 4  # px of reflect padding before the 32x32 crop: shifts -4..4
+
+
+def reflect_index(i: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """Map pixel indices in -size+1..2*size-2 into 0..size-1 as numpy 'reflect' padding does (edge not repeated)."""
+    i = i.abs()
+    return torch.where(i > size - 1, 2 * (size - 1) - i, i)
+
+
+def draw_augmentation(n: int, recipe: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Random parameters for `n` images (CPU tensors): shift (n, 2) in -4..4, flip (n,), hole (n, 2) top-left
+    and hole_on (n,). Every draw comes from `generator`, in a fixed order, so its state fixes the whole epoch."""
+    size, p = GPU_CUTOUT[recipe]
+    on = recipe != "none"
+    shift = torch.randint(-GPU_PAD, GPU_PAD + 1, (n, 2), generator=generator) * on
+    flip = (torch.rand(n, generator=generator) < 0.5) & on
+    hole = torch.randint(0, 32 - size + 1, (n, 2), generator=generator)
+    hole_on = (torch.rand(n, generator=generator) < p) & on
+    return {"shift": shift, "flip": flip, "hole": hole, "hole_on": hole_on, "size": torch.tensor(size)}
+
+
+def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor], fill: torch.Tensor) -> torch.Tensor:
+    """Crop (reflect-padded shift), flip and cutout uint8 images (B, 32, 32, 3) -> uint8 (B, 32, 32, 3).
+
+    One gather does crop and flip: output pixel (i, j) reads row reflect(i + dy) and column reflect(j' + dx),
+    with j' = 31 - j when flipped. Cutout is a compare against the hole's box, filled with `fill` (3,) uint8.
+    """
+    b, h, w, _ = images.shape
+    ar = torch.arange(h, device=images.device)
+    dy, dx = params["shift"][:, :1], params["shift"][:, 1:]  # (B, 1) each
+    cols = torch.where(params["flip"][:, None], w - 1 - ar, ar)  # (B, W): flip before the shift = after the crop
+    rows = reflect_index(ar + dy, h)  # (B, H)
+    cols = reflect_index(cols + dx, w)
+    out = images[torch.arange(b, device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    size = int(params["size"])
+    if size:
+        y0, x0 = params["hole"][:, 0, None], params["hole"][:, 1, None]  # (B, 1)
+        in_rows = (ar >= y0) & (ar < y0 + size)  # (B, H)
+        in_cols = (ar >= x0) & (ar < x0 + size)
+        box = in_rows[:, :, None] & in_cols[:, None, :] & params["hole_on"][:, None, None]  # (B, H, W)
+        out = torch.where(box[..., None], fill, out)
+    return out
+
+
+class GpuLoader:
+    """Batches of (images float (B, 3, 32, 32) normalised, channels_last; labels int64 (B,)) on `device`.
+
+    The uint8 set (N, 32, 32, 3) is copied to the device once. Training: a new permutation and new augmentation
+    parameters per pass (recipe davidnet, resnet18 or none, as `build_transform`), drop_last unless the set is
+    smaller than one batch. Test: dataset order, no augmentation. All randomness comes from `self.generator`
+    (CPU), drawn at the start of each pass: restoring its state replays the next epoch exactly.
+    """
+
+    def __init__(self, arrays: CifarArrays, *, batch_size: int = 512, train: bool = True, recipe: str | None = None,
+                 device: str | torch.device = "cpu", seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+        recipe = (recipe or "none") if train else "none"
+        if recipe not in GPU_RECIPES:
+            raise ValueError(f"GpuLoader does recipes {', '.join(GPU_RECIPES)}, not {recipe!r}: use make_loader")
+        self.device = torch.device(device)
+        self.images = torch.as_tensor(np.ascontiguousarray(arrays.images)).to(self.device)  # (N, 32, 32, 3) uint8
+        self.labels = torch.as_tensor(arrays.labels, dtype=torch.int64).to(self.device)
+        self.batch_size, self.train, self.recipe = batch_size, train, recipe
+        self.drop_last = train and len(self.labels) >= batch_size
+        self.generator = torch.Generator().manual_seed(seed)  # order and augmentation; checkpoints save its state
+        self.fill = torch.tensor([round(255 * m) for m in mean], dtype=torch.uint8, device=self.device)  # as build_transform
+        self.mean = torch.tensor(mean, device=self.device) * 255  # uint8 units, like albumentations' Normalize
+        self.scale = 1 / (torch.tensor(std, device=self.device) * 255)
+
+    def __len__(self) -> int:
+        n, b = len(self.labels), self.batch_size
+        return n // b if self.drop_last else -(-n // b)
+
+    def __iter__(self):
+        n = len(self.labels)
+        if self.train:  # one small CPU draw and one copy per epoch: no host sync inside the loop
+            order = torch.randperm(n, generator=self.generator).to(self.device, non_blocking=True)
+            params = {k: v.to(self.device, non_blocking=True) for k, v in
+                      draw_augmentation(n, self.recipe, self.generator).items()}
+        for k in range(len(self)):
+            window = slice(k * self.batch_size, (k + 1) * self.batch_size)
+            if not self.train:
+                yield self.normalize(self.images[window]), self.labels[window]
+                continue
+            index = order[window]
+            batch = {k: (v if v.ndim == 0 else v[window]) for k, v in params.items()}
+            yield self.normalize(augment_batch(self.images[index], batch, self.fill)), self.labels[index]
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 32, 32, 3) -> float (B, 3, 32, 32) with channels_last strides (a view: no second copy)."""
+        return ((images.float() - self.mean) * self.scale).permute(0, 3, 1, 2)
