@@ -398,8 +398,10 @@ def fit(
         correct = torch.zeros((), device=device, dtype=torch.long)
         first_bad = torch.full((), -1, device=device, dtype=torch.long)
         seen, lrs = 0, []
-        bar = tqdm(train_loader, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=quiet, unit="batch")
-        for step, (x, y) in enumerate(bar):
+        # a manual bar: tqdm.auto's wrapper calls iter() on an iterable it is given, then iterates it again,
+        # which would start every epoch's loader twice (a wasted prefetch and extra random draws)
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=quiet, unit="batch")
+        for step, (x, y) in enumerate(train_loader):
             x, y = _to_device(x, y, device, config.channels_last)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
                 out = step_model(x)
@@ -416,6 +418,7 @@ def fit(
             correct += (out.argmax(1) == y).sum()
             seen += len(y)
             first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), step, first_bad)
+            bar.update()
             if step % check_every == 0 or step == steps - 1:
                 _stop_if_diverged(int(first_bad), epoch, lrs, checkpoint)
                 if not quiet and step % max(1, steps // 20) == 0:

@@ -1,0 +1,240 @@
+"""Training engine and command line: overfitting, AMP, exact resume, NaN stop, determinism, bad input."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers import data, train
+from helpers.data import make_loader
+from helpers.models import build_model
+from helpers.train import CheckpointError, TrainConfig, TrainingDiverged, evaluate, fit, load_checkpoint
+
+
+def small_config(**overrides) -> TrainConfig:
+    settings = dict(epochs=3, batch_size=32, max_lr=0.05, amp=False, workers=0)
+    return TrainConfig.for_model("depthwise_net", **{**settings, **overrides})
+
+
+def loaders(arrays, config, seed=0):
+    train_arrays, test_arrays = arrays
+    return (
+        make_loader(train_arrays, batch_size=config.batch_size, train=True, recipe=config.augment, workers=0, seed=seed),
+        make_loader(test_arrays, batch_size=64, train=False, workers=0),
+    )
+
+
+def run(arrays, config, *, checkpoint=None, resume=None, model=None):
+    torch.manual_seed(config.seed)
+    model = model or build_model(config.model)
+    return fit(model, *loaders(arrays, config), config, device="cpu", checkpoint=checkpoint, resume=resume,
+               quiet=True), model
+
+
+def without_time(history):
+    return [{k: v for k, v in r.items() if k != "seconds"} for r in history.records]
+
+
+def test_one_batch_overfits(tiny_arrays):
+    one_batch = data.CifarArrays(tiny_arrays[0].images[:20], tiny_arrays[0].labels[:20], tiny_arrays[0].classes)
+    config = TrainConfig.for_model("depthwise_net", epochs=40, batch_size=20, optimizer="adam", lr=3e-3, l1=0.0,
+                                   scheduler="none", weight_decay=0.0, augment="none", amp=False)
+    history, model = run((one_batch, one_batch), config)
+    assert history.train_loss[-1] < 0.1 * history.train_loss[0]
+    assert history.train_acc[-1] == 100.0
+    assert history.test_loss[-1] < 0.5 * history.test_loss[0]  # eval mode too (BN running statistics)
+
+
+def test_history_records_every_epoch(tiny_arrays):
+    history, _ = run(tiny_arrays, small_config(epochs=2))
+    assert [r["epoch"] for r in history.records] == [1, 2]
+    for r in history.records:
+        assert set(train.EPOCH_COLUMNS) <= set(r) and 0 <= r["test_acc"] <= 100 and r["seconds"] > 0
+    assert history.lr[0] == pytest.approx(0.025)  # seed 002: one-cycle from 0.025
+
+
+def test_same_seed_gives_identical_history(tiny_arrays):
+    a, _ = run(tiny_arrays, small_config(epochs=2))
+    b, _ = run(tiny_arrays, small_config(epochs=2))
+    assert without_time(a) == without_time(b)
+
+
+def test_bf16_autocast_path_on_cpu(tiny_arrays):
+    few = data.CifarArrays(tiny_arrays[0].images[:16], tiny_arrays[0].labels[:16], tiny_arrays[0].classes)
+    config = small_config(epochs=1, batch_size=8, amp=True)
+    model = build_model(config.model)
+    seen = []
+    model.block1[0].register_forward_hook(lambda m, i, o: seen.append(o.dtype))
+    history, _ = run((few, few), config, model=model)
+    assert torch.bfloat16 in seen
+    assert np.isfinite(history.train_loss[0])
+    assert train.amp_dtype(torch.device("cpu"), True) is torch.bfloat16
+    assert train.amp_dtype(torch.device("cpu"), None) is None  # off by default on the CPU
+
+
+class StopAtEpoch:
+    """A loader that raises KeyboardInterrupt when epoch `stop` begins: an interrupted run."""
+
+    def __init__(self, loader, stop):
+        self.loader, self.stop, self.epoch = loader, stop, 0
+        self.generator = data.sampling_generator(loader)
+
+    def __len__(self):
+        return len(self.loader)
+
+    def __iter__(self):
+        self.epoch += 1
+        if self.epoch == self.stop:
+            raise KeyboardInterrupt
+        return iter(self.loader)
+
+
+def test_resume_equals_an_uninterrupted_run(tiny_arrays, tmp_path):
+    config = small_config(epochs=4, augment="davidnet")
+    full, full_model = run(tiny_arrays, config, checkpoint=tmp_path / "full.pt")
+
+    ckpt = tmp_path / "stopped.pt"
+    torch.manual_seed(config.seed)
+    train_loader, test_loader = loaders(tiny_arrays, config)
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model(config.model), StopAtEpoch(train_loader, 3), test_loader, config, device="cpu",
+            checkpoint=ckpt, quiet=True)
+    assert load_checkpoint(ckpt)["epoch"] == 2
+
+    resumed, resumed_model = run(tiny_arrays, config, checkpoint=ckpt, resume=ckpt)
+    assert without_time(resumed) == without_time(full)
+    for (name, a), b in zip(full_model.state_dict().items(), resumed_model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+class NanAfter(nn.Module):
+    """Wraps a model; from the `after`-th training forward on, its output is NaN."""
+
+    def __init__(self, model, after):
+        super().__init__()
+        self.model, self.after, self.calls = model, after, 0
+
+    def forward(self, x):
+        out = self.model(x)
+        if self.training:
+            self.calls += 1
+            if self.calls >= self.after:
+                out = out * float("nan")
+        return out
+
+
+def test_nan_loss_stops_with_epoch_step_and_lr_and_keeps_last_checkpoint(tiny_arrays, tmp_path):
+    config = small_config(epochs=3)
+    ckpt = tmp_path / "ckpt.pt"
+    model = NanAfter(build_model(config.model), after=5)  # 3 steps per epoch: step 2 of epoch 2
+    with pytest.raises(TrainingDiverged, match=r"epoch 2, step 2 \(learning rate [0-9.e-]+\).*last good checkpoint"):
+        fit(model, *loaders(tiny_arrays, config), config, device="cpu", checkpoint=ckpt, quiet=True)
+    state = load_checkpoint(ckpt)
+    assert state["epoch"] == 1
+    assert all(torch.isfinite(t).all() for t in state["model_state"].values() if t.is_floating_point())
+
+
+def test_checkpoint_of_another_model(tiny_arrays, tmp_path):
+    ckpt = tmp_path / "ckpt.pt"
+    run(tiny_arrays, small_config(epochs=1), checkpoint=ckpt)
+    other = TrainConfig.for_model("custom_resnet", epochs=2, batch_size=32, max_lr=0.05, amp=False)
+    with pytest.raises(CheckpointError, match="checkpoint of 'depthwise_net', not 'custom_resnet'"):
+        fit(build_model("custom_resnet"), *loaders(tiny_arrays, other), other, device="cpu", resume=ckpt, quiet=True)
+
+
+@pytest.mark.parametrize("damage", ["truncate", "garbage"])
+def test_damaged_checkpoint(tiny_arrays, tmp_path, damage):
+    ckpt = tmp_path / "ckpt.pt"
+    run(tiny_arrays, small_config(epochs=1), checkpoint=ckpt)
+    blob = ckpt.read_bytes()
+    ckpt.write_bytes(blob[: len(blob) // 3] if damage == "truncate" else b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a readable checkpoint"):
+        load_checkpoint(ckpt)
+
+
+def test_evaluate_returns_per_image_predictions_and_restores_mode(tiny_arrays):
+    config = small_config()
+    model = build_model(config.model).train()
+    _, test_loader = loaders(tiny_arrays, config)
+    result = evaluate(model, test_loader, device="cpu", tta=True)
+    n = len(tiny_arrays[1])
+    assert result.predictions.shape == result.confidences.shape == result.targets.shape == (n,)
+    assert result.probabilities.shape == (n, 10)
+    np.testing.assert_array_equal(result.targets, tiny_arrays[1].labels)
+    np.testing.assert_allclose(result.confidences, result.probabilities.max(1), rtol=1e-6)
+    assert result.accuracy == pytest.approx(100 * np.mean(result.predictions == result.targets))
+    assert result.tta_accuracy is not None
+    wrong = result.misclassified
+    assert np.all(np.diff(result.confidences[wrong]) <= 0)
+    assert model.training
+
+
+# --- command line
+
+
+def test_cli_trains_and_writes_outputs(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    code = train.main(["--model", "depthwise_net", "--epochs", "2", "--batch-size", "32", "--max-lr", "0.05",
+                       "--data-dir", str(tiny_data), "--out", str(out), "--device", "cpu", "--workers", "0",
+                       "--no-figures"])
+    assert code == 0
+    printed = capsys.readouterr().out
+    assert "| Epoch |" in printed.replace("  ", "") or "Epoch" in printed
+    assert "TestAcc" in printed
+    for name in ("history.json", "history.csv", "checkpoint.pt", "metrics.json"):
+        assert (out / name).is_file(), name
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["epochs"] == 2 and len(metrics["epoch_seconds"]) == 2
+    assert metrics["settings"]["max_lr"] == 0.05 and metrics["settings"]["model"] == "depthwise_net"
+    assert {"test_acc", "total_seconds", "device", "torch", "data_dir"} <= set(metrics)
+
+    # the run is not overwritten by accident, and it can be continued
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(["--model", "depthwise_net", "--data-dir", str(tiny_data), "--out", str(out)])
+    assert exit_info.value.code == 2
+    assert "--resume" in capsys.readouterr().err
+
+
+def test_recipe_defaults_follow_the_seeds():
+    config = TrainConfig.for_model("custom_resnet")
+    assert (config.epochs, config.batch_size, config.optimizer, config.momentum, config.weight_decay) == (
+        24, 512, "sgd", 0.9, 5e-4)
+    assert config.scheduler == "onecycle" and config.label_smoothing > 0 and config.amp is None
+    assert TrainConfig.for_model("depthwise_net").l1 == 5e-4
+
+
+@pytest.mark.parametrize("argv", [
+    ["--epochs", "0"], ["--model", "vgg"], ["--max-lr", "-1"], ["--max-lr", "fast"], ["--batch-size", "x"],
+    ["--optimizer", "rmsprop"], ["--weight-decay", "-0.1"], ["--augment", "mixup"], ["--device", "tpu"],
+])
+def test_invalid_flags_exit_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        train.main(argv + ["--out", "/nonexistent/never/written"])
+    assert exit_info.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_cli_missing_data_without_network(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
+    code = train.main(["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "cifar-10-batches-py" in err and "Traceback" not in err
+
+
+# --- real data (../shared's CIFAR-10, JPEG copy): skipped when absent
+
+
+def test_short_cpu_run_on_real_data_beats_chance(shared_cifar, tmp_path):
+    out = tmp_path / "real"
+    code = train.main(["--model", "custom_resnet", "--epochs", "2", "--batch-size", "64", "--max-lr", "0.1",
+                       "--data-dir", str(shared_cifar), "--out", str(out), "--device", "cpu", "--no-figures",
+                       "--quiet"])
+    assert code == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["train_images"] == 2000 and metrics["test_images"] == 1000
+    assert metrics["test_acc"] > 25.0  # chance is 10%; a plain ResNet-9 reaches about 40% here
