@@ -62,7 +62,7 @@ class TrainConfig:
     tta: bool = False  # also report flip test-time-augmented accuracy
 
     @classmethod
-    def for_model(cls, model: str, **overrides) -> "TrainConfig":
+    def for_model(cls, model: str, **overrides) -> TrainConfig:
         """The seed recipe of `model` (RECIPE_DEFAULTS), with any settings overridden."""
         from helpers.models import MODELS
 
@@ -128,7 +128,7 @@ class History:
         os.replace(tmp, path)
 
     @classmethod
-    def from_json(cls, path: str | os.PathLike) -> "History":
+    def from_json(cls, path: str | os.PathLike) -> History:
         return cls(json.loads(Path(path).read_text()))
 
 

@@ -23,7 +23,8 @@ def small_config(**overrides) -> TrainConfig:
 def loaders(arrays, config, seed=0):
     train_arrays, test_arrays = arrays
     return (
-        make_loader(train_arrays, batch_size=config.batch_size, train=True, recipe=config.augment, workers=0, seed=seed),
+        make_loader(train_arrays, batch_size=config.batch_size, train=True, recipe=config.augment, workers=0,
+                    seed=seed),
         make_loader(test_arrays, batch_size=64, train=False, workers=0),
     )
 
