@@ -324,6 +324,28 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -
     return state
 
 
+def resumable(path: str | os.PathLike, config: TrainConfig) -> Path | None:
+    """`path` if it holds a checkpoint of this very run (same settings) to continue, else None.
+
+    A checkpoint of a different run is never overwritten: it is renamed to checkpoint-<n>.pt beside it first.
+    """
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        saved = load_checkpoint(path)["config"]
+    except CheckpointError:
+        saved = None
+    if saved == asdict(config):
+        return path
+    n = 1
+    while (kept := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, kept)
+    print(f"{path} came from other settings: kept as {kept}; starting afresh")
+    return None
+
+
 def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None) -> History:
     """Load a checkpoint's weights into `model`; returns the run's History."""
     state = load_checkpoint(path, model_name=model_name)

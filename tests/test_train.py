@@ -239,3 +239,13 @@ def test_short_cpu_run_on_real_data_beats_chance(shared_cifar, tmp_path):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_images"] == 2000 and metrics["test_images"] == 1000
     assert metrics["test_acc"] > 25.0  # chance is 10%; a plain ResNet-9 reaches about 40% here
+
+
+def test_resumable_keeps_other_runs(tiny_arrays, tmp_path):
+    ckpt = tmp_path / "checkpoint.pt"
+    config = small_config(epochs=1)
+    assert train.resumable(ckpt, config) is None
+    run(tiny_arrays, config, checkpoint=ckpt)
+    assert train.resumable(ckpt, config) == ckpt  # same settings: continue (here: already finished)
+    assert train.resumable(ckpt, small_config(epochs=2)) is None  # other settings: set aside, not lost
+    assert not ckpt.exists() and load_checkpoint(tmp_path / "checkpoint-1.pt")["epoch"] == 1
