@@ -578,13 +578,14 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m helpers.train",
         description="Train a CIFAR-10 model. Unset flags take the model's seed recipe (helpers.train.RECIPE_DEFAULTS).",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    p.add_argument("--model", choices=list(MODELS), default="custom_resnet")
+    p.add_argument("--model", choices=list(MODELS), default="custom_resnet", help="(default: custom_resnet)")
     p.add_argument("--epochs", type=_positive(int))
     p.add_argument("--batch-size", type=_positive(int))
-    p.add_argument("--data-dir", default="data", help="folder holding cifar-10-batches-py (downloaded if missing)")
-    p.add_argument("--out", default="runs/latest", help="folder for checkpoint, history, metrics and figures")
+    p.add_argument("--data-dir", default="data",
+                   help="folder holding cifar-10-batches-py, downloaded if missing (default: data)")
+    p.add_argument("--out", default="runs/latest",
+                   help="folder for checkpoint, history, metrics and figures (default: runs/latest)")
     p.add_argument("--optimizer", choices=["sgd", "adam"])
     p.add_argument("--lr", type=_positive(float), help="one-cycle start LR (default max-lr/10); else the LR")
     p.add_argument("--max-lr", type=_max_lr, help="one-cycle peak LR, or 'auto' to run the LR range test first")
@@ -599,16 +600,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", choices=list(RECIPES))
     p.add_argument("--workers", type=int, help="DataLoader workers (default: CPU cores - 1)")
     p.add_argument("--loader", choices=["auto", "gpu", "torch"], default="auto",
-                   help="gpu: whole dataset on the device, batched augmentation (auto: when CUDA is there)")
+                   help="gpu: whole dataset on the device, batched augmentation (default auto: gpu when CUDA is there)")
     p.add_argument("--compile", action="store_true", help="torch.compile the model")
     p.add_argument("--tta", action="store_true", help="also report flip test-time-augmented accuracy")
     p.add_argument("--subset-train", type=_positive(int), help="class-balanced training subset size")
     p.add_argument("--subset-test", type=_positive(int), help="class-balanced test subset size")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="(default: 0)")
     p.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint (its settings)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing checkpoint in --out")
-    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
-    p.add_argument("--no-figures", dest="figures", action="store_false", help="skip the figures after training")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
+    p.add_argument("--no-figures", dest="figures", action="store_false",
+                   help="skip the curves, confusion matrix, misclassified and GradCAM figures")
     p.add_argument("--quiet", action="store_true", help="no progress bars or table")
     return p
 
