@@ -9,11 +9,11 @@ Each model names the module GradCAM should hook by default in its `cam_layer` at
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
-from torch import nn
 import torch.nn.functional as F
+from torch import nn
 
 
 def conv_bn(c_in: int, c_out: int, **conv) -> list[nn.Module]:
@@ -207,3 +207,43 @@ def summary(model: nn.Module, *, input_size=(1, 3, 32, 32), depth: int = 3, verb
         row_settings=("var_names",),
         verbose=verbose,
     )
+
+
+def export_onnx(model: nn.Module, path, *, input_size=(3, 32, 32), dynamic_batch: bool = True, dynamo: bool = True):
+    """Write `model` (eval mode, fp32) to an ONNX file at `path` with a dynamic batch axis; returns the path.
+
+    input_size: one image's (C, H, W). dynamo=False uses the older TorchScript exporter.
+
+    Input "images" (B, 3, 32, 32) normalised as for training, output "logits" (B, num_classes). Uses the dynamo
+    exporter (torch's default), which needs the optional extras onnx and onnxscript; onnxruntime runs the file.
+    Every module's train/eval mode is restored afterwards.
+    """
+    from pathlib import Path
+
+    try:
+        import onnx  # noqa: F401 - the exporter needs both
+        import onnxscript  # noqa: F401
+    except ImportError as err:
+        raise ImportError(
+            f"export_onnx needs the optional packages onnx and onnxscript ({err.name} is missing): "
+            "pip install onnx onnxscript (and onnxruntime to run the exported file)"
+        ) from None
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export the original module
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    modes = {m: m.training for m in model.modules()}
+    device = next(model.parameters()).device
+    example = torch.randn(2, *input_size, device=device)  # batch 2: torch.export specialises a batch of 1
+    shapes = {}
+    if dynamic_batch and dynamo:
+        shapes = {"dynamic_shapes": ({0: torch.export.Dim.DYNAMIC},)}
+    elif dynamic_batch:
+        shapes = {"dynamic_axes": {"images": {0: "batch"}, "logits": {0: "batch"}}}
+    try:
+        model.eval()
+        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
+                          dynamo=dynamo, external_data=False, verbose=False, **shapes)
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+    return path

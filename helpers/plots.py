@@ -1,0 +1,339 @@
+"""Every figure of the project. Each function returns a matplotlib Figure and, given save=path, writes it there
+(PNG, dpi 120, tight bounding box). Nothing here calls plt.show() or closes a figure it returns.
+
+Data:      plot_samples, plot_class_grid, plot_channels, plot_augmentations, plot_dataset_stats
+Training:  plot_lr_finder, plot_history
+Results:   plot_misclassified, plot_gradcam, plot_confusion_matrix, plot_per_class_accuracy, plot_top_confusions
+A run:     save_run_figures(out, model=, history=, result=, test_arrays=) writes the results figures of a run.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import matplotlib.pyplot as plt  # headless (no DISPLAY) it falls back to Agg by itself
+import numpy as np
+from matplotlib.figure import Figure
+
+DPI = 120
+CHANNELS = (("red", "Reds"), ("green", "Greens"), ("blue", "Blues"))
+
+
+def _finish(fig: Figure, save) -> Figure:
+    if save is not None:
+        save = Path(save)
+        save.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(save, dpi=DPI, bbox_inches="tight")
+    return fig
+
+
+def _image_grid(images, titles, *, cols: int, size: float = 1.5, suptitle: str | None = None, colors=None):
+    """One figure of images (uint8 or float [0, 1], HWC) in a grid, each with a small title."""
+    rows = max(1, -(-len(images) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(cols * size, rows * (size + 0.35)), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k < len(images):
+            ax.imshow(images[k])
+            ax.set_title(titles[k], fontsize=8, color=colors[k] if colors else "black")
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.tight_layout()
+    return fig
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The data
+
+
+def plot_samples(arrays, *, n: int = 20, cols: int = 10, seed: int = 0, save=None):
+    """`n` random images of a split, each titled with its class."""
+    rng = np.random.default_rng(seed)
+    pick = rng.choice(len(arrays), size=min(n, len(arrays)), replace=False)
+    titles = [arrays.classes[arrays.labels[i]] for i in pick]
+    return _finish(_image_grid(arrays.images[pick], titles, cols=cols, suptitle="Random training images"), save)
+
+
+def plot_class_grid(arrays, *, per_class: int = 8, seed: int = 0, save=None):
+    """One row per class: `per_class` random images of it, the class name on the left."""
+    rng = np.random.default_rng(seed)
+    n_classes = len(arrays.classes)
+    fig, axes = plt.subplots(n_classes, per_class, figsize=(per_class * 1.1, n_classes * 1.1), squeeze=False)
+    for c, row in enumerate(axes):
+        idx = np.flatnonzero(arrays.labels == c)
+        pick = rng.choice(idx, size=min(per_class, len(idx)), replace=False) if len(idx) else []
+        for k, ax in enumerate(row):
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+            if k < len(pick):
+                ax.imshow(arrays.images[pick[k]])
+        row[0].set_ylabel(arrays.classes[c], rotation=0, ha="right", va="center", fontsize=10)
+    fig.suptitle("Samples per class")
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def plot_channels(image: np.ndarray, *, title: str | None = None, save=None):
+    """An RGB uint8 image (H, W, 3) and its red, green and blue channels (0-255, each in its colour)."""
+    fig, axes = plt.subplots(1, 4, figsize=(11, 3))
+    axes[0].imshow(image)
+    axes[0].set_title(title or "image")
+    for ax, (name, cmap), k in zip(axes[1:], CHANNELS, range(3)):
+        shown = ax.imshow(image[..., k], cmap=cmap, vmin=0, vmax=255)
+        ax.set_title(f"{name} channel (mean {image[..., k].mean():.0f})")
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
+    for ax in axes:
+        ax.axis("off")
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def plot_augmentations(image: np.ndarray, recipe: str, *, n: int = 15, cols: int = 8, seed: int = 0, save=None):
+    """The uint8 image (H, W, 3) and `n` draws of augmentation `recipe` on it (helpers.data.build_transform)."""
+    from helpers.data import build_transform, denormalize
+
+    transform = build_transform(recipe)
+    draws = []
+    for k in range(n):
+        transform.set_random_seed(seed + k)  # albumentations keeps its randomness in the Compose
+        draws.append(denormalize(transform(image=image)["image"]))
+    images = [image, *draws]
+    titles = ["original", *[f"draw {k + 1}" for k in range(n)]]
+    return _finish(_image_grid(images, titles, cols=cols, suptitle=f"Augmentation recipe '{recipe}'"), save)
+
+
+def plot_dataset_stats(arrays, *, save=None):
+    """Images per class (bar) and per-channel pixel histograms with each channel's mean and std."""
+    from helpers.data import channel_stats
+
+    counts = np.bincount(arrays.labels, minlength=len(arrays.classes))
+    mean, std = channel_stats(arrays.images)
+    fig, (ax_bar, ax_hist) = plt.subplots(1, 2, figsize=(13, 4))
+    ax_bar.bar(arrays.classes, counts, color="tab:blue")
+    ax_bar.set_title(f"Images per class ({len(arrays):,} in all)")
+    ax_bar.set_ylabel("images")
+    ax_bar.tick_params(axis="x", rotation=45)
+    for k, (name, _) in enumerate(CHANNELS):
+        values = arrays.images[..., k].ravel()
+        ax_hist.hist(values, bins=64, range=(0, 255), histtype="step", color=name, linewidth=1.5,
+                     label=f"{name}: mean {mean[k]:.3f}, std {std[k]:.3f}")
+    ax_hist.set_title("Pixel values per channel (mean, std in [0, 1] units)")
+    ax_hist.set_xlabel("pixel value")
+    ax_hist.set_ylabel("pixels")
+    ax_hist.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Training
+
+
+def plot_lr_finder(found, *, ax=None, save=None):
+    """The LR range test: smoothed loss against learning rate (log scale), the suggestion marked.
+
+    Trims the first 10 and last 5 points as the suggestion rule does (all points when there are few).
+    """
+    fig, ax = (plt.subplots(figsize=(7, 4.5)) if ax is None else (ax.figure, ax))
+    lrs, losses = np.asarray(found.lrs), np.asarray(found.losses)
+    keep = slice(10, len(lrs) - 5) if len(lrs) > 30 else slice(None)
+    ax.plot(lrs[keep], losses[keep], color="tab:blue", label="smoothed training loss")
+    i = found.suggested_index
+    ax.scatter([lrs[i]], [losses[i]], s=70, color="red", zorder=3,
+               label=f"steepest descent: {found.suggested_lr:.2e}")
+    ax.axvline(found.min_loss_lr_over_10, color="gray", linestyle="--", linewidth=1,
+               label=f"min-loss LR / 10: {found.min_loss_lr_over_10:.2e}")
+    ax.set_xscale("log")
+    ax.set_xlabel("learning rate (log scale)")
+    ax.set_ylabel("loss")
+    ax.set_title(f"LR range test ({len(lrs)} iterations{', stopped at divergence' if found.diverged else ''})")
+    ax.legend()
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def plot_history(history, *, save=None):
+    """Train and test loss, train and test accuracy (%), and the learning rate at each epoch's start."""
+    epochs = history.epoch
+    fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
+    ax_loss.plot(epochs, history.train_loss, "o-", label="train")
+    ax_loss.plot(epochs, history.test_loss, "o-", label="test")
+    ax_loss.set_title("Loss")
+    ax_loss.set_ylabel("cross-entropy (train: with label smoothing)")
+    ax_acc.plot(epochs, history.train_acc, "o-", label="train")
+    ax_acc.plot(epochs, history.test_acc, "o-", label="test")
+    ax_acc.set_title(f"Accuracy (last test: {history.test_acc[-1]:.2f}%)" if len(history) else "Accuracy")
+    ax_acc.set_ylabel("%")
+    ax_lr.plot(epochs, history.lr, "o-", color="tab:green")
+    ax_lr.set_title("Learning rate (at epoch start)")
+    ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in (ax_loss, ax_acc, ax_lr):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        if len(epochs):
+            ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
+    ax_loss.legend()
+    ax_acc.legend()
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Results
+
+
+def plot_misclassified(items, *, cols: int = 5, save=None):
+    """A gallery of helpers.gradcam.misclassified(...) items: true and predicted class, confidence."""
+    if not items:
+        fig, ax = plt.subplots(figsize=(5, 1.5))
+        ax.axis("off")
+        ax.set_title("Misclassified images")
+        ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+        return _finish(fig, save)
+    titles = [f"true: {m.target_name}\npred: {m.prediction_name} ({m.confidence:.0%})" for m in items]
+    fig = _image_grid([m.image for m in items], titles, cols=min(cols, len(items)), size=1.9,
+                      suptitle="Misclassified test images, most confident first", colors=["firebrick"] * len(items))
+    return _finish(fig, save)
+
+
+def plot_gradcam(model, items, *, layer: str | None = None, save=None):
+    """GradCAM for misclassified `items` (helpers.gradcam.misclassified): per row the image, then heatmap and
+    overlay for the predicted class, then for the true class. Maps are min-max scaled per image."""
+    from helpers.data import denormalize
+    from helpers.gradcam import find_layer, gradcam_maps, normalize_images, overlay, unwrap
+
+    find_layer(model, layer)  # a wrong name fails here, before any work
+    x = normalize_images(np.stack([m.image for m in items]))  # (B, 3, 32, 32), what the model sees
+    shown = denormalize(x)  # (B, 32, 32, 3) in [0, 1]
+    pred_maps = gradcam_maps(model, x, [m.prediction for m in items], layer=layer)
+    true_maps = gradcam_maps(model, x, [m.target for m in items], layer=layer)
+    pred_over, true_over = overlay(shown, pred_maps), overlay(shown, true_maps)
+    layer_name = layer or getattr(unwrap(model), "cam_layer", "?")
+    headers = ("image", "CAM: predicted", "overlay: predicted", "CAM: true", "overlay: true")
+    fig, axes = plt.subplots(len(items), 5, figsize=(5 * 1.9, len(items) * 2.05), squeeze=False)
+    for r, m in enumerate(items):
+        panels = (shown[r], pred_maps[r], pred_over[r], true_maps[r], true_over[r])
+        for c, (ax, panel) in enumerate(zip(axes[r], panels)):
+            ax.imshow(panel, cmap="jet" if panel.ndim == 2 else None, vmin=0, vmax=1)
+            ax.axis("off")
+            if r == 0:
+                ax.set_title(headers[c], fontsize=9, fontweight="bold", pad=14)
+        axes[r, 0].text(0.5, 1.02, f"{m.target_name} -> {m.prediction_name} ({m.confidence:.0%})", fontsize=8,
+                        color="firebrick", ha="center", va="bottom", transform=axes[r, 0].transAxes)
+        axes[r, 1].text(0.5, 1.02, m.prediction_name, fontsize=8, ha="center", va="bottom",
+                        transform=axes[r, 1].transAxes)
+        axes[r, 3].text(0.5, 1.02, m.target_name, fontsize=8, ha="center", va="bottom",
+                        transform=axes[r, 3].transAxes)
+    fig.suptitle(f"GradCAM on misclassified images (layer '{layer_name}')")
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    """(C, C) int64 counts: row = true class, column = predicted class."""
+    flat = np.asarray(targets) * num_classes + np.asarray(predictions)
+    return np.bincount(flat, minlength=num_classes**2).reshape(num_classes, num_classes)
+
+
+def plot_confusion_matrix(result, classes, *, save=None):
+    """Counts and row-normalised (per true class) confusion matrices side by side (seaborn heatmaps)."""
+    import seaborn as sns
+
+    counts = confusion_matrix(result.targets, result.predictions, len(classes))
+    rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    fig, (ax_n, ax_r) = plt.subplots(1, 2, figsize=(17, 7))
+    sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax_n,
+                cbar_kws={"shrink": 0.8})
+    sns.heatmap(rates, annot=True, fmt=".2f", cmap="Blues", vmin=0, vmax=1, xticklabels=classes,
+                yticklabels=classes, ax=ax_r, cbar_kws={"shrink": 0.8})
+    ax_n.set_title(f"Confusion matrix: counts ({len(result.targets):,} images, {result.accuracy:.2f}% correct)")
+    ax_r.set_title("Confusion matrix: share of each true class")
+    for ax in (ax_n, ax_r):
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.tick_params(axis="x", rotation=45)
+        ax.tick_params(axis="y", rotation=0)
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def plot_per_class_accuracy(result, classes, *, save=None):
+    """Accuracy (%) on each true class, with the overall accuracy as a line."""
+    counts = confusion_matrix(result.targets, result.predictions, len(classes))
+    acc = 100 * np.diag(counts) / np.maximum(counts.sum(1), 1)
+    fig, ax = plt.subplots(figsize=(9, 4))
+    bars = ax.bar(classes, acc, color="tab:blue")
+    ax.bar_label(bars, fmt="%.1f", fontsize=8)
+    ax.axhline(result.accuracy, color="red", linestyle="--", label=f"overall {result.accuracy:.2f}%")
+    ax.set_ylim(0, 105)
+    ax.set_ylabel("accuracy (%)")
+    ax.set_title("Accuracy per class")
+    ax.tick_params(axis="x", rotation=45)
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def top_confusions(result, classes, *, k: int = 10) -> list[tuple[str, str, int]]:
+    """The `k` most frequent (true, predicted, count) mistakes, largest first."""
+    counts = confusion_matrix(result.targets, result.predictions, len(classes))
+    np.fill_diagonal(counts, 0)
+    order = np.argsort(-counts, axis=None, kind="stable")[:k]
+    pairs = [(classes[i // len(classes)], classes[i % len(classes)], int(counts.flat[i])) for i in order]
+    return [p for p in pairs if p[2] > 0]
+
+
+def plot_top_confusions(result, classes, *, k: int = 10, save=None):
+    """The most confused (true -> predicted) class pairs as a horizontal bar chart."""
+    pairs = top_confusions(result, classes, k=k)
+    fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(pairs), 3) + 1))
+    labels = [f"{t} -> {p}" for t, p, _ in pairs]
+    bars = ax.barh(labels[::-1], [n for *_, n in pairs][::-1], color="tab:orange")
+    ax.bar_label(bars, fontsize=8)
+    ax.set_xlabel("test images")
+    ax.set_title(f"Most confused pairs (true -> predicted), top {len(pairs)}")
+    if not pairs:
+        ax.text(0.5, 0.5, "no mistakes", ha="center", va="center", transform=ax.transAxes)
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+# ---------------------------------------------------------------------------------------------------------
+
+
+def save_run_figures(out, *, model, history, result, test_arrays, device=None, n_misclassified: int = 20,
+                     n_gradcam: int = 6, layer: str | None = None) -> list[Path]:
+    """Write a run's figures into `out`: curves, confusion_matrix, class_accuracy, confused_pairs, misclassified
+    and gradcam (.png). `result` is evaluate() on an unshuffled loader of `test_arrays`. GradCAM runs on the
+    model's own device (`device` is accepted for symmetry and not needed). Returns the paths written."""
+    from helpers.gradcam import misclassified
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    wrong = misclassified(result, test_arrays, n=max(n_misclassified, n_gradcam))
+    figures = {
+        "curves.png": lambda p: plot_history(history, save=p),
+        "confusion_matrix.png": lambda p: plot_confusion_matrix(result, test_arrays.classes, save=p),
+        "class_accuracy.png": lambda p: plot_per_class_accuracy(result, test_arrays.classes, save=p),
+        "confused_pairs.png": lambda p: plot_top_confusions(result, test_arrays.classes, save=p),
+        "misclassified.png": lambda p: plot_misclassified(wrong[:n_misclassified], save=p),
+        "gradcam.png": lambda p: _gradcam_or_note(model, wrong[:n_gradcam], layer, p),
+    }
+    written = []
+    for name, draw in figures.items():
+        fig = draw(out / name)
+        plt.close(fig)  # ours alone: a long run must not pile up open figures
+        written.append(out / name)
+    return written
+
+
+def _gradcam_or_note(model, items, layer, path):
+    if items:
+        return plot_gradcam(model, items, layer=layer, save=path)
+    fig, ax = plt.subplots(figsize=(5, 1.5))
+    ax.axis("off")
+    ax.set_title("GradCAM on misclassified images")
+    ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
+    return _finish(fig, path)

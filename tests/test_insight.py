@@ -1,0 +1,389 @@
+"""Insight tools: LR range test, GradCAM, model summary and ONNX export (figures: test_plots.py).
+
+Each test of a library trap (LIBRARIES.md) is named after it. Runs on the tiny fixture data with depthwise_net
+(96k parameters) so the file stays fast on a 2-core CPU.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from helpers.data import make_loader
+from helpers.models import MODELS, build_model, count_parameters, summary
+from helpers.train import TrainConfig
+
+MODEL = "depthwise_net"
+
+
+def snapshot(model: nn.Module) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def assert_same_state(a: dict, b: dict) -> None:
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), f"{k} changed"
+
+
+def modes(model: nn.Module) -> list[bool]:
+    return [m.training for m in model.modules()]
+
+
+def hook_count(model: nn.Module) -> int:
+    return sum(len(m._forward_hooks) + len(m._backward_hooks) + len(m._forward_pre_hooks) for m in model.modules())
+
+
+def optimizer_equal(a: dict, b: dict) -> bool:
+    def eq(x, y):
+        if isinstance(x, torch.Tensor):
+            return isinstance(y, torch.Tensor) and torch.equal(x, y)
+        if isinstance(x, dict):
+            return isinstance(y, dict) and x.keys() == y.keys() and all(eq(x[k], y[k]) for k in x)
+        if isinstance(x, (list, tuple)):
+            return len(x) == len(y) and all(eq(u, v) for u, v in zip(x, y))
+        return x == y
+
+    return eq(a, b)
+
+
+@pytest.fixture(scope="module")
+def loader(tiny_arrays):
+    return make_loader(tiny_arrays[0], batch_size=16, train=True, recipe="davidnet", workers=0, seed=3)
+
+
+@pytest.fixture
+def model():
+    """A small conv net with BN: the LR range test's mechanics need no full CIFAR model (and stay fast)."""
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Sequential(nn.Conv2d(8, 16, 3, stride=2, bias=False), nn.BatchNorm2d(16), nn.ReLU()),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(16, 10),
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# LR range test
+
+
+def test_lr_range_test_restores_model_optimizer_modes_and_rng(model, loader):
+    from helpers.lr_finder import lr_range_test
+
+    model.train()
+    model[3].eval()  # a mixed state, which model.train(was_training) alone would not restore
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    x, y = next(iter(loader))
+    nn.functional.cross_entropy(model(x), y).backward()  # one real step: momentum buffers and moved BN stats
+    optimizer.step()
+    before, opt_before, modes_before = snapshot(model), optimizer.state_dict(), modes(model)
+    opt_before = {"state": {k: {n: t.clone() for n, t in v.items()} for k, v in opt_before["state"].items()},
+                  "param_groups": [dict(g) for g in opt_before["param_groups"]]}
+    rng, sampler_rng = torch.get_rng_state(), loader.sampler.generator.get_state()
+
+    found = lr_range_test(model, loader, optimizer=optimizer, num_iter=20, end_lr=1.0, progress=False)
+
+    assert len(found.lrs) == len(found.losses) == 20  # 6 batches per pass: the loader was restarted
+    assert_same_state(before, snapshot(model))  # weights and BN running stats / num_batches_tracked
+    assert modes(model) == modes_before
+    assert optimizer_equal(optimizer.state_dict(), opt_before)
+    assert all("initial_lr" not in g for g in optimizer.param_groups)
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert torch.equal(loader.sampler.generator.get_state(), sampler_rng)
+    # the trap: a scheduler built afterwards must not see the finder's 'initial_lr'
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=found.suggested_lr, total_steps=10)
+    scheduler.step()
+
+
+def test_lr_range_test_with_config_builds_optimizer_and_suggests(model, loader):
+    from helpers.lr_finder import lr_range_test
+
+    config = TrainConfig.for_model(MODEL, optimizer="adam", label_smoothing=0.1, amp=False, max_lr="auto")
+    found = lr_range_test(model, loader, config=config, start_lr=1e-6, end_lr=1.0, num_iter=25, progress=False)
+    assert found.settings["optimizer"] == "Adam" and found.settings["amp"] is None
+    assert found.lrs[0] == pytest.approx(1e-6) and found.lrs[-1] <= 1.0
+    assert np.all(np.diff(found.lrs) > 0)  # exponential sweep
+    assert 10 <= found.suggested_index < len(found.lrs) - 5
+    assert found.suggested_lr == found.lrs[found.suggested_index]
+    assert found.min_loss_lr_over_10 == pytest.approx(found.lrs[int(np.argmin(found.losses))] / 10)
+
+
+def test_suggestion_is_the_library_plot_rule(capsys):
+    """Our steepest-descent index equals what torch-lr-finder's own plot() suggests on the same history."""
+    import matplotlib.pyplot as plt
+    from torch_lr_finder import LRFinder
+
+    from helpers.lr_finder import steepest_descent
+
+    rng = np.random.default_rng(0)
+    lrs = list(np.logspace(-6, 1, 60))
+    losses = list(2.3 - np.tanh(np.linspace(-3, 3, 60)) + 0.05 * rng.standard_normal(60))
+    fig, ax = plt.subplots()
+    _, library_lr = LRFinder.plot(SimpleNamespace(history={"lr": lrs, "loss": losses}), ax=ax)
+    plt.close(fig)
+    assert lrs[steepest_descent(lrs, losses)] == library_lr
+
+
+def test_too_short_sweep_is_a_clear_error(model, loader):
+    from helpers.lr_finder import LRRangeTestError, lr_range_test
+
+    before = snapshot(model)
+    with pytest.raises(LRRangeTestError, match="at least 17"):
+        lr_range_test(model, loader, num_iter=16, progress=False)
+    with pytest.raises(LRRangeTestError, match="no batches"):
+        lr_range_test(model, [], num_iter=20, progress=False)
+    assert isinstance(LRRangeTestError("x"), ValueError)
+    assert_same_state(before, snapshot(model))
+
+
+def test_diverging_sweep_is_a_clear_error_and_restores(model, loader):
+    from helpers.lr_finder import LRRangeTestError, lr_range_test
+
+    model.train()
+    before = snapshot(model)
+    with pytest.raises(LRRangeTestError, match="diverged"):
+        lr_range_test(model, loader, start_lr=10.0, end_lr=1e8, num_iter=50, diverge_th=1.5, progress=False)
+    assert_same_state(before, snapshot(model))
+    assert model.training
+
+
+def test_scheduler_already_attached_is_a_clear_error(model, loader):
+    from helpers.lr_finder import LRRangeTestError, lr_range_test
+
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.1, total_steps=10)
+    with pytest.raises(LRRangeTestError, match="before building any scheduler"):
+        lr_range_test(model, loader, optimizer=optimizer, num_iter=20, progress=False)
+
+
+def test_mixed_precision_path(model, tiny_arrays):
+    """bf16 autocast on the CPU (amp=True): the library needs amp_backend, amp_config and a grad_scaler."""
+    from helpers.data import CifarArrays
+    from helpers.lr_finder import lr_range_test
+
+    train = tiny_arrays[0]
+    few = CifarArrays(train.images[:8], train.labels[:8], train.classes)  # bf16 is ~17x slower on this CPU
+    loader = make_loader(few, batch_size=4, train=True, recipe="none", workers=0)
+    before = snapshot(model)
+    config = TrainConfig.for_model(MODEL, amp=True, max_lr="auto")
+    found = lr_range_test(model, loader, config=config, device="cpu", num_iter=17, end_lr=1.0, progress=False)
+    assert found.settings["amp"] == "bfloat16"
+    assert np.isfinite(found.losses).all() and len(found.losses) == 17
+    assert_same_state(before, snapshot(model))
+
+
+@pytest.mark.parametrize("progress", [True, False])
+def test_progress_bar_switch(model, loader, capsys, progress):
+    from helpers.lr_finder import lr_range_test
+
+    lr_range_test(model, loader, num_iter=17, end_lr=1.0, progress=progress)
+    captured = capsys.readouterr()
+    assert ("17/17" in captured.err) == progress
+    assert "Learning rate search finished" not in captured.out  # the library's prints are kept out
+
+
+# ---------------------------------------------------------------------------------------------------------
+# GradCAM
+
+
+@pytest.fixture(scope="module")
+def images(tiny_arrays):
+    from helpers.gradcam import normalize_images
+
+    return normalize_images(tiny_arrays[1].images[:6]), tiny_arrays[1].labels[:6]
+
+
+@pytest.fixture(scope="module")
+def cam_model(tiny_arrays):
+    """depthwise_net after one short epoch on the tiny data (BN statistics and weights no longer at init)."""
+    from helpers.train import fit
+
+    torch.manual_seed(0)
+    net = build_model(MODEL)
+    train, test = tiny_arrays
+    config = TrainConfig.for_model(MODEL, epochs=1, batch_size=16, max_lr=0.05, amp=False, channels_last=False)
+    fit(net, make_loader(train, batch_size=16, train=True, recipe="none", workers=0),
+        make_loader(test, batch_size=50, train=False, workers=0), config, device="cpu", quiet=True)
+    return net
+
+
+def test_gradcam_maps_shape_range_and_class_dependence(cam_model, images):
+    from helpers.gradcam import gradcam_maps
+
+    x, _ = images
+    a = gradcam_maps(cam_model, x, [0] * len(x))
+    b = gradcam_maps(cam_model, x, [5] * len(x))
+    assert a.shape == (len(x), 32, 32) and a.dtype == np.float32
+    assert a.min() >= 0 and a.max() <= 1 + 1e-6
+    assert not np.allclose(a, b)  # the target class matters
+    default = gradcam_maps(cam_model, x)  # None: the predicted class
+    with torch.no_grad():
+        cam_model.eval()
+        predicted = cam_model(x).argmax(1).numpy()
+    cam_model.train()
+    np.testing.assert_allclose(default, gradcam_maps(cam_model, x, predicted), atol=1e-6)
+
+
+@pytest.mark.parametrize("training", [True, False])
+def test_gradcam_restores_modes_releases_hooks_and_keeps_grads(cam_model, images, training):
+    from helpers.gradcam import gradcam_maps
+
+    x, _ = images
+    cam_model.train(training)
+    cam_model.block1.train(not training)  # mixed modes must come back as they were
+    before_modes, before_hooks, before_state = modes(cam_model), hook_count(cam_model), snapshot(cam_model)
+    params = list(cam_model.parameters())
+    params[0].grad, params[1].grad = torch.ones_like(params[0]), None
+    grads = [p.grad if p.grad is None else p.grad.clone() for p in params]
+    gradcam_maps(cam_model, x, [1] * len(x))
+    assert modes(cam_model) == before_modes
+    assert hook_count(cam_model) == before_hooks
+    assert_same_state(before_state, snapshot(cam_model))  # BN ran in eval: no running-stat update
+    assert all(p.requires_grad for p in params)
+    for p, g in zip(params, grads):  # a training step's gradients survive a GradCAM call in between
+        assert (p.grad is None) if g is None else torch.equal(p.grad, g)
+    cam_model.train()
+
+
+def test_gradcam_under_no_grad_inference_mode_and_autocast(cam_model, images):
+    from helpers.gradcam import gradcam_maps
+
+    x, y = images
+    reference = gradcam_maps(cam_model, x, y)
+    with torch.no_grad():
+        np.testing.assert_allclose(gradcam_maps(cam_model, x, y), reference, atol=1e-5)
+    with torch.inference_mode():
+        inference_x = x.clone()  # an inference tensor
+        np.testing.assert_allclose(gradcam_maps(cam_model, inference_x, y), reference, atol=1e-5)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # runs in fp32 all the same
+        np.testing.assert_allclose(gradcam_maps(cam_model, x, y), reference, atol=1e-5)
+
+
+def test_gradcam_on_compiled_model_uses_original_module(cam_model, images):
+    from helpers.gradcam import find_layer, gradcam_maps
+
+    x, y = images
+    compiled = torch.compile(cam_model)  # lazy: nothing is compiled unless its forward runs
+    assert find_layer(compiled) is cam_model.block4
+    assert find_layer(compiled, "block3.4") is cam_model.block3[4]
+    np.testing.assert_allclose(gradcam_maps(compiled, x, y), gradcam_maps(cam_model, x, y), atol=1e-6)
+
+
+def test_gradcam_any_dotted_layer_and_default_layers():
+    from helpers.gradcam import find_layer
+
+    for name in MODELS:
+        net = build_model(name)
+        assert find_layer(net) is dict(net.named_modules())[net.cam_layer]
+    net = build_model("resnet18")
+    assert find_layer(net, "layer3.0.bn2") is net.layer3[0].bn2
+
+
+def test_gradcam_wrong_layer_lists_valid_names(cam_model, images):
+    from helpers.gradcam import LayerNotFound, gradcam_maps
+
+    x, y = images
+    before = hook_count(cam_model)
+    with pytest.raises(LayerNotFound, match="no layer 'block9'") as err:
+        gradcam_maps(cam_model, x, y, layer="block9")
+    assert "block4" in str(err.value) and "trans3" in str(err.value)
+    assert hook_count(cam_model) == before
+
+
+def test_gradcam_bad_target_is_not_swallowed(cam_model, images):
+    """The library's `with` block swallows IndexError: an out-of-range class must still raise."""
+    from helpers.gradcam import gradcam_maps
+
+    x, _ = images
+    with pytest.raises(ValueError, match="target class"):
+        gradcam_maps(cam_model, x, [99] * len(x))
+    with pytest.raises(ValueError, match="one target class per image"):
+        gradcam_maps(cam_model, x, [1])
+    assert cam_model.training and hook_count(cam_model) == 0
+
+
+def test_gradcam_pred_and_true_and_overlay(cam_model, images):
+    from helpers.data import denormalize
+    from helpers.gradcam import gradcam_pred_and_true, overlay
+
+    x, y = images
+    pair = gradcam_pred_and_true(cam_model, x, y)
+    assert pair.predicted_maps.shape == pair.true_maps.shape == (len(x), 32, 32)
+    assert pair.predictions.shape == (len(x),)
+    over = overlay(denormalize(x), pair.true_maps)
+    assert over.shape == (len(x), 32, 32, 3) and over.dtype == np.uint8
+    with pytest.raises(ValueError, match="denormalize"):
+        overlay(x.movedim(1, -1).numpy(), pair.true_maps)  # still normalised: negative values
+
+
+def test_misclassified_most_confident_first(tiny_arrays):
+    from helpers.gradcam import misclassified
+    from helpers.train import EvalResult
+
+    test = tiny_arrays[1]
+    targets = test.labels.copy()
+    predictions = targets.copy()
+    predictions[[3, 7, 11]] = (targets[[3, 7, 11]] + 1) % 10
+    confidences = np.full(len(targets), 0.9, dtype=np.float32)
+    confidences[[3, 7, 11]] = [0.4, 0.8, 0.6]
+    result = EvalResult(1.0, 94.0, predictions, confidences, targets, np.zeros((len(targets), 10), np.float32))
+    items = misclassified(result, test, n=2)
+    assert [m.index for m in items] == [7, 11]
+    assert items[0].target == targets[7] and items[0].prediction == predictions[7]
+    assert items[0].target_name == test.classes[targets[7]] and items[0].confidence == pytest.approx(0.8)
+    assert np.array_equal(items[0].image, test.images[7])
+    shuffled = EvalResult(1.0, 94.0, predictions[::-1], confidences, targets[::-1], result.probabilities)
+    with pytest.raises(ValueError, match="line up"):
+        misclassified(shuffled, test)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Model summary and ONNX export
+
+
+@pytest.mark.parametrize("name, expected", [("resnet18", 11_173_962), ("custom_resnet", 6_573_130),
+                                            ("depthwise_net", None)])
+def test_summary_counts_parameters_and_touches_nothing(name, expected):
+    net = build_model(name)
+    net.train()
+    before = snapshot(net)
+    stats = summary(net)
+    assert stats.total_params == stats.trainable_params == count_parameters(net)
+    if expected is None:
+        assert stats.total_params <= 100_000
+    else:
+        assert stats.total_params == expected
+    assert net.training and all(modes(net))
+    assert_same_state(before, snapshot(net))  # BN running stats and num_batches_tracked untouched
+
+
+def test_export_onnx_matches_pytorch(tmp_path, cam_model):
+    ort = pytest.importorskip("onnxruntime")
+    pytest.importorskip("onnxscript")
+    from helpers.models import export_onnx
+
+    cam_model.train()
+    path = export_onnx(cam_model, tmp_path / "model.onnx")
+    assert cam_model.training  # mode restored
+    x = torch.randn(5, 3, 32, 32)  # another batch size than the export's example: the batch axis is dynamic
+    cam_model.eval()
+    with torch.no_grad():
+        expected = cam_model(x).numpy()
+    cam_model.train()
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    (logits,) = session.run(None, {"images": x.numpy()})
+    np.testing.assert_allclose(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_export_onnx_without_extras_is_a_clear_error(tmp_path, monkeypatch):
+    import sys
+
+    from helpers.models import export_onnx
+
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # import fails as if not installed
+    with pytest.raises(ImportError, match="pip install onnx onnxscript"):
+        export_onnx(build_model(MODEL), tmp_path / "m.onnx")
