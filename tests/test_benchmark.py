@@ -1,0 +1,51 @@
+"""benchmarks/benchmark.py: the CPU smoke run writes every section, and time-to-94% reads the history right."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from benchmarks import benchmark
+from helpers.train import History
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_quick_run_writes_every_section(tiny_data, tmp_path):
+    out = tmp_path / "bench.json"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    # a subprocess: the run sets torch's thread count, which must not leak into the other tests
+    done = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--quick", "--device", "cpu",
+                           "--data-dir", str(tiny_data), "--out", str(out)],
+                          cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert set(report["results"]) >= set(benchmark.SECTIONS)
+    assert {"torch", "cpu", "device", "gpu"} <= set(report["machine"]) and report["date"] and report["command"]
+    assert report["data"]["train"] == 10 and report["data"]["test"] == 10
+    res = report["results"]
+    assert {r["kind"] for r in res["loaders"]} == {"torch", "gpu"}
+    assert all(r["images_per_s"] > 0 for r in res["loaders"])
+    assert {(r["model"], r["loader"]) for r in res["epochs"]} == {
+        (m, k) for m in ("custom_resnet", "resnet18") for k in ("gpu", "torch")}
+    assert all(r["seconds_per_epoch"] > 0 for r in res["epochs"])
+    assert len(res["accuracy"]["runs"]) == 1 and 0 <= res["accuracy"]["final_acc_mean"] <= 100
+    assert "skipped" in res["airbench"]  # no CUDA here
+    assert res["overhead"]["fit_s"] > 0 and res["overhead"]["bare_s"] > 0
+    assert "fit vs bare loop" in done.stdout  # the table was printed
+
+
+def test_time_to_94_is_the_first_epoch_at_target():
+    history = History([{"seconds": s, "test_acc": a} for s, a in [(2.0, 90.0), (2.5, 94.1), (2.0, 93.9)]])
+    assert benchmark.time_to(history) == pytest.approx(4.5)
+    assert benchmark.time_to(history, 95.0) is None
+
+
+def test_unknown_section_is_an_error():
+    with pytest.raises(SystemExit, match="unknown sections"):
+        benchmark.parse_args(["--sections", "loaders,speed"])
