@@ -18,9 +18,11 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -102,7 +104,7 @@ def time_loader(loader, device: torch.device, max_batches: int | None) -> dict:
 
 def bench_loaders(args, train, test, device) -> list[dict]:
     rows = []
-    for workers in sorted({0, 2, os.cpu_count() or 1} | set(args.workers)):
+    for workers in sorted({0, 2, os.cpu_count() or 1} | set(args.workers)) if args.albumentations else []:
         loader = data.make_loader(train, batch_size=args.batch_size, recipe=args.recipe, workers=workers)
         rows.append({"loader": f"DataLoader albumentations, {workers} workers", "kind": "torch", "workers": workers,
                      **time_loader(loader, device, args.max_batches)})
@@ -314,6 +316,8 @@ def print_report(report: dict) -> None:
           f"load average {m['load_avg_1min']:.1f} -> {m.get('load_avg_1min_end', float('nan')):.1f}")
     print(f"   data: {report['data']['description']} ({report['data']['train']} train / {report['data']['test']} test)")
     print(f"   command: {report['command']}")
+    for note in report.get("notes", []):
+        print(f"   note: {note}")
     res = report["results"]
     if "loaders" in res:
         print("\nloader                                   images/s")
@@ -391,7 +395,10 @@ def parse_args(argv: list[str] | None):
         args.seeds, args.epochs, args.overhead_epochs, args.workers, args.precisions = 1, 1, 1, [], "fp32"
         args.threads = args.threads or 1
     args.models = args.models.split(",")
-    args.loaders = args.loaders.split(",")
+    # the DataLoader path needs albumentations and OpenCV; a bare GPU machine may lack them: time the rest
+    args.albumentations = all(importlib.util.find_spec(m) for m in ("albumentations", "cv2"))
+    args.loaders = [k for k in args.loaders.split(",") if k == "gpu" or args.albumentations]
+    args.fit_loader = args.fit_loader if args.albumentations else "gpu"
     args.precisions = [p == "amp" for p in args.precisions.split(",")]
     return args
 
@@ -410,13 +417,14 @@ def main(argv: list[str] | None = None) -> dict:
         torch.backends.cudnn.benchmark = True  # as fit does: every section times autotuned kernels
     report = {
         "date": datetime.datetime.now().isoformat(timespec="seconds"),
-        "command": " ".join(["python -m benchmarks.benchmark", *(sys.argv[1:] if argv is None else argv)]),
+        "command": shlex.join(["python", "-m", "benchmarks.benchmark", *(sys.argv[1:] if argv is None else argv)]),
         "machine": machine(device),
         "data": {"dir": str(Path(args.data_dir).resolve()), "description": args.data_name,
                  "train": len(train), "test": len(test)},
         "settings": vars(args),
         "results": {},
         "section_seconds": {},  # wall time of each section, warm-ups included
+        "notes": [] if args.albumentations else ["albumentations/cv2 missing: DataLoader path not measured"],
     }
     benches = {"loaders": bench_loaders, "epochs": bench_epochs, "accuracy": bench_accuracy,
                "airbench": bench_airbench, "overhead": bench_overhead}
