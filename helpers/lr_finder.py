@@ -91,13 +91,10 @@ def _progress_default() -> bool:
     return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("1", "true", "yes")
 
 
-def _sampler_generator(loader) -> torch.Generator | None:
-    """The generator behind a loader's shuffling/augmentation, when it has one we can save and restore."""
-    for owner in (getattr(loader, "sampler", None), loader):
-        gen = getattr(owner, "generator", None)
-        if isinstance(gen, torch.Generator):
-            return gen
-    return None
+def _loader_generators(loader) -> list[torch.Generator]:
+    """The generators a loader draws from (its sampler's: order and augmentation; its own: worker seeds)."""
+    found = [getattr(owner, "generator", None) for owner in (getattr(loader, "sampler", None), loader)]
+    return list({id(g): g for g in found if isinstance(g, torch.Generator)}.values())
 
 
 def steepest_descent(lrs, losses, *, skip_start: int = SKIP_START, skip_end: int = SKIP_END) -> int:
@@ -168,8 +165,7 @@ def lr_range_test(
 
     modes = {m: m.training for m in model.modules()}  # the library calls model.train() and never restores
     torch_rng = torch.get_rng_state()
-    sampler = _sampler_generator(train_loader)
-    sampler_rng = sampler.get_state() if sampler is not None else None
+    generators = [(g, g.get_state()) for g in _loader_generators(train_loader)]
     try:
         finder = LRFinder(model, optimizer, criterion, device=device, **amp)
     except RuntimeError as err:
@@ -188,8 +184,8 @@ def lr_range_test(
         for module, training in modes.items():
             module.train(training)
         torch.set_rng_state(torch_rng)
-        if sampler is not None:
-            sampler.set_state(sampler_rng)
+        for generator, state in generators:
+            generator.set_state(state)
 
     lrs = [float(v) for v in finder.history["lr"]]
     losses = [float(v) for v in finder.history["loss"]]

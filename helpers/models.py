@@ -212,11 +212,10 @@ def summary(model: nn.Module, *, input_size=(1, 3, 32, 32), depth: int = 3, verb
 def export_onnx(model: nn.Module, path, *, input_size=(3, 32, 32), dynamic_batch: bool = True, dynamo: bool = True):
     """Write `model` (eval mode, fp32) to an ONNX file at `path` with a dynamic batch axis; returns the path.
 
-    input_size: one image's (C, H, W). dynamo=False uses the older TorchScript exporter.
-
     Input "images" (B, 3, 32, 32) normalised as for training, output "logits" (B, num_classes). Uses the dynamo
     exporter (torch's default), which needs the optional extras onnx and onnxscript; onnxruntime runs the file.
-    Every module's train/eval mode is restored afterwards.
+    input_size: one image's (C, H, W); dynamo=False: the older TorchScript exporter. Every module's train/eval
+    mode is restored afterwards.
     """
     from pathlib import Path
 

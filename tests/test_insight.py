@@ -84,6 +84,7 @@ def test_lr_range_test_restores_model_optimizer_modes_and_rng(model, loader):
     opt_before = {"state": {k: {n: t.clone() for n, t in v.items()} for k, v in opt_before["state"].items()},
                   "param_groups": [dict(g) for g in opt_before["param_groups"]]}
     rng, sampler_rng = torch.get_rng_state(), loader.sampler.generator.get_state()
+    loader_rng = loader.generator.get_state()
 
     found = lr_range_test(model, loader, optimizer=optimizer, num_iter=20, end_lr=1.0, progress=False)
 
@@ -93,7 +94,8 @@ def test_lr_range_test_restores_model_optimizer_modes_and_rng(model, loader):
     assert optimizer_equal(optimizer.state_dict(), opt_before)
     assert all("initial_lr" not in g for g in optimizer.param_groups)
     assert torch.equal(torch.get_rng_state(), rng)
-    assert torch.equal(loader.sampler.generator.get_state(), sampler_rng)
+    assert torch.equal(loader.sampler.generator.get_state(), sampler_rng)  # a later fit sees the same data order
+    assert torch.equal(loader.generator.get_state(), loader_rng)
     # the trap: a scheduler built afterwards must not see the finder's 'initial_lr'
     scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=found.suggested_lr, total_steps=10)
     scheduler.step()
