@@ -419,7 +419,8 @@ class GpuLoader:
         self.batch_size, self.train, self.recipe = batch_size, train, recipe
         self.drop_last = train and len(self.labels) >= batch_size
         self.generator = torch.Generator().manual_seed(seed)  # order and augmentation; checkpoints save its state
-        self.fill = torch.tensor([round(255 * m) for m in mean], dtype=torch.uint8, device=self.device)  # as build_transform
+        fill = [round(255 * m) for m in mean]  # the uint8 mean pixel, as build_transform fills its holes
+        self.fill = torch.tensor(fill, dtype=torch.uint8, device=self.device)
         self.mean = torch.tensor(mean, device=self.device) * 255  # uint8 units, like albumentations' Normalize
         self.scale = 1 / (torch.tensor(std, device=self.device) * 255)
 
