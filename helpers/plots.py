@@ -161,7 +161,7 @@ def plot_history(history, *, save=None):
     ax_loss.plot(epochs, history.train_loss, "o-", label="train")
     ax_loss.plot(epochs, history.test_loss, "o-", label="test")
     ax_loss.set_title("Loss")
-    ax_loss.set_ylabel("cross-entropy (train: with label smoothing)")
+    ax_loss.set_ylabel("cross-entropy (train: with any label smoothing)")
     ax_acc.plot(epochs, history.train_acc, "o-", label="train")
     ax_acc.plot(epochs, history.test_acc, "o-", label="test")
     ax_acc.set_title(f"Accuracy (last test: {history.test_acc[-1]:.2f}%)" if len(history) else "Accuracy")
@@ -198,7 +198,7 @@ def plot_misclassified(items, *, cols: int = 5, save=None):
     return _finish(fig, save)
 
 
-def plot_gradcam(model, items, *, layer: str | None = None, save=None):
+def plot_gradcam(model, items, *, layer: str | None = None, title: str = "GradCAM on misclassified images", save=None):
     """GradCAM for misclassified `items` (helpers.gradcam.misclassified): per row the image, then heatmap and
     overlay for the predicted class, then for the true class. Maps are min-max scaled per image."""
     from helpers.data import denormalize
@@ -226,7 +226,7 @@ def plot_gradcam(model, items, *, layer: str | None = None, save=None):
                         transform=axes[r, 1].transAxes)
         axes[r, 3].text(0.5, 1.02, m.target_name, fontsize=8, ha="center", va="bottom",
                         transform=axes[r, 3].transAxes)
-    fig.suptitle(f"GradCAM on misclassified images (layer '{layer_name}')")
+    fig.suptitle(f"{title} (layer '{layer_name}')")
     fig.tight_layout()
     return _finish(fig, save)
 
