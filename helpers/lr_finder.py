@@ -98,9 +98,15 @@ def _loader_generators(loader) -> list[torch.Generator]:
 
 
 def steepest_descent(lrs, losses, *, skip_start: int = SKIP_START, skip_end: int = SKIP_END) -> int:
-    """Index (into lrs) of the steepest descent of `losses`, the library's rule: argmin of np.gradient."""
+    """Index (into lrs) of the steepest descent of `losses`: the library's rule (argmin of np.gradient over
+    losses[skip_start:-skip_end]), searched only up to the lowest loss. Past the minimum the loss is diverging,
+    and a noisy dip there (seen on short, small-batch sweeps) would otherwise suggest an exploding rate."""
+    losses = np.asarray(losses, dtype=float)
     end = len(losses) - skip_end if skip_end else len(losses)
-    return skip_start + int(np.gradient(np.asarray(losses[skip_start:end], dtype=float)).argmin())
+    lowest = skip_start + int(losses[skip_start:end].argmin()) if end > skip_start else end
+    if lowest - skip_start >= 2:  # np.gradient needs two points
+        end = lowest + 1
+    return skip_start + int(np.gradient(losses[skip_start:end]).argmin())
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless (no DISPLAY) it falls back to Agg by itself
 import numpy as np
+from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 
 DPI = 120
-CHANNELS = (("red", "Reds"), ("green", "Greens"), ("blue", "Blues"))
+CHANNELS = ("red", "green", "blue")
 
 
 def _finish(fig: Figure, save) -> Figure:
@@ -80,8 +81,10 @@ def plot_channels(image: np.ndarray, *, title: str | None = None, save=None):
     fig, axes = plt.subplots(1, 4, figsize=(11, 3))
     axes[0].imshow(image)
     axes[0].set_title(title or "image")
-    for ax, (name, cmap), k in zip(axes[1:], CHANNELS, range(3)):
-        shown = ax.imshow(image[..., k], cmap=cmap, vmin=0, vmax=255)
+    for ax, name, k in zip(axes[1:], CHANNELS, range(3)):
+        # black -> full colour, as the channel lights the screen: bright where the channel is strong
+        dark_to_colour = LinearSegmentedColormap.from_list(name, ["black", {"green": "lime"}.get(name, name)])
+        shown = ax.imshow(image[..., k], cmap=dark_to_colour, vmin=0, vmax=255)
         ax.set_title(f"{name} channel (mean {image[..., k].mean():.0f})")
         fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04)
     for ax in axes:
@@ -115,7 +118,7 @@ def plot_dataset_stats(arrays, *, save=None):
     ax_bar.set_title(f"Images per class ({len(arrays):,} in all)")
     ax_bar.set_ylabel("images")
     ax_bar.tick_params(axis="x", rotation=45)
-    for k, (name, _) in enumerate(CHANNELS):
+    for k, name in enumerate(CHANNELS):
         values = arrays.images[..., k].ravel()
         ax_hist.hist(values, bins=64, range=(0, 255), histtype="step", color=name, linewidth=1.5,
                      label=f"{name}: mean {mean[k]:.3f}, std {std[k]:.3f}")

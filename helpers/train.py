@@ -668,7 +668,7 @@ def main(argv: list[str] | None = None) -> int:
         from helpers.lr_finder import lr_range_test
         from helpers.plots import plot_lr_finder
 
-        found = lr_range_test(model, train_loader, config=config, device=device)
+        found = lr_range_test(model, train_loader, config=config, device=device, progress=not quiet)
         config.max_lr = found.suggested_lr
         plot_lr_finder(found, save=out / "lr_finder.png")
         print(f"LR range test: max LR {config.max_lr:.3g} (steepest descent; plot in {out / 'lr_finder.png'})")

@@ -130,6 +130,17 @@ def test_suggestion_is_the_library_plot_rule(capsys):
     assert lrs[steepest_descent(lrs, losses)] == library_lr
 
 
+def test_suggestion_ignores_dips_after_the_minimum():
+    """A short sweep's loss falls, bottoms out, then climbs with a noisy dip: the dip is no suggestion."""
+    from helpers.lr_finder import steepest_descent
+
+    lrs = list(np.logspace(-5, 0, 40))
+    losses = list(np.r_[np.linspace(2.35, 2.30, 15), np.linspace(2.29, 2.2, 5), np.linspace(2.25, 2.72, 19), 2.5])
+    losses[-6] = 2.40  # a sharp drop deep in the divergence zone (inside the library's window)
+    index = steepest_descent(lrs, losses)
+    assert 15 <= index <= int(np.argmin(losses))
+
+
 def test_too_short_sweep_is_a_clear_error(model, loader):
     from helpers.lr_finder import LRRangeTestError, lr_range_test
 
