@@ -209,9 +209,13 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
     if config.scheduler == "onecycle":
         max_lr = _numeric_max_lr(config)
         start = optimizer.param_groups[0]["lr"]
+        pct_start = config.pct_start
+        if math.isclose(pct_start * config.epochs * steps_per_epoch, 1.0):
+            # a warm-up of exactly one step is a zero-length phase: OneCycleLR divides by zero (tiny runs only)
+            pct_start *= 1 + 1e-6
         return torch.optim.lr_scheduler.OneCycleLR(
             optimizer, max_lr=max_lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
-            pct_start=config.pct_start, anneal_strategy="linear", div_factor=max_lr / start,
+            pct_start=pct_start, anneal_strategy="linear", div_factor=max_lr / start,
             cycle_momentum=False,  # Page and seed 003 keep momentum fixed
         )
     if config.scheduler == "plateau":
@@ -281,10 +285,10 @@ def evaluate(
     tta_accuracy = None
     if tta:
         tta_pred = (probs + torch.cat(flipped).softmax(1)).argmax(1)
-        tta_accuracy = 100.0 * (tta_pred == targets).float().mean().item()
+        tta_accuracy = 100.0 * (tta_pred == targets).sum().item() / len(targets)
     return EvalResult(
         loss=F.cross_entropy(logits, targets).item(),
-        accuracy=100.0 * (pred == targets).float().mean().item(),
+        accuracy=100.0 * (pred == targets).sum().item() / len(targets),  # exact counts, no float32 rounding
         predictions=pred.cpu().numpy(),
         confidences=conf.cpu().numpy(),
         targets=targets.cpu().numpy(),
@@ -422,7 +426,8 @@ def fit(
         seen, lrs = 0, []
         # a manual bar: tqdm.auto's wrapper calls iter() on an iterable it is given, then iterates it again,
         # which would start every epoch's loader twice (a wasted prefetch and extra random draws)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, disable=quiet, unit="batch")
+        bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="batch",
+                   **({"disable": True} if quiet else {}))  # else tqdm's default: TQDM_DISABLE=1 silences it
         for step, (x, y) in enumerate(train_loader):
             x, y = _to_device(x, y, device, config.channels_last)
             with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
@@ -532,12 +537,12 @@ def prepare_data(config: TrainConfig, device: torch.device):
     if use_gpu:
         train_loader = data.GpuLoader(train, batch_size=config.batch_size, train=True, recipe=config.augment,
                                       device=device, seed=config.seed)
-        test_loader = data.GpuLoader(test, batch_size=1024, train=False, device=device)
+        test_loader = data.GpuLoader(test, batch_size=1000, train=False, device=device)
     else:
         train_loader = data.make_loader(train, batch_size=config.batch_size, train=True, recipe=config.augment,
                                         workers=config.workers, seed=config.seed)
-        test_loader = data.make_loader(test, batch_size=1024, train=False, workers=config.workers)
-    return train_loader, test_loader, train, test
+        test_loader = data.make_loader(test, batch_size=1000, train=False, workers=config.workers)
+    return train_loader, test_loader, train, test  # test batches of 1000: no ragged last batch (torch.compile)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -249,3 +249,10 @@ def test_resumable_keeps_other_runs(tiny_arrays, tmp_path):
     assert train.resumable(ckpt, config) == ckpt  # same settings: continue (here: already finished)
     assert train.resumable(ckpt, small_config(epochs=2)) is None  # other settings: set aside, not lost
     assert not ckpt.exists() and load_checkpoint(tmp_path / "checkpoint-1.pt")["epoch"] == 1
+
+
+def test_one_cycle_with_a_one_step_warm_up(tiny_arrays):
+    """4 steps at pct_start 0.25: a zero-length phase on which torch's OneCycleLR divides by zero."""
+    config = small_config(epochs=1, batch_size=25, pct_start=0.25)  # 100 images: 4 steps
+    history, _ = run(tiny_arrays, config)
+    assert len(history) == 1 and np.isfinite(history.train_loss[0])
