@@ -432,10 +432,11 @@ class GpuLoader:
         n = len(self.labels)
         if self.train:  # one small CPU draw and one copy per epoch: no host sync inside the loop
             order = torch.randperm(n, generator=self.generator).to(self.device, non_blocking=True)
-            params = {k: v.to(self.device, non_blocking=True) for k, v in
+            # the hole size stays a CPU scalar: reading a device tensor with int() would sync every batch
+            params = {k: v.to(self.device, non_blocking=True) if v.ndim else v for k, v in
                       draw_augmentation(n, self.recipe, self.generator).items()}
-        for k in range(len(self)):
-            window = slice(k * self.batch_size, (k + 1) * self.batch_size)
+        for step in range(len(self)):
+            window = slice(step * self.batch_size, (step + 1) * self.batch_size)
             if not self.train:
                 yield self.normalize(self.images[window]), self.labels[window]
                 continue
