@@ -51,7 +51,7 @@ def executed(tiny_data, tmp_path_factory):
             if prefix == "05":
                 params["CHECKPOINT"] = str(outputs["04"] / "checkpoint.pt")
             papermill.execute_notebook(str(path), str(root / path.name), parameters=params, cwd=str(REPO),
-                                       kernel_name="python3", progress_bar=False, execution_timeout=600)
+                                       kernel_name="python3", progress_bar=False, execution_timeout=1200)
             outputs[prefix] = out
     finally:
         os.environ.pop("SMOKE", None)
