@@ -633,6 +633,9 @@ def config_from_args(args: argparse.Namespace, parser: argparse.ArgumentParser, 
         return TrainConfig(**saved)
     if args.workers is not None and args.workers < 0:
         parser.error("--workers must be >= 0")
+    for flag in ("subset_train", "subset_test"):
+        if given.get(flag) is not None and given[flag] < 10:
+            parser.error(f"--{flag.replace('_', '-')} must be at least 10 (one image per class)")
     return TrainConfig.for_model(args.model, **given)
 
 

@@ -211,6 +211,7 @@ def test_recipe_defaults_follow_the_seeds():
 @pytest.mark.parametrize("argv", [
     ["--epochs", "0"], ["--model", "vgg"], ["--max-lr", "-1"], ["--max-lr", "fast"], ["--batch-size", "x"],
     ["--optimizer", "rmsprop"], ["--weight-decay", "-0.1"], ["--augment", "mixup"], ["--device", "tpu"],
+    ["--subset-train", "5"], ["--workers", "-1"],
 ])
 def test_invalid_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
