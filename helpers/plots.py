@@ -15,6 +15,7 @@ import matplotlib.pyplot as plt  # headless (no DISPLAY) it falls back to Agg by
 import numpy as np
 from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 DPI = 120
 CHANNELS = ("red", "green", "blue")
@@ -158,7 +159,7 @@ def plot_lr_finder(found, *, ax=None, save=None):
 
 
 def plot_history(history, *, save=None):
-    """Train and test loss, train and test accuracy (%), and the learning rate at each epoch's start."""
+    """Train and test loss, train and test accuracy (%), and the learning rate (each epoch's first and last step)."""
     epochs = history.epoch
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss.plot(epochs, history.train_loss, "o-", label="train")
@@ -169,14 +170,18 @@ def plot_history(history, *, save=None):
     ax_acc.plot(epochs, history.test_acc, "o-", label="test")
     ax_acc.set_title(f"Accuracy (last test: {history.test_acc[-1]:.2f}%)" if len(history) else "Accuracy")
     ax_acc.set_ylabel("%")
-    ax_lr.plot(epochs, history.lr, "o-", color="tab:green")
-    ax_lr.set_title("Learning rate (at epoch start)")
+    if len(history) and all("lr_end" in r for r in history.records):  # each epoch from its first to last step
+        xs = [x for e in epochs for x in (e - 1, e)]
+        ax_lr.plot(xs, [v for r in history.records for v in (r["lr"], r["lr_end"])], "-", color="tab:green")
+        ax_lr.set_title("Learning rate (through each epoch)")
+    else:
+        ax_lr.plot(epochs, history.lr, "o-", color="tab:green")
+        ax_lr.set_title("Learning rate (at epoch start)")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        if len(epochs):
-            ax.set_xticks(epochs if len(epochs) <= 12 else ax.get_xticks())
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, within the data's range
     ax_loss.legend()
     ax_acc.legend()
     fig.tight_layout()

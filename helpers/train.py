@@ -458,6 +458,7 @@ def fit(
         record = dict(
             epoch=epoch, lr=lr_start, train_loss=loss_sum.item() / seen, train_acc=100.0 * correct.item() / seen,
             test_loss=result.loss, test_acc=result.accuracy, seconds=time.perf_counter() - t0,
+            lr_end=lrs[-1],  # the LR of the epoch's last step: with `lr`, the schedule's shape in plots
         )
         if result.tta_accuracy is not None:
             record["test_acc_tta"] = result.tta_accuracy

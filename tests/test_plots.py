@@ -118,7 +118,8 @@ def test_plot_history(run):
     loss_ax, acc_ax, lr_ax = fig.axes
     assert list(loss_ax.lines[1].get_ydata()) == history.test_loss
     assert list(acc_ax.lines[0].get_ydata()) == history.train_acc
-    assert list(lr_ax.lines[0].get_ydata()) == history.lr
+    assert list(lr_ax.lines[0].get_ydata())[::2] == history.lr  # each epoch's first step, then its last
+    assert list(lr_ax.lines[0].get_ydata())[1::2] == [r["lr_end"] for r in history.records]
 
 
 def test_plot_misclassified(run):

@@ -56,6 +56,7 @@ def test_history_records_every_epoch(tiny_arrays):
     for r in history.records:
         assert set(train.EPOCH_COLUMNS) <= set(r) and 0 <= r["test_acc"] <= 100 and r["seconds"] > 0
     assert history.lr[0] == pytest.approx(0.025)  # seed 002: one-cycle from 0.025
+    assert history.records[0]["lr_end"] > history.lr[0] > history.records[-1]["lr_end"]  # up, then down
 
 
 def test_same_seed_gives_identical_history(tiny_arrays):
