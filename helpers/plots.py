@@ -149,6 +149,9 @@ def plot_lr_finder(found, *, ax=None, save=None):
                label=f"steepest descent: {found.suggested_lr:.2e}")
     ax.axvline(found.min_loss_lr_over_10, color="gray", linestyle="--", linewidth=1,
                label=f"min-loss LR / 10: {found.min_loss_lr_over_10:.2e}")
+    shown = losses[keep]
+    if shown.max() > 1.5 * shown[0] > shown.min():  # the blow-up would flatten the part worth reading
+        ax.set_ylim(shown.min() - 0.05 * (1.5 * shown[0] - shown.min()), 1.5 * shown[0])
     ax.set_xscale("log")
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("loss")
