@@ -2,7 +2,8 @@
 
 `lr_range_test(model, loader, config=...)` raises the learning rate exponentially from `start_lr` to `end_lr` over
 `num_iter` mini-batches, records the smoothed training loss, and suggests a one-cycle peak: the steepest descent of
-the smoothed loss (the library's own `plot()` rule, skipping the first 10 and last 5 points). Afterwards the model
+the smoothed loss (the library's own `plot()` rule, skipping the first 10 and last 5 points, searched only up to the
+lowest loss). Afterwards the model
 (weights, BN statistics, each module's train/eval mode), the optimizer, the global torch RNG and the loader's
 shuffling generator are exactly as before, so a run after `--max-lr auto` equals a run given that LR by hand, and a
 OneCycleLR can be built on the optimizer (the library leaves `initial_lr` in its param groups until `reset()`).
@@ -35,7 +36,7 @@ class LRFinderResult:
 
     lrs: list[float]
     losses: list[float]
-    suggested_lr: float  # steepest descent of the smoothed loss (library rule, skip_start=10, skip_end=5)
+    suggested_lr: float  # steepest descent of the smoothed loss before its minimum (see steepest_descent)
     suggested_index: int  # index into lrs/losses of that point
     min_loss_lr: float  # LR at the lowest smoothed loss
     min_loss_lr_over_10: float  # fast.ai's older rule: a decade below the minimum
