@@ -682,7 +682,6 @@ def main(argv: list[str] | None = None) -> int:
         plot_lr_finder(found, save=out / "lr_finder.png")
         print(f"LR range test: max LR {config.max_lr:.3g} (steepest descent; plot in {out / 'lr_finder.png'})")
 
-    t0 = time.perf_counter()
     try:
         history = fit(model, train_loader, test_loader, config, device=device, checkpoint=ckpt,
                       resume=args.resume, quiet=quiet)
@@ -692,7 +691,7 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\ninterrupted: the last finished epoch is saved; continue with --resume {ckpt}", file=sys.stderr)
         return 130
-    total = time.perf_counter() - t0
+    total = sum(history.seconds)  # every epoch's training and evaluation, across resumes
 
     history.to_json(out / "history.json")
     history.to_csv(out / "history.csv")

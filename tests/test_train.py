@@ -200,6 +200,14 @@ def test_cli_trains_and_writes_outputs(tiny_data, tmp_path, capsys):
     assert exit_info.value.code == 2
     assert "--resume" in capsys.readouterr().err
 
+    # resuming a finished run trains nothing more and keeps its record
+    before = json.loads((out / "history.json").read_text())
+    assert train.main(["--resume", str(out / "checkpoint.pt"), "--out", str(out), "--device", "cpu",
+                       "--no-figures", "--quiet"]) == 0
+    assert json.loads((out / "history.json").read_text()) == before
+    resumed = json.loads((out / "metrics.json").read_text())
+    assert resumed["total_seconds"] == pytest.approx(sum(r["seconds"] for r in before))
+
 
 def test_recipe_defaults_follow_the_seeds():
     config = TrainConfig.for_model("custom_resnet")
