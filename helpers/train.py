@@ -15,6 +15,7 @@ import math
 import os
 import random
 import sys
+import threading
 import time
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
@@ -309,6 +310,48 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     os.replace(tmp, path)
 
 
+def _snapshot(value):
+    """A host copy of a state tree: training goes on changing the live tensors while a checkpoint is written."""
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _snapshot(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_snapshot(v) for v in value)
+    return value  # numbers, strings, None: immutable
+
+
+class CheckpointWriter:
+    """Writes checkpoints on a background thread: the copy to host memory is taken at once, the disk write
+    (~0.05-0.1 s for ResNet-9's 52 MB here) overlaps the next epoch instead of adding to it. One write at a time;
+    `wait()` finishes the last one and raises its error, if any."""
+
+    def __init__(self):
+        self._thread: threading.Thread | None = None
+        self._error: BaseException | None = None
+
+    def save(self, path: str | os.PathLike, state: dict) -> None:
+        self.wait()
+        state = _snapshot(state)
+
+        def write() -> None:
+            try:
+                save_checkpoint(path, state)
+            except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
+                self._error = err
+
+        self._thread = threading.Thread(target=write, name="checkpoint-writer")
+        self._thread.start()
+
+    def wait(self) -> None:
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        if self._error is not None:
+            err, self._error = self._error, None
+            raise err
+
+
 def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -> dict:
     """Read a checkpoint written by `fit`; a damaged file or another model's checkpoint gives a clear error."""
     path = Path(path)
@@ -416,71 +459,75 @@ def fit(
         for record in history.records:
             print_table_row(record)
 
-    for epoch in range(start + 1, config.epochs + 1):
-        t0 = time.perf_counter()
-        lr_start = optimizer.param_groups[0]["lr"]
-        model.train()
-        loss_sum = torch.zeros((), device=device)
-        correct = torch.zeros((), device=device, dtype=torch.long)
-        first_bad = torch.full((), -1, device=device, dtype=torch.long)
-        seen, lrs = 0, []
-        # a manual bar: tqdm.auto's wrapper calls iter() on an iterable it is given, then iterates it again,
-        # which would start every epoch's loader twice (a wasted prefetch and extra random draws)
-        bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="batch",
-                   **({"disable": True} if quiet else {}))  # else tqdm's default: TQDM_DISABLE=1 silences it
-        for step, (x, y) in enumerate(train_loader):
-            x, y = _to_device(x, y, device, config.channels_last)
-            with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-                out = step_model(x)
-                loss = criterion(out, y)
-            total = loss + config.l1 * sum(p.abs().sum() for p in model.parameters()) if config.l1 else loss
-            optimizer.zero_grad(set_to_none=True)
-            scaler.scale(total).backward()
-            scaler.step(optimizer)
-            scaler.update()
-            lrs.append(optimizer.param_groups[0]["lr"])
-            if config.scheduler == "onecycle":
-                scheduler.step()
-            loss_sum += loss.detach() * len(y)
-            correct += (out.argmax(1) == y).sum()
-            seen += len(y)
-            first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), step, first_bad)
-            bar.update()
-            if step % check_every == 0 or step == steps - 1:
-                _stop_if_diverged(int(first_bad), epoch, lrs, checkpoint)
-                if not quiet and step % max(1, steps // 20) == 0:
-                    bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lrs[-1]:.3g}")
-        bar.close()
-        result = evaluate(step_model, test_loader, device=device, amp=config.amp, channels_last=config.channels_last,
-                          tta=config.tta)
-        if config.scheduler == "plateau":
-            scheduler.step(result.loss)
-        record = dict(
-            epoch=epoch, lr=lr_start, train_loss=loss_sum.item() / seen, train_acc=100.0 * correct.item() / seen,
-            test_loss=result.loss, test_acc=result.accuracy, seconds=time.perf_counter() - t0,
-            lr_end=lrs[-1],  # the LR of the epoch's last step: with `lr`, the schedule's shape in plots
-        )
-        if result.tta_accuracy is not None:
-            record["test_acc_tta"] = result.tta_accuracy
-        history.append(**record)
-        if not quiet:
-            print_table_row(record)
-        if checkpoint is not None:
-            save_checkpoint(checkpoint, {
-                "format": CHECKPOINT_FORMAT,
-                "epoch": epoch,
-                "config": asdict(config),
-                "model_state": model.state_dict(),
-                "optimizer_state": optimizer.state_dict(),
-                "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
-                "scaler_state": scaler.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "sampler": generator.get_state(),
-                    "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
-                },
-                "history": history.records,
-            })
+    writer = CheckpointWriter()
+    try:
+        for epoch in range(start + 1, config.epochs + 1):
+            t0 = time.perf_counter()
+            lr_start = optimizer.param_groups[0]["lr"]
+            model.train()
+            loss_sum = torch.zeros((), device=device)
+            correct = torch.zeros((), device=device, dtype=torch.long)
+            first_bad = torch.full((), -1, device=device, dtype=torch.long)
+            seen, lrs = 0, []
+            # a manual bar: tqdm.auto's wrapper calls iter() on an iterable it is given, then iterates it again,
+            # which would start every epoch's loader twice (a wasted prefetch and extra random draws)
+            bar = tqdm(total=steps, desc=f"epoch {epoch}/{config.epochs}", leave=False, unit="batch",
+                       **({"disable": True} if quiet else {}))  # else tqdm's default: TQDM_DISABLE=1 silences it
+            for step, (x, y) in enumerate(train_loader):
+                x, y = _to_device(x, y, device, config.channels_last)
+                with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
+                    out = step_model(x)
+                    loss = criterion(out, y)
+                total = loss + config.l1 * sum(p.abs().sum() for p in model.parameters()) if config.l1 else loss
+                optimizer.zero_grad(set_to_none=True)
+                scaler.scale(total).backward()
+                scaler.step(optimizer)
+                scaler.update()
+                lrs.append(optimizer.param_groups[0]["lr"])
+                if config.scheduler == "onecycle":
+                    scheduler.step()
+                loss_sum += loss.detach() * len(y)
+                correct += (out.argmax(1) == y).sum()
+                seen += len(y)
+                first_bad = torch.where((first_bad < 0) & ~torch.isfinite(total.detach()), step, first_bad)
+                bar.update()
+                if step % check_every == 0 or step == steps - 1:
+                    _stop_if_diverged(int(first_bad), epoch, lrs, checkpoint)
+                    if not quiet and step % max(1, steps // 20) == 0:
+                        bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", lr=f"{lrs[-1]:.3g}")
+            bar.close()
+            result = evaluate(step_model, test_loader, device=device, amp=config.amp,
+                              channels_last=config.channels_last, tta=config.tta)
+            if config.scheduler == "plateau":
+                scheduler.step(result.loss)
+            record = dict(
+                epoch=epoch, lr=lr_start, train_loss=loss_sum.item() / seen, train_acc=100.0 * correct.item() / seen,
+                test_loss=result.loss, test_acc=result.accuracy, seconds=time.perf_counter() - t0,
+                lr_end=lrs[-1],  # the LR of the epoch's last step: with `lr`, the schedule's shape in plots
+            )
+            if result.tta_accuracy is not None:
+                record["test_acc_tta"] = result.tta_accuracy
+            history.append(**record)
+            if not quiet:
+                print_table_row(record)
+            if checkpoint is not None:
+                writer.save(checkpoint, {
+                    "format": CHECKPOINT_FORMAT,
+                    "epoch": epoch,
+                    "config": asdict(config),
+                    "model_state": model.state_dict(),
+                    "optimizer_state": optimizer.state_dict(),
+                    "scheduler_state": scheduler.state_dict() if scheduler is not None else None,
+                    "scaler_state": scaler.state_dict(),
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        "sampler": generator.get_state(),
+                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None,
+                    },
+                    "history": history.records,  # snapshotted (copied) by the writer
+                })
+    finally:
+        writer.wait()  # also when stopped (NaN, Ctrl-C): the last finished epoch's checkpoint is complete on disk
     if not quiet:
         print_table_rule()
     return history

@@ -266,3 +266,17 @@ def test_one_cycle_with_a_one_step_warm_up(tiny_arrays):
     config = small_config(epochs=1, batch_size=25, pct_start=0.25)  # 100 images: 4 steps
     history, _ = run(tiny_arrays, config)
     assert len(history) == 1 and np.isfinite(history.train_loss[0])
+
+
+def test_checkpoint_writer_snapshots_the_state_and_reports_errors(tmp_path):
+    writer = train.CheckpointWriter()
+    weights, records = torch.zeros(3), [{"epoch": 1}]
+    writer.save(tmp_path / "a.pt", {"w": weights, "history": records})
+    weights += 1  # training goes on while the file is written
+    records.append({"epoch": 2})
+    writer.wait()
+    saved = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert torch.equal(saved["w"], torch.zeros(3)) and saved["history"] == [{"epoch": 1}]
+    writer.save(tmp_path / "no_such_folder" / "b.pt", {"w": weights})
+    with pytest.raises(FileNotFoundError):
+        writer.wait()
