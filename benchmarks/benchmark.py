@@ -75,15 +75,6 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
-def make_loaders(kind: str, train, test, *, batch_size: int, recipe: str, device, workers=None, seed: int = 0):
-    """(train, test) loaders of one kind: 'gpu' (GpuLoader on `device`) or 'torch' (albumentations DataLoader)."""
-    if kind == "gpu":
-        return (data.GpuLoader(train, batch_size=batch_size, recipe=recipe, device=device, seed=seed),
-                data.GpuLoader(test, batch_size=1024, train=False, device=device))
-    return (data.make_loader(train, batch_size=batch_size, recipe=recipe, workers=workers, seed=seed),
-            data.make_loader(test, batch_size=1024, train=False, workers=workers))
-
-
 # ---------------------------------------------------------------------------------------------------------
 # loaders: images/s delivered to the device
 
@@ -157,7 +148,8 @@ def recipe(model_name: str, args, **overrides) -> TrainConfig:
 
 def bench_epoch(model_name: str, amp: bool, kind: str, args, train, test, device) -> dict:
     config = recipe(model_name, args, epochs=1, amp=amp)
-    loader, _ = make_loaders(kind, train, test, batch_size=config.batch_size, recipe=config.augment, device=device)
+    loader, _ = data.make_loaders(train, test, kind=kind, batch_size=config.batch_size, recipe=config.augment,
+                                  device=device)
     seed_everything(0)
     model = build_model(model_name).to(device, memory_format=torch.channels_last)
     train_steps(model, loader, config, device, max_steps=args.warmup_steps)  # cudnn autotuning, allocator
@@ -206,8 +198,9 @@ def bench_accuracy(args, train, test, device) -> dict:
     for seed in range(args.seeds):
         config = recipe("custom_resnet", args, seed=seed, compile=args.compile,
                         **({"epochs": args.epochs} if args.epochs else {}))
-        train_loader, test_loader = make_loaders(args.fit_loader, train, test, batch_size=config.batch_size,
-                                                 recipe=config.augment, device=device, seed=seed)
+        train_loader, test_loader = data.make_loaders(train, test, kind=args.fit_loader,
+                                                      batch_size=config.batch_size, recipe=config.augment,
+                                                      device=device, seed=seed)
         seed_everything(seed)
         model = build_model("custom_resnet")
         t0 = clock(device)
@@ -281,8 +274,9 @@ def bench_overhead(args, train, test, device) -> dict:
     config = recipe("custom_resnet", args, epochs=args.overhead_epochs)
     result = {"model": "custom_resnet", "loader": args.fit_loader, "epochs": config.epochs}
     for name, run in (("bare_s", bare_fit), ("fit_s", None), ("bare_again_s", bare_fit)):
-        train_loader, test_loader = make_loaders(args.fit_loader, train, test, batch_size=config.batch_size,
-                                                 recipe=config.augment, device=device)
+        train_loader, test_loader = data.make_loaders(train, test, kind=args.fit_loader,
+                                                      batch_size=config.batch_size, recipe=config.augment,
+                                                      device=device)
         seed_everything(0)
         model = build_model("custom_resnet").to(device)
         if name == "bare_s":  # warm-up: cudnn autotuning and the allocator, outside every timing

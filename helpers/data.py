@@ -447,3 +447,16 @@ class GpuLoader:
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """uint8 (B, 32, 32, 3) -> float (B, 3, 32, 32) with channels_last strides (a view: no second copy)."""
         return ((images.float() - self.mean) * self.scale).permute(0, 3, 1, 2)
+
+
+def make_loaders(train: CifarArrays, test: CifarArrays, *, kind: str, batch_size: int, recipe: str,
+                 device: str | torch.device = "cpu", workers: int | None = None, seed: int = 0):
+    """(train_loader, test_loader) of one kind: 'gpu' (GpuLoader on `device`) or 'torch' (albumentations
+    DataLoader). Test batches of 1000 divide the 10,000 test images: no ragged last batch for torch.compile."""
+    if kind == "gpu":
+        return (GpuLoader(train, batch_size=batch_size, recipe=recipe, device=device, seed=seed),
+                GpuLoader(test, batch_size=1000, train=False, device=device))
+    if kind == "torch":
+        return (make_loader(train, batch_size=batch_size, recipe=recipe, workers=workers, seed=seed),
+                make_loader(test, batch_size=1000, train=False, workers=workers))
+    raise ValueError(f"unknown loader kind {kind!r}: choose gpu or torch")

@@ -582,15 +582,10 @@ def prepare_data(config: TrainConfig, device: torch.device):
     use_gpu = config.loader == "gpu" or (
         config.loader == "auto" and device.type == "cuda" and config.augment in data.GPU_RECIPES
     )
-    if use_gpu:
-        train_loader = data.GpuLoader(train, batch_size=config.batch_size, train=True, recipe=config.augment,
-                                      device=device, seed=config.seed)
-        test_loader = data.GpuLoader(test, batch_size=1000, train=False, device=device)
-    else:
-        train_loader = data.make_loader(train, batch_size=config.batch_size, train=True, recipe=config.augment,
-                                        workers=config.workers, seed=config.seed)
-        test_loader = data.make_loader(test, batch_size=1000, train=False, workers=config.workers)
-    return train_loader, test_loader, train, test  # test batches of 1000: no ragged last batch (torch.compile)
+    train_loader, test_loader = data.make_loaders(train, test, kind="gpu" if use_gpu else "torch",
+                                                  batch_size=config.batch_size, recipe=config.augment,
+                                                  device=device, workers=config.workers, seed=config.seed)
+    return train_loader, test_loader, train, test
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -713,9 +708,7 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     seed_everything(config.seed)
     model = build_model(config.model).to(device)
-    quiet = args.quiet
-    if quiet:
-        os.environ["TQDM_DISABLE"] = "1"
+    quiet = args.quiet  # fit and the range test take it directly (TQDM_DISABLE is read only at tqdm's import)
     if not quiet:
         print(f"{config.model}: {count_parameters(model):,} parameters | device {device} | "
               f"{len(train_arrays):,} train / {len(test_arrays):,} test images | "

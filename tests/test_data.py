@@ -181,3 +181,16 @@ def test_augmentations_repeat_under_one_seed_whatever_the_workers(same_image):
     c = _fingerprints(make_loader(same_image, batch_size=8, train=True, recipe="resnet18", workers=0, seed=6))
     assert a == b
     assert a != c
+
+
+@pytest.mark.parametrize("kind, cls", [("torch", torch.utils.data.DataLoader), ("gpu", data.GpuLoader)])
+def test_make_loaders_builds_one_kind_with_whole_test_batches(tiny_arrays, kind, cls):
+    train_loader, test_loader = data.make_loaders(*tiny_arrays, kind=kind, batch_size=32, recipe="davidnet",
+                                                  workers=0)
+    assert isinstance(train_loader, cls) and isinstance(test_loader, cls)
+    assert test_loader.batch_size == 1000 and len(train_loader) == 3
+
+
+def test_make_loaders_unknown_kind(tiny_arrays):
+    with pytest.raises(ValueError, match="unknown loader kind 'tpu'"):
+        data.make_loaders(*tiny_arrays, kind="tpu", batch_size=32, recipe="none")
