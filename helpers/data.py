@@ -5,14 +5,16 @@ normalised float tensors (B, 3, 32, 32); labels are int64.
 
 Two loaders hand out the same (images, labels) batches:
 - `make_loader`: albumentations recipes through a torch DataLoader (any recipe, CPU workers).
-- `GpuLoader`: the whole uint8 set on the device, crop/flip/cutout on whole batches with tensor ops
-  (recipes `davidnet`, `resnet18` and `none`); no workers, no per-image Python.
+- `GpuLoader`: the whole uint8 set on the device, the same recipes on whole batches with tensor ops (crop, flip,
+  affine, gray, cutout); no workers, no per-image Python.
+Both read the recipes from one table, `AUGMENTATIONS`.
 """
 
 from __future__ import annotations
 
 import os
 import pickle
+import random
 import socket
 import tarfile
 import threading
@@ -34,8 +36,6 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
-RECIPES = ("davidnet", "resnet18", "depthwise", "none")
-GPU_RECIPES = ("davidnet", "resnet18", "none")  # recipes GpuLoader reproduces with batched tensor ops
 
 
 class DataError(RuntimeError):
@@ -140,22 +140,31 @@ def _download(data_dir: Path, timeout: float) -> None:
 
 
 def find_cifar10(data_dir: str | os.PathLike = "data", *, download: bool = True, timeout: float = 5.0) -> Path:
-    """The `cifar-10-batches-py` folder under `data_dir`, downloading the official archive if it is missing."""
+    """The `cifar-10-batches-py` folder under `data_dir` (or `data_dir` itself when it is that folder),
+    downloading the official archive if it is missing."""
     data_dir = Path(data_dir).expanduser()
+    if data_dir.exists() and not data_dir.is_dir():
+        raise DataError(f"--data-dir {data_dir} is a file: pass the folder that holds (or will hold) "
+                        f"'{FOLDER}', or that folder itself")
+    if data_dir.name == FOLDER or (data_dir / "batches.meta").is_file():
+        return data_dir  # the batches folder itself
     folder = data_dir / FOLDER
     if not folder.is_dir() and download:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        created = not data_dir.exists()
         try:
+            data_dir.mkdir(parents=True, exist_ok=True)
             _download(data_dir, timeout)
         except Exception as err:  # noqa: BLE001 - any failure means the same advice
+            if created and data_dir.is_dir() and not any(data_dir.iterdir()):
+                data_dir.rmdir()  # leave nothing behind
             raise DataError(
                 f"No CIFAR-10 in {folder} and the download failed ({type(err).__name__}: {err}). "
-                f"Put the official 'cifar-10-batches-py' folder (from {CIFAR10_URL}) in {data_dir.resolve()}, "
+                f"Put the official '{FOLDER}' folder (from {CIFAR10_URL}) in {data_dir.resolve()}, "
                 f"or pass --data-dir pointing at the folder that contains it."
             ) from None
     if not folder.is_dir():
         raise DataError(
-            f"No CIFAR-10 in {folder}. Put the official 'cifar-10-batches-py' folder there "
+            f"No CIFAR-10 in {folder}. Put the official '{FOLDER}' folder there "
             f"(from {CIFAR10_URL}) or pass --data-dir pointing at the folder that contains it."
         )
     return folder
@@ -210,10 +219,36 @@ def denormalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> np.ndarr
 
 # ---------------------------------------------------------------------------------------------------------
 # Augmentation recipes (albumentations 2.0.8)
+#
+# AUGMENTATIONS is the one description of the recipes: `build_transform` turns an entry into albumentations steps,
+# `draw_augmentation` + `augment_batch` (GpuLoader) into batched tensor ops. Every key is optional; the steps run
+# in this order, on 32x32 uint8 images:
+#   pad     px of reflect padding (cv2 BORDER_REFLECT_101) before a random 32x32 crop: a shift of -pad..pad px
+#   flip    probability of a horizontal flip
+#   affine  albumentations' Affine about the image centre, with probability p: rotate uniform in +-rotate degrees
+#           (positive turns the picture counter-clockwise on screen); scale uniform in (low, high), x and y drawn
+#           independently (keep_ratio=False); translate uniform in +-translate x the image side per axis, which
+#           albumentations truncates to whole px (0.0625 x 32 = 2: -1, 0, 1 px with probabilities 1/4, 1/2, 1/4);
+#           bilinear, reflect-101 border
+#   gray    probability of ToGray (its default: OpenCV's RGB -> gray luma 0.299 R + 0.587 G + 0.114 B, 3 channels)
+#   hole    (side px, probability): one side x side hole wholly inside the image, filled with the uint8 mean pixel
+AUGMENTATIONS: dict[str, dict] = {
+    # D. Page's ResNet-9 ("DavidNet") recipe: crop, flip, 8x8 cutout on every image
+    "davidnet": dict(pad=4, flip=0.5, hole=(8, 1.0)),
+    # the ResNet-18 write-up's (seed 001): pad to 40, crop 32, flip, a 16x16 hole half the time
+    "resnet18": dict(pad=4, flip=0.5, hole=(16, 0.5)),
+    # the depthwise-net write-up's (seed 002): flip, shift-scale-rotate (as Affine), to-gray, a 16x16 hole
+    "depthwise": dict(flip=0.5, affine=dict(rotate=15.0, scale=(0.9, 1.1), translate=0.0625, p=0.5), gray=0.5,
+                      hole=(16, 0.5)),
+    "none": {},  # evaluation: normalise only
+}
+RECIPES = tuple(AUGMENTATIONS)
+GPU_RECIPES = RECIPES  # recipes GpuLoader reproduces with batched tensor ops: all of them
 
 
 def build_transform(recipe: str = "none", *, mean=CIFAR10_MEAN, std=CIFAR10_STD):
-    """An albumentations Compose for a named recipe, ending in Normalize and ToTensorV2 -> float (3, 32, 32).
+    """An albumentations Compose for a recipe of `AUGMENTATIONS`, ending in Normalize and ToTensorV2 -> float
+    (3, 32, 32).
 
     davidnet: reflect-pad 4, random 32x32 crop, flip, one 8x8 hole (D. Page's ResNet-9 recipe).
     resnet18: pad to 40 (reflect), random crop 32, flip, one 16x16 mean-filled hole half the time (seed 001).
@@ -224,40 +259,28 @@ def build_transform(recipe: str = "none", *, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     import cv2
     from albumentations.pytorch import ToTensorV2
 
-    fill = tuple(int(round(255 * m)) for m in mean)  # uint8 mean pixel: holes are filled before Normalize
-
-    def hole(size: int, p: float):
-        return A.CoarseDropout(
-            num_holes_range=(1, 1), hole_height_range=(size, size), hole_width_range=(size, size), fill=fill, p=p
-        )
-
-    reflect = cv2.BORDER_REFLECT_101  # numpy/torch 'reflect': the edge pixel is not repeated
-    steps = {
-        "davidnet": [
-            A.PadIfNeeded(40, 40, border_mode=reflect),
-            A.RandomCrop(32, 32),
-            A.HorizontalFlip(p=0.5),
-            hole(8, 1.0),
-        ],
-        "resnet18": [
-            A.PadIfNeeded(40, 40, border_mode=reflect),
-            A.RandomCrop(32, 32),
-            A.HorizontalFlip(p=0.5),
-            hole(16, 0.5),
-        ],
-        "depthwise": [
-            A.HorizontalFlip(p=0.5),
-            A.Affine(
-                translate_percent=(-0.0625, 0.0625), scale=(0.9, 1.1), rotate=(-15, 15), border_mode=reflect, p=0.5
-            ),
-            A.ToGray(p=0.5),
-            hole(16, 0.5),
-        ],
-        "none": [],
-    }
-    if recipe not in steps:
+    if recipe not in AUGMENTATIONS:
         raise ValueError(f"unknown augmentation recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
-    return A.Compose([*steps[recipe], A.Normalize(mean=mean, std=std), ToTensorV2()], strict=True)
+    spec = AUGMENTATIONS[recipe]
+    reflect = cv2.BORDER_REFLECT_101  # numpy/torch 'reflect': the edge pixel is not repeated
+    steps = []
+    if spec.get("pad"):
+        side = 32 + 2 * spec["pad"]
+        steps += [A.PadIfNeeded(side, side, border_mode=reflect), A.RandomCrop(32, 32)]
+    if spec.get("flip"):
+        steps.append(A.HorizontalFlip(p=spec["flip"]))
+    if spec.get("affine"):
+        a = spec["affine"]
+        steps.append(A.Affine(translate_percent=(-a["translate"], a["translate"]), scale=a["scale"],
+                              rotate=(-a["rotate"], a["rotate"]), border_mode=reflect, p=a["p"]))
+    if spec.get("gray"):
+        steps.append(A.ToGray(p=spec["gray"]))
+    if spec.get("hole"):
+        size, p = spec["hole"]
+        fill = tuple(int(round(255 * m)) for m in mean)  # uint8 mean pixel: holes are filled before Normalize
+        steps.append(A.CoarseDropout(num_holes_range=(1, 1), hole_height_range=(size, size),
+                                     hole_width_range=(size, size), fill=fill, p=p))
+    return A.Compose([*steps, A.Normalize(mean=mean, std=std), ToTensorV2()], strict=True)
 
 
 class AugmentedCifar(Dataset):
@@ -281,7 +304,10 @@ class AugmentedCifar(Dataset):
     def __getitem__(self, item) -> tuple[torch.Tensor, int]:
         index, epoch_seed = item if isinstance(item, tuple) else (item, 0)
         if self.recipe != "none":
-            self.transform.set_random_seed((epoch_seed * 1_000_003 + index) % 2**32)
+            # one shared stream for all steps: Compose.set_random_seed gives every step its own generator with
+            # the same seed, so steps of equal probability would decide alike (flip <=> hole, all-or-nothing)
+            seed = (epoch_seed * 1_000_003 + index) % 2**32
+            self.transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
         image = self.transform(image=self.arrays.images[index])["image"]
         return image, int(self.arrays.labels[index])
 
@@ -349,13 +375,29 @@ def sampling_generator(loader) -> torch.Generator:
 # ---------------------------------------------------------------------------------------------------------
 # GpuLoader: the whole uint8 set on the device, augmentation on whole batches with tensor ops
 #
-# The recipes match `build_transform` in distribution (not sample for sample: albumentations draws from its own
-# generator). Pad 4 (reflect, = cv2 BORDER_REFLECT_101) + random 32x32 crop is a shift of -4..4 px per axis,
-# each of the 9 values equally likely (albumentations maps h_start in [0, 1) onto 0..8 inclusive). CoarseDropout
-# places a hole wholly inside the image: top-left uniform over 0..32-size per axis, never clipped at the border.
+# The recipes of `AUGMENTATIONS` match `build_transform` in distribution (not sample for sample: albumentations
+# draws from its own generator). Pad 4 (reflect, = cv2 BORDER_REFLECT_101) + random 32x32 crop is a shift of -4..4
+# px per axis, each of the 9 values equally likely (albumentations maps h_start in [0, 1) onto 0..8 inclusive).
+# CoarseDropout places a hole wholly inside the image: top-left uniform over 0..32-size per axis, never clipped.
+#
+# Affine: albumentations hands cv2.warpAffine the matrix p_out = c + t + R S (p_in - c), with c = (15.5, 15.5) the
+# centre in pixel-centre coordinates, R = [[cos, sin], [-sin, cos]] (y down), S = diag(sx, sy), t in whole px;
+# bilinear, BORDER_REFLECT_101. grid_sample wants the inverse map, output -> source, in normalised units.
+# align_corners=True puts -1 and 1 on the edge pixels' centres and its 'reflection' padding mirrors about them:
+# that is BORDER_REFLECT_101 exactly, and the centre 15.5 is 0, so u_in = S^-1 R^-1 (u_out - t / 15.5). With
+# align_corners=False -1 and 1 are the outer edges of the edge pixels and 'reflection' mirrors there, which is
+# BORDER_REFLECT (edge pixel repeated): right inside, off by up to a pixel in the border band. Measured against
+# albumentations 2.0.8 + OpenCV 5.0 on 400 random-noise images (the worst case for interpolation), parameters
+# forced to random values in the recipe's ranges: align_corners=True differs by 0.0001 levels on average (0.01%
+# of pixels off, by 1 level: float rounding), align_corners=False by 4.5 on average and up to 242, all in the
+# border band. OpenCV 4.x interpolates at 1/32 px steps: simulated, 0.8 levels on average there (at most 7) on
+# noise, 0.24 on smoothed noise.
+#
+# Gray: ToGray's default is cv2.cvtColor(RGB2GRAY), for uint8 in fixed point: (w . rgb + 2^14) >> 15 with w =
+# GRAY_WEIGHTS (0.299, 0.587, 0.114 x 2^15). Equal to OpenCV 5.0's over all 2^24 colours; OpenCV 4.x's
+# (4899, 9617, 1868) >> 14 differs from it by 1 level on 0.26% of colours.
 
-GPU_CUTOUT = {"davidnet": (8, 1.0), "resnet18": (16, 0.5), "none": (0, 0.0)}  # recipe -> (hole side px, probability)
-GPU_PAD = 4  # px of reflect padding before the 32x32 crop: shifts -4..4
+GRAY_WEIGHTS = (9798, 19235, 3735)  # R, G, B
 
 
 def reflect_index(i: torch.Tensor, size: int = 32) -> torch.Tensor:
@@ -364,23 +406,78 @@ def reflect_index(i: torch.Tensor, size: int = 32) -> torch.Tensor:
     return torch.where(i > size - 1, 2 * (size - 1) - i, i)
 
 
+def affine_theta(rotate: torch.Tensor, scale: torch.Tensor, translate: torch.Tensor, size: int = 32) -> torch.Tensor:
+    """grid_sample matrices (n, 2, 3) float32 (align_corners=True) for albumentations' Affine about the centre of
+    size x size images: rotate (n,) degrees, scale (n, 2) and translate (n, 2) px, both as (x, y)."""
+    angle = torch.deg2rad(rotate.double())
+    cos, sin = angle.cos(), angle.sin()
+    sx, sy = scale.double().unbind(-1)
+    m = torch.stack([torch.stack([cos / sx, -sin / sx], -1), torch.stack([sin / sy, cos / sy], -1)], -2)  # S^-1 R^-1
+    b = -(m @ (translate.double() / ((size - 1) / 2))[..., None])  # (n, 2, 1)
+    return torch.cat([m, b], -1).float()
+
+
 def draw_augmentation(n: int, recipe: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Random parameters for `n` images (CPU tensors): shift (n, 2) in -4..4, flip (n,), hole (n, 2) top-left
-    and hole_on (n,). Every draw comes from `generator`, in a fixed order, so its state fixes the whole epoch."""
-    size, p = GPU_CUTOUT[recipe]
-    on = recipe != "none"
-    shift = torch.randint(-GPU_PAD, GPU_PAD + 1, (n, 2), generator=generator) * on
-    flip = (torch.rand(n, generator=generator) < 0.5) & on
-    hole = torch.randint(0, 32 - size + 1, (n, 2), generator=generator)
-    hole_on = (torch.rand(n, generator=generator) < p) & on
-    return {"shift": shift, "flip": flip, "hole": hole, "hole_on": hole_on, "size": torch.tensor(size)}
+    """Random parameters for `n` images of an `AUGMENTATIONS` recipe (CPU tensors).
+
+    Every recipe: shift (n, 2) in -pad..pad, flip (n,), hole (n, 2) top-left, hole_on (n,), size (the hole side,
+    a scalar). With an affine: affine (n,) on or off, rotate (n,) degrees, scale (n, 2) and translate (n, 2) px as
+    (x, y), and theta (n, 2, 3) for `warp_affine` (the identity where off). With gray: gray (n,). Every draw comes
+    from `generator`, in a fixed order (affine and gray draws only for recipes that have them), so its state fixes
+    the whole epoch.
+    """
+    spec = AUGMENTATIONS[recipe]
+    pad, (size, p) = spec.get("pad", 0), spec.get("hole", (0, 0.0))
+    params = {
+        "shift": torch.randint(-pad, pad + 1, (n, 2), generator=generator),
+        "flip": torch.rand(n, generator=generator) < spec.get("flip", 0.0),
+        "hole": torch.randint(0, 32 - size + 1, (n, 2), generator=generator),
+        "hole_on": torch.rand(n, generator=generator) < p,
+        "size": torch.tensor(size),
+    }
+    if spec.get("affine"):
+        a = spec["affine"]
+        on = torch.rand(n, generator=generator) < a["p"]
+        rotate = (torch.rand(n, generator=generator, dtype=torch.float64) * 2 - 1) * a["rotate"]
+        low, high = a["scale"]
+        scale = low + (high - low) * torch.rand(n, 2, generator=generator, dtype=torch.float64)
+        # albumentations: int(uniform(-translate, translate) * side), truncated towards zero
+        translate = ((torch.rand(n, 2, generator=generator, dtype=torch.float64) * 2 - 1) * a["translate"] * 32).trunc()
+        rotate, scale, translate = rotate * on, torch.where(on[:, None], scale, 1.0), translate * on[:, None]
+        params.update(affine=on, rotate=rotate.float(), scale=scale.float(), translate=translate.float(),
+                      theta=affine_theta(rotate, scale, translate))  # float32 all: some devices (mps) lack float64
+    if spec.get("gray"):
+        params["gray"] = torch.rand(n, generator=generator) < spec["gray"]
+    return params
+
+
+def warp_affine(images: torch.Tensor, theta: torch.Tensor, on: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> uint8 (B, H, W, 3) warped by grid_sample matrices theta (B, 2, 3) (`affine_theta`):
+    bilinear, reflect-101 border, rounded to the nearest level. Where `on` (B,) is False the image comes back as
+    it was (the identity matrix gives the same pixels, up to float rounding that the rounding removes)."""
+    x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W) with channels_last strides
+    grid = torch.nn.functional.affine_grid(theta, list(x.shape), align_corners=True)
+    y = torch.nn.functional.grid_sample(x, grid, mode="bilinear", padding_mode="reflection", align_corners=True)
+    y = y.round_().clamp_(0, 255).to(torch.uint8).permute(0, 2, 3, 1)
+    if on is not None:
+        y = torch.where(on[:, None, None, None], y, images)
+    return y.contiguous()
+
+
+def to_gray(images: torch.Tensor) -> torch.Tensor:
+    """uint8 RGB (..., 3) -> uint8 (..., 3) of three equal channels: OpenCV's luma, as ToGray computes it."""
+    r, g, b = images.int().unbind(-1)
+    y = (r * GRAY_WEIGHTS[0] + g * GRAY_WEIGHTS[1] + b * GRAY_WEIGHTS[2] + (1 << 14)) >> 15
+    return y.to(torch.uint8)[..., None].expand_as(images)
 
 
 def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor], fill: torch.Tensor) -> torch.Tensor:
-    """Crop (reflect-padded shift), flip and cutout uint8 images (B, 32, 32, 3) -> uint8 (B, 32, 32, 3).
+    """Crop (reflect-padded shift), flip, affine, gray and cutout uint8 images (B, 32, 32, 3) -> uint8 (B, 32, 32, 3),
+    in `AUGMENTATIONS` order; the affine and gray steps only where `params` has them (`draw_augmentation`).
 
     One gather does crop and flip: output pixel (i, j) reads row reflect(i + dy) and column reflect(j' + dx),
-    with j' = 31 - j when flipped. Cutout is a compare against the hole's box, filled with `fill` (3,) uint8.
+    with j' = 31 - j when flipped. The affine is one grid_sample over the batch (`warp_affine`), gray a weighted
+    sum, each kept only where drawn. Cutout is a compare against the hole's box, filled with `fill` (3,) uint8.
     """
     b, h, w, _ = images.shape
     ar = torch.arange(h, device=images.device)
@@ -389,6 +486,10 @@ def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor], fill: t
     rows = reflect_index(ar + dy, h)  # (B, H)
     cols = reflect_index(cols + dx, w)
     out = images[torch.arange(b, device=images.device)[:, None, None], rows[:, :, None], cols[:, None, :]]
+    if "theta" in params:
+        out = warp_affine(out, params["theta"], params["affine"])
+    if "gray" in params:
+        out = torch.where(params["gray"][:, None, None, None], to_gray(out), out)
     size = int(params["size"])
     if size:
         y0, x0 = params["hole"][:, 0, None], params["hole"][:, 1, None]  # (B, 1)
@@ -403,7 +504,7 @@ class GpuLoader:
     """Batches of (images float (B, 3, 32, 32) normalised, channels_last; labels int64 (B,)) on `device`.
 
     The uint8 set (N, 32, 32, 3) is copied to the device once. Training: a new permutation and new augmentation
-    parameters per pass (recipe davidnet, resnet18 or none, as `build_transform`), drop_last unless the set is
+    parameters per pass (any recipe of `AUGMENTATIONS`, as `build_transform`), drop_last unless the set is
     smaller than one batch. Test: dataset order, no augmentation. All randomness comes from `self.generator`
     (CPU), drawn at the start of each pass: restoring its state replays the next epoch exactly.
     """
@@ -412,7 +513,7 @@ class GpuLoader:
                  device: str | torch.device = "cpu", seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD):
         recipe = (recipe or "none") if train else "none"
         if recipe not in GPU_RECIPES:
-            raise ValueError(f"GpuLoader does recipes {', '.join(GPU_RECIPES)}, not {recipe!r}: use make_loader")
+            raise ValueError(f"unknown augmentation recipe {recipe!r}: choose one of {', '.join(GPU_RECIPES)}")
         self.device = torch.device(device)
         self.images = torch.as_tensor(np.ascontiguousarray(arrays.images)).to(self.device)  # (N, 32, 32, 3) uint8
         self.labels = torch.as_tensor(arrays.labels, dtype=torch.int64).to(self.device)
@@ -460,3 +561,39 @@ def make_loaders(train: CifarArrays, test: CifarArrays, *, kind: str, batch_size
         return (make_loader(train, batch_size=batch_size, recipe=recipe, workers=workers, seed=seed),
                 make_loader(test, batch_size=1000, train=False, workers=workers))
     raise ValueError(f"unknown loader kind {kind!r}: choose gpu or torch")
+
+
+def full_batch_size(loader) -> int:
+    """The size of a loader's full batches: its batch size, or the whole set when that is smaller."""
+    images = len(loader.dataset) if isinstance(loader, DataLoader) else len(loader.labels)
+    return min(loader.batch_size, images)
+
+
+def load_run_data(config) -> tuple[CifarArrays, CifarArrays]:
+    """The (train, test) arrays a helpers.config.TrainConfig asks for: its data folder, class-balanced subsets."""
+    train = balanced_subset(load_cifar10(config.data_dir, train=True), config.subset_train, seed=config.seed)
+    test = balanced_subset(load_cifar10(config.data_dir, train=False), config.subset_test, seed=config.seed)
+    return train, test
+
+
+def subset_note(config, train: CifarArrays, test: CifarArrays) -> str | None:
+    """A note when a subset asked for is larger than the data there (the whole split is used)."""
+    asked = [(name, n, len(arrays)) for name, n, arrays in (("train", config.subset_train, train),
+                                                              ("test", config.subset_test, test))
+             if n is not None and n > len(arrays)]
+    return "; ".join(f"--subset-{name} {n:,} is more than the {have:,} {name} images in {config.data_dir}: using "
+                     f"all {have:,}" for name, n, have in asked) or None
+
+
+def prepare_data(config, device: str | torch.device = "cpu", *, arrays=None):
+    """(train_loader, test_loader, train_arrays, test_arrays) for a helpers.config.TrainConfig, on the loader it
+    asks for (auto: GpuLoader on CUDA, the albumentations DataLoader on the CPU). arrays: (train, test) already
+    loaded with `load_run_data`."""
+    device = torch.device(device)
+    train, test = arrays if arrays is not None else load_run_data(config)
+    gpu = config.loader == "gpu" or (config.loader == "auto" and device.type == "cuda"
+                                     and config.augment in GPU_RECIPES)
+    train_loader, test_loader = make_loaders(train, test, kind="gpu" if gpu else "torch",
+                                             batch_size=config.batch_size, recipe=config.augment, device=device,
+                                             workers=config.workers, seed=config.seed)
+    return train_loader, test_loader, train, test

@@ -14,6 +14,7 @@ from helpers import data
 from helpers.data import DataError, load_cifar10, make_loader
 
 from .conftest import CLASSES, write_cifar_folder
+from .test_gpu_loader import collect, measure_depthwise, ramp_image, to_uint8
 
 
 def test_loads_official_layout(tiny_data):
@@ -181,6 +182,30 @@ def test_augmentations_repeat_under_one_seed_whatever_the_workers(same_image):
     c = _fingerprints(make_loader(same_image, batch_size=8, train=True, recipe="resnet18", workers=0, seed=6))
     assert a == b
     assert a != c
+
+
+def test_albumentations_steps_decide_independently():
+    """Each step of a reseeded Compose draws its own decision. Compose.set_random_seed would give every step a
+    generator with the same seed: steps of equal probability then decide alike (depthwise: all four or none)."""
+    n = 2000  # joint rates good to about +-0.01 (1 sigma)
+    arrays = data.CifarArrays(np.repeat(ramp_image()[None], n, 0), np.zeros(n, np.int64), CLASSES)
+    x, _ = collect(make_loader(arrays, batch_size=500, recipe="depthwise", workers=0, seed=7))
+    m = measure_depthwise(to_uint8(x).numpy())  # the ramp says per image: flipped, warped, gray, hole
+    spec = data.AUGMENTATIONS["depthwise"]
+    steps = {"flip": (m["flip"], spec["flip"]), "warped": (m["warped"], spec["affine"]["p"]),
+             "gray": (m["gray"], spec["gray"]), "hole": (m["area"] > 0, spec["hole"][1])}
+
+    def near(hits: np.ndarray, p: float) -> bool:  # within 4 sigma of a rate p
+        return abs(hits.mean() - p) < 4 * np.sqrt(p * (1 - p) / n)
+
+    names = list(steps)
+    for i, a in enumerate(names):
+        for b in names[i + 1:]:
+            (hit_a, p_a), (hit_b, p_b) = steps[a], steps[b]
+            assert near(hit_a & hit_b, p_a * p_b), f"{a} and {b} decide together: {(hit_a & hit_b).mean():.3f}"
+    hits, ps = np.stack([h for h, _ in steps.values()]), np.array([p for _, p in steps.values()])
+    all_or_none = hits.all(0) | ~hits.any(0)
+    assert near(all_or_none, ps.prod() + (1 - ps).prod()), f"all or none: {all_or_none.mean():.3f}"
 
 
 @pytest.mark.parametrize("kind, cls", [("torch", torch.utils.data.DataLoader), ("gpu", data.GpuLoader)])

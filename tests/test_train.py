@@ -9,7 +9,8 @@ import pytest
 import torch
 from torch import nn
 
-from helpers import data, train
+from helpers import cli, data, train
+from helpers.checkpoints import CheckpointWriter
 from helpers.data import make_loader
 from helpers.models import build_model
 from helpers.train import CheckpointError, TrainConfig, TrainingDiverged, evaluate, fit, load_checkpoint
@@ -41,20 +42,24 @@ def without_time(history):
 
 
 def test_one_batch_overfits(tiny_arrays):
+    """20 images, 60 full-batch Adam steps: memorised, in train mode and in eval mode (BN running statistics).
+
+    Margins, not exact values: after 40 steps one machine reached 95% and another 100%; here train accuracy is
+    100% from about step 30 and the eval loss falls from 2.3 to about 0.13."""
     one_batch = data.CifarArrays(tiny_arrays[0].images[:20], tiny_arrays[0].labels[:20], tiny_arrays[0].classes)
-    config = TrainConfig.for_model("depthwise_net", epochs=40, batch_size=20, optimizer="adam", lr=3e-3, l1=0.0,
+    config = TrainConfig.for_model("depthwise_net", epochs=60, batch_size=20, optimizer="adam", lr=3e-3, l1=0.0,
                                    scheduler="none", weight_decay=0.0, augment="none", amp=False)
     history, model = run((one_batch, one_batch), config)
     assert history.train_loss[-1] < 0.1 * history.train_loss[0]
-    assert history.train_acc[-1] == 100.0
-    assert history.test_loss[-1] < 0.5 * history.test_loss[0]  # eval mode too (BN running statistics)
+    assert history.train_acc[0] <= 50.0 and history.train_acc[-1] >= 90.0
+    assert history.test_loss[-1] < 0.3 * history.test_loss[0] and history.test_acc[-1] >= 90.0
 
 
 def test_history_records_every_epoch(tiny_arrays):
     history, _ = run(tiny_arrays, small_config(epochs=2))
     assert [r["epoch"] for r in history.records] == [1, 2]
     for r in history.records:
-        assert set(train.EPOCH_COLUMNS) <= set(r) and 0 <= r["test_acc"] <= 100 and r["seconds"] > 0
+        assert set(train.EPOCH_COLUMNS) <= set(r) and r["seconds"] > 0
     assert history.lr[0] == pytest.approx(0.025)  # seed 002: one-cycle from 0.025
     assert history.records[0]["lr_end"] > history.lr[0] > history.records[-1]["lr_end"]  # up, then down
 
@@ -180,7 +185,7 @@ def test_evaluate_returns_per_image_predictions_and_restores_mode(tiny_arrays):
 
 def test_cli_trains_and_writes_outputs(tiny_data, tmp_path, capsys):
     out = tmp_path / "run"
-    code = train.main(["--model", "depthwise_net", "--epochs", "2", "--batch-size", "32", "--max-lr", "0.05",
+    code = cli.main(["--model", "depthwise_net", "--epochs", "2", "--batch-size", "32", "--max-lr", "0.05",
                        "--data-dir", str(tiny_data), "--out", str(out), "--device", "cpu", "--workers", "0",
                        "--no-figures"])
     assert code == 0
@@ -196,25 +201,29 @@ def test_cli_trains_and_writes_outputs(tiny_data, tmp_path, capsys):
 
     # the run is not overwritten by accident, and it can be continued
     with pytest.raises(SystemExit) as exit_info:
-        train.main(["--model", "depthwise_net", "--data-dir", str(tiny_data), "--out", str(out)])
+        cli.main(["--model", "depthwise_net", "--data-dir", str(tiny_data), "--out", str(out)])
     assert exit_info.value.code == 2
-    assert "--resume" in capsys.readouterr().err
+    assert "already holds a finished run" in capsys.readouterr().err
 
     # resuming a finished run trains nothing more and keeps its record
     before = json.loads((out / "history.json").read_text())
-    assert train.main(["--resume", str(out / "checkpoint.pt"), "--out", str(out), "--device", "cpu",
+    assert cli.main(["--resume", str(out / "checkpoint.pt"), "--out", str(out), "--device", "cpu",
                        "--no-figures", "--quiet"]) == 0
     assert json.loads((out / "history.json").read_text()) == before
     resumed = json.loads((out / "metrics.json").read_text())
-    assert resumed["total_seconds"] == pytest.approx(sum(r["seconds"] for r in before))
+    assert resumed["total_seconds"] == pytest.approx(sum(r["seconds"] for r in before["epochs"]))
 
 
 def test_recipe_defaults_follow_the_seeds():
     config = TrainConfig.for_model("custom_resnet")
     assert (config.epochs, config.batch_size, config.optimizer, config.momentum, config.weight_decay) == (
         24, 512, "sgd", 0.9, 5e-4)
-    assert config.scheduler == "onecycle" and config.label_smoothing > 0 and config.amp is None
+    assert config.scheduler == "onecycle" and config.label_smoothing == 0.1 and config.amp is None
+    assert config.recipe == "writeup" and config.start_lr == pytest.approx(0.045)
     assert TrainConfig.for_model("depthwise_net").l1 == 5e-4
+    seed001 = TrainConfig(model="resnet18", recipe="writeup")
+    assert (seed001.optimizer, seed001.batch_size, seed001.max_lr, seed001.lr) == ("adam", 128, "auto", 1e-5)
+    assert TrainConfig(model="resnet18").recipe == "fast"  # measured better: the default
 
 
 @pytest.mark.parametrize("argv", [
@@ -224,31 +233,36 @@ def test_recipe_defaults_follow_the_seeds():
 ])
 def test_invalid_flags_exit_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
-        train.main(argv + ["--out", "/nonexistent/never/written"])
+        cli.main(argv + ["--out", "/nonexistent/never/written"])
     assert exit_info.value.code == 2
     assert "error:" in capsys.readouterr().err
 
 
 def test_cli_missing_data_without_network(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(data, "_download", lambda *a, **k: (_ for _ in ()).throw(OSError("no network")))
-    code = train.main(["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--device", "cpu"])
-    assert code == 1
+    code = cli.main(["--data-dir", str(tmp_path / "empty"), "--out", str(tmp_path / "run"), "--device", "cpu"])
+    assert code == 2
     err = capsys.readouterr().err
     assert "cifar-10-batches-py" in err and "Traceback" not in err
+    assert not (tmp_path / "run").exists() and not (tmp_path / "empty").exists()  # nothing left behind
 
 
 # --- real data (../shared's CIFAR-10, JPEG copy): skipped when absent
 
 
-def test_short_cpu_run_on_real_data_beats_chance(shared_cifar, tmp_path):
+@pytest.mark.slow
+def test_the_readmes_cpu_advice_learns_on_real_data(shared_cifar, tmp_path, capsys):
+    """`--epochs 2 --subset-train 2000 --subset-test 1000` with nothing else: the small-run batch makes it learn."""
     out = tmp_path / "real"
-    code = train.main(["--model", "custom_resnet", "--epochs", "2", "--batch-size", "64", "--max-lr", "0.1",
-                       "--data-dir", str(shared_cifar), "--out", str(out), "--device", "cpu", "--no-figures",
-                       "--quiet"])
+    code = cli.main(["--model", "custom_resnet", "--epochs", "2", "--subset-train", "2000", "--subset-test", "1000",
+                     "--data-dir", str(shared_cifar), "--out", str(out), "--device", "cpu", "--no-figures",
+                     "--quiet"])
     assert code == 0
+    assert "using batch 64" in capsys.readouterr().err
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_images"] == 2000 and metrics["test_images"] == 1000
-    assert metrics["test_acc"] > 25.0  # chance is 10%; a plain ResNet-9 reaches about 40% here
+    assert metrics["settings"]["batch_size"] == 64
+    assert metrics["test_acc"] > 25.0  # chance is 10%; batch 512 (3 steps an epoch) stays near it
 
 
 def test_resumable_keeps_other_runs(tiny_arrays, tmp_path):
@@ -269,7 +283,7 @@ def test_one_cycle_with_a_one_step_warm_up(tiny_arrays):
 
 
 def test_checkpoint_writer_snapshots_the_state_and_reports_errors(tmp_path):
-    writer = train.CheckpointWriter()
+    writer = CheckpointWriter()
     weights, records = torch.zeros(3), [{"epoch": 1}]
     writer.save(tmp_path / "a.pt", {"w": weights, "history": records})
     weights += 1  # training goes on while the file is written
@@ -281,3 +295,4 @@ def test_checkpoint_writer_snapshots_the_state_and_reports_errors(tmp_path):
     with pytest.raises(RuntimeError, match="no_such_folder does not exist"):  # torch.save's error, raised here
         writer.wait()
     writer.wait()  # reported once
+    assert not list(tmp_path.glob("**/*.tmp"))  # no half-written file left

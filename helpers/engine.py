@@ -1,0 +1,224 @@
+"""The one training step: `TrainStep(model, config, device=..., steps_per_epoch=...)`.
+
+fit, the LR range test and the benchmark all call this step, so what the benchmark times is what fit runs. It owns
+what a step needs: the precision (autocast dtype, GradScaler for fp16), the optimizer (fused kernels on CUDA), when
+the scheduler steps, channels_last, the L1 term, and how the model's forward and backward execute:
+
+- eager:   plain PyTorch.
+- graphs:  forward and backward captured as CUDA graphs (torch.cuda.make_graphed_callables): no compilation, the
+           capture takes ~0.1 s; removes the launch overhead that dominates small-batch steps.
+- compile: torch.compile(mode="reduce-overhead"): Inductor fuses batch-norm, ReLU and pooling, plus CUDA graphs;
+           costs 14-20 s of compilation the first time in a process.
+- auto:    eager on the CPU; on CUDA, graphs, or compile when the run is long enough to repay the compilation
+           (see `choose_mode`).
+
+`prepare()` does the one-time work (cuDNN autotuning, capture or compilation) on a zero batch before any clock
+starts, then puts the model, optimizer, scheduler, scaler and RNGs back exactly as they were.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+import warnings
+
+import torch
+from torch import nn
+
+from helpers.config import TrainConfig
+from helpers.utils import amp_dtype, preserved_modes
+
+WARMUP_STEPS = 3  # steps on a zero batch before the clock: cuDNN autotuning, the allocator, CUDA-graph warm-up
+# auto picks compile over graphs from this many training steps on. H100, torch 2.11, commit 858b4af (steps.txt of
+# that run): compilation costs 14-20 s; it saves 1.5 ms a step over graphs for custom_resnet at batch 512 (5.4 ->
+# 3.9 ms) and 0.5 ms for resnet18 at batch 128 (3.2 -> 2.7 ms), so it pays after ~13,000 and ~32,000 steps. The
+# write-up recipes run 2,328 (custom_resnet), 7,820 (resnet18) and 78,000 (depthwise_net) steps.
+COMPILE_MIN_STEPS = 15_000
+
+
+def choose_mode(requested: str, device: torch.device, total_steps: int) -> tuple[str, str]:
+    """(mode, why) for a run of `total_steps` training steps on `device`; graphs on the CPU falls back to eager."""
+    if requested == "auto":
+        if device.type != "cuda":
+            return "eager", "auto: eager on the CPU (no CUDA graphs; compiling does not pay for a short CPU run)"
+        if total_steps >= COMPILE_MIN_STEPS:
+            return "compile", f"auto: compile ({total_steps:,} steps >= {COMPILE_MIN_STEPS:,} repay its compilation)"
+        return "graphs", f"auto: CUDA graphs ({total_steps:,} steps < {COMPILE_MIN_STEPS:,}: compiling would not pay)"
+    if requested == "graphs" and device.type != "cuda":
+        return "eager", "graphs asked for, but CUDA graphs need a CUDA GPU: running eager"
+    if requested not in ("eager", "graphs", "compile"):
+        raise ValueError(f"unknown mode {requested!r}: choose auto, eager, graphs or compile")
+    return requested, requested
+
+
+def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
+    """SGD (momentum, Nesterov) or Adam at the config's start LR; fused kernels on CUDA (one launch per step)."""
+    device = device or next(model.parameters()).device
+    fused = {"fused": True} if device.type == "cuda" else {}
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.optimizer == "sgd":
+        return torch.optim.SGD(params, lr=config.start_lr, momentum=config.momentum, nesterov=config.nesterov,
+                               weight_decay=config.weight_decay, **fused)
+    if config.optimizer == "adam":
+        return torch.optim.Adam(params, lr=config.start_lr, betas=(config.momentum, 0.999),
+                                weight_decay=config.weight_decay, **fused)
+    raise ValueError(f"unknown optimizer {config.optimizer!r}: choose sgd or adam")
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int):
+    """OneCycleLR (linear up to max_lr, linear down, stepped per batch), ReduceLROnPlateau, or None."""
+    if config.scheduler == "onecycle":
+        max_lr = config.peak_lr
+        pct_start = config.pct_start
+        if math.isclose(pct_start * config.epochs * steps_per_epoch, 1.0):
+            # a warm-up of exactly one step is a zero-length phase: OneCycleLR divides by zero (tiny runs only)
+            pct_start *= 1 + 1e-6
+        return torch.optim.lr_scheduler.OneCycleLR(
+            optimizer, max_lr=max_lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+            pct_start=pct_start, anneal_strategy="linear", div_factor=max_lr / config.start_lr,
+            cycle_momentum=False,  # Page and the custom-ResNet write-up keep momentum fixed
+        )
+    if config.scheduler == "plateau":
+        return torch.optim.lr_scheduler.ReduceLROnPlateau(optimizer, mode="min", factor=0.2, patience=2)
+    if config.scheduler == "none":
+        return None
+    raise ValueError(f"unknown scheduler {config.scheduler!r}: choose onecycle, plateau or none")
+
+
+def clock(device: torch.device) -> float:
+    """Seconds, after the device has finished everything queued (CUDA work is asynchronous)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+class TrainStep:
+    """One optimisation step, `loss, logits = step(x, y)`, returning device tensors (no host sync).
+
+    In graphs and compile modes the logits live in a buffer the next step overwrites: read them before then.
+    """
+
+    def __init__(self, model: nn.Module, config: TrainConfig, *, device: torch.device, steps_per_epoch: int,
+                 mode: str | None = None):
+        self.device, self.config = torch.device(device), config
+        self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
+        self.model = model.to(self.device, memory_format=self.memory_format)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+        self.dtype = amp_dtype(self.device, config.amp)
+        self.optimizer = make_optimizer(model, config, self.device)
+        self.scheduler = make_scheduler(self.optimizer, config, steps_per_epoch)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
+        self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        self.mode, self.mode_reason = choose_mode(mode or config.mode, self.device, config.epochs * steps_per_epoch)
+        self.forward: nn.Module = model  # what runs the forward: the model, or its compiled form
+        self.warmup_seconds: float | None = None  # set by prepare()
+
+    @property
+    def lr(self) -> float:
+        return self.optimizer.param_groups[0]["lr"]
+
+    def autocast(self, *, cache_enabled: bool = True):
+        return torch.autocast(self.device.type, dtype=self.dtype or torch.float32, enabled=self.dtype is not None,
+                              cache_enabled=cache_enabled)
+
+    def to_device(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(B, 3, H, W) images in the step's memory format and (B,) labels on its device (no copy if already)."""
+        return (x.to(self.device, non_blocking=True, memory_format=self.memory_format),
+                y.to(self.device, non_blocking=True))
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = self.to_device(x, y)
+        with self.autocast():
+            out = self.forward(x)
+            loss = self.criterion(out, y)  # mean cross-entropy (label-smoothed)
+        total = loss + self.config.l1 * torch.stack(torch._foreach_norm(self.params, 1)).sum() if self.config.l1 \
+            else loss
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(total).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        if self.config.scheduler == "onecycle":
+            self.scheduler.step()
+        return loss.detach(), out.detach()
+
+    def end_epoch(self, test_loss: float) -> None:
+        """Per-epoch scheduling: ReduceLROnPlateau steps on the test loss."""
+        if self.config.scheduler == "plateau":
+            self.scheduler.step(test_loss)
+
+    # --- the one-time work, before any clock
+
+    def prepare(self, train_loader, test_loader=None) -> float:
+        """Capture or compile, and autotune cuDNN, for the loaders' full-batch shapes, on zero batches; then
+        restore every state the warm-up touched. Returns its seconds (0 for eager on the CPU, which has nothing to
+        warm up). Runs once; later calls return the first one's seconds."""
+        from helpers.data import full_batch_size
+
+        if self.warmup_seconds is not None:
+            return self.warmup_seconds
+        if self.mode == "eager" and self.device.type != "cuda":
+            self.warmup_seconds = 0.0
+            return 0.0
+        t0 = clock(self.device)
+        train_batch = full_batch_size(train_loader)
+        eval_batch = full_batch_size(test_loader) if test_loader is not None else None
+        saved = self._save_state()
+        x = torch.zeros(train_batch, 3, 32, 32, device=self.device).contiguous(memory_format=self.memory_format)
+        y = torch.zeros(train_batch, dtype=torch.long, device=self.device)
+        try:
+            if self.mode == "graphs":
+                self._capture(x)
+            elif self.mode == "compile":
+                self.forward = torch.compile(self.model, mode="reduce-overhead")
+            for _ in range(WARMUP_STEPS):
+                self(x, y)
+            if eval_batch:
+                with torch.no_grad(), preserved_modes(self.model), self.autocast():
+                    self.model.eval()
+                    self.forward(torch.zeros(eval_batch, 3, 32, 32, device=self.device)
+                                 .contiguous(memory_format=self.memory_format))
+        finally:
+            self._restore_state(saved)
+        self.warmup_seconds = clock(self.device) - t0
+        return self.warmup_seconds
+
+    def _capture(self, x: torch.Tensor) -> None:
+        """Replace the model's training forward and backward by CUDA graphs (eval mode keeps the eager forward).
+        A model that cannot be captured (host syncs, dynamic shapes) runs eager, with a warning."""
+        try:
+            with self.autocast(cache_enabled=False):  # make_graphed_callables' rule under autocast
+                torch.cuda.make_graphed_callables(self.model, (x,), num_warmup_iters=3)
+        except Exception as err:  # noqa: BLE001 - any capture failure leaves a working eager model
+            warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); running eager", stacklevel=3)
+            self.mode, self.mode_reason = "eager", f"graphs failed to capture ({type(err).__name__}): eager"
+
+    def _save_state(self) -> dict:
+        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
+        return {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
+                "step": copy.deepcopy(self.state_dict()), "rng": torch.get_rng_state(), "cuda_rng": cuda}
+
+    def _restore_state(self, saved: dict) -> None:
+        with torch.no_grad():  # in place: captured graphs and compiled code keep pointing at these tensors
+            for name, value in self.model.state_dict().items():
+                value.copy_(saved["model"][name])
+        self.optimizer.state.clear()
+        self.load_state_dict(saved["step"])
+        torch.set_rng_state(saved["rng"])
+        if saved["cuda_rng"] is not None:
+            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
+
+    # --- checkpoints
+
+    def state_dict(self) -> dict:
+        return {"optimizer": self.optimizer.state_dict(),
+                "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
+                "scaler": self.scaler.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scheduler is not None and state["scheduler"] is not None:
+            self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])

@@ -1,0 +1,83 @@
+"""Small pieces every other module needs: seeding, the device, the autocast dtype, restoring a model's modes,
+and writing a file atomically. Imports nothing else from helpers (the bottom layer)."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+
+def seed_everything(seed: int) -> None:
+    """Seed Python, numpy and torch (CPU and CUDA) for a repeatable run."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """'auto'/None: CUDA when there is a GPU, else the CPU. Asking for CUDA without one is a clear error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("--device cuda was asked for, but this machine has no CUDA GPU: use --device cpu")
+    return device
+
+
+def amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
+    """Autocast dtype, or None for fp32: bf16 on CPUs and on GPUs with bf16 tensor cores, else fp16 (T4).
+    amp=None means on for CUDA and off on the CPU (bf16 autocast is ~17x slower than fp32 on AVX2 CPUs)."""
+    if amp is None:
+        amp = device.type == "cuda"
+    if not amp:
+        return None
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported(including_emulation=False):
+        return torch.float16
+    return torch.bfloat16
+
+
+def precision_name(dtype: torch.dtype | None) -> str:
+    """'fp32', 'bf16' or 'fp16' for an autocast dtype from `amp_dtype`."""
+    return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+@contextlib.contextmanager
+def preserved_modes(model: nn.Module) -> Iterator[nn.Module]:
+    """Put every module's train/eval mode and every parameter's requires_grad back as they were on exit.
+
+    Libraries (GradCAM, the LR finder, ONNX export) switch modes and never switch them back.
+    """
+    modes = {m: m.training for m in model.modules()}
+    grads = {p: p.requires_grad for p in model.parameters()}
+    try:
+        yield model
+    finally:
+        for module, training in modes.items():
+            module.train(training)
+        for param, flag in grads.items():
+            param.requires_grad_(flag)
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
+    """Call write(tmp) on a temporary file beside `path`, then move it over `path` in one step: a crash or a
+    full disk mid-write leaves the previous file intact (and never a half-written one)."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    return path
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    return atomic_write(path, lambda tmp: tmp.write_text(text))

@@ -1,0 +1,157 @@
+"""The command line as a user meets it: nothing lost, no traceback, clear messages, small runs that learn."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from helpers import cli
+from helpers.checkpoints import load_checkpoint
+
+BASE = ["--model", "depthwise_net", "--device", "cpu", "--workers", "0", "--no-figures", "--quiet"]
+
+
+def train(tiny_data, out, *extra) -> int:
+    return cli.main([*BASE, "--data-dir", str(tiny_data), "--out", str(out), *extra])
+
+
+def error_of(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    return err
+
+
+def usage_error(argv, capsys) -> str:
+    """Run the CLI expecting exit status 2; returns its stderr."""
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    return error_of(capsys).split("error: ", 1)[1]  # the message, without argparse's usage lines
+
+
+@pytest.fixture
+def interrupted(tiny_data, tmp_path, monkeypatch, capsys):
+    """A 3-epoch run in tmp/elsewhere stopped by Ctrl-C after epoch 1 (exit 130); returns its folder."""
+    from helpers import train as train_module
+
+    real = train_module._train_epoch
+
+    def stop_at_2(step, loader, epoch, **kw):
+        if epoch == 2:
+            raise KeyboardInterrupt
+        return real(step, loader, epoch, **kw)
+
+    out = tmp_path / "elsewhere"
+    monkeypatch.setattr(train_module, "_train_epoch", stop_at_2)
+    assert train(tiny_data, out, "--epochs", "3", "--batch-size", "20", "--max-lr", "0.05") == 130
+    monkeypatch.setattr(train_module, "_train_epoch", real)
+    assert f"--resume {out}" in capsys.readouterr().err  # the message says how to continue
+    return out
+
+
+def test_resume_writes_into_the_checkpoints_folder_and_nowhere_else(interrupted, tiny_data, tmp_path,
+                                                                    monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)  # the default --out (runs/latest) would land here
+    (tmp_path / "runs" / "latest").mkdir(parents=True)
+    other = tmp_path / "runs" / "latest" / "checkpoint.pt"
+    other.write_bytes(b"another run's checkpoint")
+    assert cli.main(["--resume", str(interrupted), "--device", "cpu", "--no-figures", "--quiet",
+                     "--data-dir", str(tiny_data)]) == 0
+    assert other.read_bytes() == b"another run's checkpoint"  # untouched
+    assert load_checkpoint(interrupted)["epoch"] == 3
+    assert len(json.loads((interrupted / "history.json").read_text())["epochs"]) == 3
+
+
+def test_resume_refuses_flags_that_would_change_the_run(interrupted, capsys):
+    err = usage_error(["--resume", str(interrupted / "checkpoint.pt"), "--epochs", "5", "--device", "cpu"], capsys)
+    assert "--epochs 5" in err and "one-cycle" in err and "new run" in err
+    err = usage_error(["--resume", str(interrupted), "--max-lr", "0.3"], capsys)
+    assert "--max-lr 0.3" in err
+    assert load_checkpoint(interrupted)["epoch"] == 1  # nothing trained
+
+
+def test_a_finished_run_is_not_offered_to_continue(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert train(tiny_data, out, "--epochs", "1", "--batch-size", "20", "--max-lr", "0.05") == 0
+    capsys.readouterr()
+    err = usage_error([*BASE, "--data-dir", str(tiny_data), "--out", str(out)], capsys)
+    assert "finished run (1/1 epochs)" in err and "--resume" not in err and "--overwrite" in err
+    # --overwrite sets the old checkpoint aside instead of deleting it
+    assert train(tiny_data, out, "--epochs", "1", "--batch-size", "20", "--max-lr", "0.05", "--overwrite") == 0
+    assert load_checkpoint(out / "checkpoint-1.pt")["epoch"] == 1
+
+
+@pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 not really a zip"])
+def test_resume_of_a_damaged_checkpoint(tmp_path, capsys, damage):
+    bad = tmp_path / "checkpoint.pt"
+    bad.write_bytes(damage)
+    err = usage_error(["--resume", str(bad)], capsys)
+    assert "damaged" in err and str(bad) in err and not err.rstrip().endswith(": 101")
+
+
+def test_paths_that_cannot_work_are_usage_errors(tiny_data, tmp_path, capsys, monkeypatch):
+    a_file = tmp_path / "file.txt"
+    a_file.write_text("x")
+    assert train(a_file, tmp_path / "r1") == 2
+    err = error_of(capsys)
+    assert f"--data-dir {a_file} is a file" in err
+    assert not (tmp_path / "r1").exists()  # no empty run folder left behind
+    err = usage_error([*BASE, "--data-dir", str(tiny_data), "--out", str(a_file / "run")], capsys)
+    assert "cannot write into --out" in err
+    err = usage_error([*BASE, "--data-dir", str(tiny_data), "--out", str(a_file)], capsys)
+    assert "is a file" in err
+
+    def read_only(self, *args, **kwargs):  # root ignores chmod: simulate a read-only folder
+        raise PermissionError(13, "Permission denied")
+
+    monkeypatch.setattr(Path, "write_text", read_only)
+    err = usage_error([*BASE, "--data-dir", str(tiny_data), "--out", str(tmp_path / "ro")], capsys)
+    assert "cannot write into --out" in err and "Permission denied" in err
+
+
+def test_data_dir_may_be_the_batches_folder_itself(tiny_data, tmp_path):
+    assert train(tiny_data / "cifar-10-batches-py", tmp_path / "run", "--epochs", "1", "--batch-size", "50") == 0
+
+
+def test_messages_for_flags(tiny_data, tmp_path, capsys):
+    err = usage_error(["--max-lr", "fast"], capsys)
+    assert "'auto'" in err
+    assert train(tiny_data, tmp_path / "run", "--epochs", "1", "--subset-train", "5000", "--batch-size", "50") == 0
+    assert "--subset-train 5,000 is more than the 100 train images" in error_of(capsys)
+    with pytest.raises(SystemExit):
+        cli.main(["--help"])
+    help_text = capsys.readouterr().out
+    assert "custom_resnet writeup (default): 24 epochs, batch 512" in help_text
+    assert "resnet18 fast (default): 20 epochs, batch 512" in help_text
+
+
+def test_a_small_run_gets_a_batch_that_learns_and_says_so(tiny_data, tmp_path, capsys):
+    out = tmp_path / "run"
+    assert cli.main(["--model", "custom_resnet", "--epochs", "1", "--data-dir", str(tiny_data), "--out", str(out),
+                     "--device", "cpu", "--workers", "0", "--no-figures"]) == 0
+    captured = capsys.readouterr()
+    assert "recipe's batch 512 would be 0 step(s) per epoch; using batch 16 (6 steps)" in captured.err
+    assert "scaled with the batch" in captured.err and "too few to learn" in captured.err  # 6 steps: still few
+    settings = json.loads((out / "metrics.json").read_text())["settings"]
+    assert settings["batch_size"] == 16 and settings["max_lr"] == pytest.approx(0.45 * 16 / 512)
+    assert "fp32" in captured.out and "amp None" not in captured.out  # the header names the precision
+
+
+def test_given_batch_size_is_kept_with_a_warning(tiny_data, tmp_path, capsys):
+    assert train(tiny_data, tmp_path / "run", "--epochs", "1", "--batch-size", "64", "--max-lr", "0.05") == 0
+    err = error_of(capsys)
+    assert "using batch" not in err and "only 1 training step(s) in all" in err
+
+
+def test_checkpoint_write_failure_is_reported_with_the_path(tiny_data, tmp_path, capsys, monkeypatch):
+    def fail(obj, f, *args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", fail)
+    out = tmp_path / "run"
+    assert train(tiny_data, out, "--epochs", "1", "--batch-size", "50", "--max-lr", "0.05") == 1
+    err = error_of(capsys)
+    assert str(out / "checkpoint.pt") in err and "No space left" in err

@@ -1,0 +1,124 @@
+"""helpers.engine.TrainStep: the execution modes and their choice, the warm-up that leaves no trace, and fit as
+the bare step loop plus bookkeeping."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from helpers import engine
+from helpers.config import TrainConfig
+from helpers.data import make_loader
+from helpers.engine import TrainStep, choose_mode
+from helpers.models import build_model
+from helpers.train import evaluate, fit
+
+CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
+
+
+def config(**overrides) -> TrainConfig:
+    return TrainConfig(model="depthwise_net", **{"epochs": 2, "batch_size": 20, "max_lr": 0.05, "amp": False,
+                                                 "workers": 0, "augment": "none", **overrides})
+
+
+def loaders(tiny_arrays, cfg):
+    return (make_loader(tiny_arrays[0], batch_size=cfg.batch_size, recipe=cfg.augment, workers=0),
+            make_loader(tiny_arrays[1], batch_size=25, train=False, workers=0))
+
+
+def test_auto_mode_rule():
+    assert choose_mode("auto", CPU, 10**6)[0] == "eager"
+    assert choose_mode("auto", CUDA, 2_328)[0] == "graphs"  # ResNet-9's 24 epochs: compiling would not pay
+    assert choose_mode("auto", CUDA, engine.COMPILE_MIN_STEPS)[0] == "compile"
+    mode, why = choose_mode("graphs", CPU, 100)
+    assert mode == "eager" and "CUDA" in why
+    assert choose_mode("compile", CPU, 100)[0] == "compile"
+    with pytest.raises(ValueError, match="unknown mode"):
+        choose_mode("fast", CPU, 100)
+
+
+def test_graphs_asked_on_the_cpu_runs_eager_and_says_so(tiny_arrays, capsys):
+    cfg = config(epochs=1, mode="graphs")
+    torch.manual_seed(0)
+    history = fit(build_model(cfg.model), *loaders(tiny_arrays, cfg), cfg, device="cpu")
+    assert history.mode == "eager" and history.warmup_seconds == 0.0
+    assert "graphs asked for, but CUDA graphs need a CUDA GPU" in capsys.readouterr().out
+
+
+def test_warm_up_state_is_restored_exactly(tiny_arrays):
+    """prepare()'s warm-up steps run on real weights: saving and restoring must leave no trace."""
+    cfg = config(optimizer="sgd", l1=1e-3)
+    torch.manual_seed(0)
+    step = TrainStep(build_model(cfg.model), cfg, device=CPU, steps_per_epoch=5)
+    x, y = next(iter(loaders(tiny_arrays, cfg)[0]))
+    step(x, y)  # momentum buffers and a scheduler position to restore
+    before = (copy.deepcopy(step.model.state_dict()), copy.deepcopy(step.state_dict()), torch.get_rng_state())
+    saved = step._save_state()
+    for _ in range(engine.WARMUP_STEPS):
+        step(torch.zeros_like(x), torch.zeros_like(y))
+    step._restore_state(saved)
+    for name, value in before[0].items():
+        assert torch.equal(step.model.state_dict()[name], value), name
+    assert step.lr == before[1]["optimizer"]["param_groups"][0]["lr"]
+    assert step.scheduler.state_dict() == before[1]["scheduler"]
+    momentum = [s["momentum_buffer"] for s in step.optimizer.state_dict()["state"].values()]
+    assert all(torch.equal(a, b["momentum_buffer"]) for a, b in zip(momentum, before[1]["optimizer"]["state"].values()))
+    assert torch.equal(torch.get_rng_state(), before[2])
+
+
+def test_fit_is_the_bare_step_loop(tiny_arrays):
+    """fit's weights equal a bare loop of the same step plus a test pass per epoch: nothing else trains."""
+    from benchmarks.benchmark import bare_fit
+
+    cfg = config(augment="davidnet", l1=5e-4)
+    torch.manual_seed(0)
+    fitted = build_model(cfg.model)
+    fit(fitted, *loaders(tiny_arrays, cfg), cfg, device="cpu", quiet=True)
+    torch.manual_seed(0)
+    train_loader, test_loader = loaders(tiny_arrays, cfg)
+    step = TrainStep(build_model(cfg.model), cfg, device=CPU, steps_per_epoch=len(train_loader))
+    bare_fit(step, train_loader, test_loader, cfg.epochs)
+    for (name, a), b in zip(fitted.state_dict().items(), step.model.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+@pytest.mark.slow
+def test_compile_matches_eager(tiny_arrays):
+    """torch.compile (Inductor, on the CPU here) trains to the same losses as eager, within float tolerance."""
+    cfg = config(epochs=1)
+    histories = {}
+    for mode in ("eager", "compile"):
+        torch.manual_seed(0)
+        histories[mode] = fit(build_model(cfg.model), *loaders(tiny_arrays, replace_mode(cfg, mode)),
+                              replace_mode(cfg, mode), device="cpu", quiet=True)
+    assert histories["compile"].mode == "compile" and histories["compile"].warmup_seconds > 0
+    eager, compiled = histories["eager"].records[0], histories["compile"].records[0]
+    assert compiled["train_loss"] == pytest.approx(eager["train_loss"], rel=1e-3)
+    assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-3)
+
+
+def replace_mode(cfg: TrainConfig, mode: str) -> TrainConfig:
+    from dataclasses import replace
+
+    return replace(cfg, mode=mode)
+
+
+def test_evaluate_runs_a_ragged_last_batch_through_the_original_module(tiny_arrays):
+    """A compiled model must not recompile for a smaller last test batch: it goes to _orig_mod instead."""
+    calls = []
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._orig_mod = inner
+
+        def forward(self, x):
+            calls.append(len(x))
+            return self._orig_mod(x)
+
+    model = Wrapper(build_model("depthwise_net"))
+    loader = make_loader(tiny_arrays[1], batch_size=20, train=False, workers=0)  # 50 images: 20, 20, 10
+    result = evaluate(model, loader, device="cpu")
+    assert calls == [20, 20] and len(result.predictions) == 50
