@@ -39,10 +39,10 @@ import torch
 
 from helpers import data
 from helpers.config import TrainConfig
-from helpers.engine import TrainStep, clock
+from helpers.engine import TrainStep, clock, run_steps, time_epoch
 from helpers.models import build_model
 from helpers.train import evaluate, fit
-from helpers.utils import amp_dtype, atomic_write_text, precision_name, seed_everything
+from helpers.utils import atomic_write_text, seed_everything
 
 SECTIONS = ("loaders", "epochs", "airbench", "accuracy", "overhead", "sweep")  # airbench first: it sets the bar
 DEFAULT_SECTIONS = SECTIONS[:-1]  # the sweep trains a dozen full runs: asked for by name
@@ -109,19 +109,6 @@ def bench_loaders(args, train, test, device) -> list[dict]:
 # epochs: the cost of one pass over the training set, with fit's step
 
 
-def run_steps(step: TrainStep, loader, *, epochs: int = 1, max_steps: int | None = None) -> tuple[int, int]:
-    """The bare loop: `step` over `loader` for `epochs` passes and nothing else; returns (steps, images)."""
-    step.model.train()
-    steps = images = 0
-    for _ in range(epochs):
-        for x, y in loader:
-            step(x, y)
-            steps, images = steps + 1, images + len(y)
-            if max_steps and steps >= max_steps:
-                return steps, images
-    return steps, images
-
-
 def recipe(model_name: str, args, **overrides) -> TrainConfig:
     """The model's default recipe; --quick shrinks the batch to fit its tiny set (512 would drop every image)."""
     quick = {"batch_size": args.batch_size} if args.quick else {}
@@ -136,22 +123,9 @@ def bench_epoch(model_name: str, amp: bool, kind: str, mode: str, args, train, t
     loader, test_loader = data.make_loaders(train, test, kind=kind, batch_size=config.batch_size,
                                             recipe=config.augment, device=device)
     seed_everything(0)
-    step = TrainStep(build_model(model_name), config, device=device, steps_per_epoch=len(loader))
-    warmup = step.prepare(loader, test_loader)
-    run_steps(step, loader, max_steps=args.warmup_steps)  # the loader's own first pass, the allocator
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    t0 = clock(device)
-    steps, images = run_steps(step, loader, max_steps=args.epoch_steps)
-    seconds = clock(device) - t0
-    return {
-        "model": model_name, "precision": precision_name(amp_dtype(device, amp)), "loader": kind,
-        "mode": step.mode, "batch_size": config.batch_size, "steps_timed": steps, "steps_per_epoch": len(loader),
-        "warmup_s": warmup, "images_per_s": images / seconds, "ms_per_step": 1000 * seconds / steps,
-        "seconds_per_epoch": seconds * len(loader) / steps,  # measured when full, else scaled from steps_timed
-        "full_epoch_timed": steps >= len(loader),
-        "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-    }
+    timing = time_epoch(build_model(model_name), config, loader, test_loader, device=device,
+                        max_steps=args.epoch_steps, warmup_steps=args.warmup_steps)
+    return {"model": model_name, "loader": kind, "batch_size": config.batch_size, **timing}
 
 
 def bench_epochs(args, train, test, device) -> list[dict]:

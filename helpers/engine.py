@@ -222,3 +222,41 @@ class TrainStep:
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+
+
+def time_epoch(model: nn.Module, config: TrainConfig, train_loader, test_loader=None, *,
+               device: torch.device | str, max_steps: int | None = None, warmup_steps: int = 3) -> dict:
+    """Seconds of one training epoch of `config`'s step, warm: the one-time warm-up (prepare) and
+    `warmup_steps` real steps run first and are reported apart. Trains `model` (pass a copy to keep yours).
+
+    Returns mode, precision, warmup_s, steps_timed, steps_per_epoch, ms_per_step, images_per_s and
+    seconds_per_epoch (measured over a full epoch, or scaled from `max_steps` steps), peak_gpu_mem_gib."""
+    from helpers.utils import precision_name
+
+    device = torch.device(device)
+    step = TrainStep(model, config, device=device, steps_per_epoch=len(train_loader))
+    warmup = step.prepare(train_loader, test_loader)
+    run_steps(step, train_loader, max_steps=warmup_steps)  # the loader's first pass, the allocator
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = clock(device)
+    steps, images = run_steps(step, train_loader, max_steps=max_steps)
+    seconds = clock(device) - t0
+    return {"mode": step.mode, "precision": precision_name(step.dtype), "warmup_s": warmup, "steps_timed": steps,
+            "steps_per_epoch": len(train_loader), "ms_per_step": 1000 * seconds / steps,
+            "images_per_s": images / seconds, "seconds_per_epoch": seconds * len(train_loader) / steps,
+            "full_epoch_timed": steps >= len(train_loader),
+            "peak_gpu_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
+
+
+def run_steps(step: TrainStep, loader, *, epochs: int = 1, max_steps: int | None = None) -> tuple[int, int]:
+    """The bare loop: `step` over `loader` for `epochs` passes and nothing else; returns (steps, images)."""
+    step.model.train()
+    steps = images = 0
+    for _ in range(epochs):
+        for x, y in loader:
+            step(x, y)
+            steps, images = steps + 1, images + len(y)
+            if max_steps and steps >= max_steps:
+                return steps, images
+    return steps, images

@@ -16,6 +16,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from helpers.utils import preserved_modes
+
 
 class LayerNotFound(ValueError):
     """No module of that dotted name; the message lists the valid ones."""
@@ -111,28 +113,20 @@ def gradcam_maps(
             raise ValueError(f"one target class per image: got {len(classes)} for {len(images)} images")
         targets = [ClassifierOutputTarget(c) for c in classes]
 
-    modes = {m: m.training for m in base.modules()}  # GradCAM calls model.eval() and never restores
-    params = list(base.parameters())
-    saved = [(p.requires_grad, p.grad) for p in params]
     failure = None
     maps = None
-    # fp32 and gradients even inside no_grad / inference_mode / autocast (numpy has no bf16)
-    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False):
+    # fp32 and gradients even inside no_grad / inference_mode / autocast (numpy has no bf16); GradCAM calls
+    # model.eval() and never restores it
+    with torch.inference_mode(False), torch.enable_grad(), torch.autocast(device.type, enabled=False), \
+            preserved_modes(base, grads=True):
         x = images.detach().to(device=device, dtype=torch.float32).clone().requires_grad_(True)
-        try:
-            for p in params:  # gradients flow to the activations through the input only: no parameter .grad
-                p.requires_grad_(False)
-            with GradCAM(model=base, target_layers=[target_layer]) as cam:  # releases its hooks on exit
-                try:
-                    maps = cam(input_tensor=x, targets=targets, aug_smooth=aug_smooth)
-                except IndexError as err:  # the library's `with` swallows IndexError: carry it out
-                    failure = err
-        finally:
-            for p, (requires_grad, grad) in zip(params, saved):
-                p.requires_grad_(requires_grad)
-                p.grad = grad
-            for module, training in modes.items():
-                module.train(training)
+        for p in base.parameters():  # gradients flow to the activations through the input only: no parameter .grad
+            p.requires_grad_(False)
+        with GradCAM(model=base, target_layers=[target_layer]) as cam:  # releases its hooks on exit
+            try:
+                maps = cam(input_tensor=x, targets=targets, aug_smooth=aug_smooth)
+            except IndexError as err:  # the library's `with` swallows IndexError: carry it out
+                failure = err
     if failure is not None or maps is None:
         raise ValueError(
             f"GradCAM failed ({failure}): is every target class in 0..num_classes-1, and does layer "
@@ -154,14 +148,10 @@ def gradcam_pred_and_true(model: nn.Module, images: torch.Tensor, labels, *, lay
     """Maps for each image's predicted class and for its true class `labels` (B,): where it looked, and why not."""
     base = unwrap(model)
     device = next(base.parameters()).device
-    was_training = {m: m.training for m in base.modules()}
-    try:
+    with preserved_modes(base), torch.inference_mode(False), torch.no_grad(), \
+            torch.autocast(device.type, enabled=False):
         base.eval()
-        with torch.inference_mode(False), torch.no_grad(), torch.autocast(device.type, enabled=False):
-            predictions = base(images.detach().to(device, torch.float32).clone()).argmax(1).cpu().numpy()
-    finally:
-        for module, training in was_training.items():
-            module.train(training)
+        predictions = base(images.detach().to(device, torch.float32).clone()).argmax(1).cpu().numpy()
     return CamPair(
         predictions=predictions,
         predicted_maps=gradcam_maps(model, images, predictions, layer=layer),

@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers.utils import preserved_modes
+
 
 def conv_bn(c_in: int, c_out: int, **conv) -> list[nn.Module]:
     """3x3 conv (no bias: BN follows) -> BN -> ReLU."""
@@ -176,14 +178,11 @@ def receptive_field(model: nn.Module, input_size: int = 32) -> int:
 
     layer_types = (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
     hooks = [m.register_forward_hook(record) for m in model.modules() if isinstance(m, layer_types)]
-    was_training = model.training
     try:
-        model.eval()
-        device = next(model.parameters()).device
-        with torch.no_grad():
-            model(torch.zeros(1, 3, input_size, input_size, device=device))
+        with preserved_modes(model), torch.no_grad():
+            model.eval()
+            model(torch.zeros(1, 3, input_size, input_size, device=next(model.parameters()).device))
     finally:
-        model.train(was_training)
         for h in hooks:
             h.remove()
     rf, jump = 1, 1
@@ -230,7 +229,6 @@ def export_onnx(model: nn.Module, path, *, input_size=(3, 32, 32), dynamic_batch
     model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export the original module
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    modes = {m: m.training for m in model.modules()}
     device = next(model.parameters()).device
     example = torch.randn(2, *input_size, device=device)  # batch 2: torch.export specialises a batch of 1
     shapes = {}
@@ -238,11 +236,8 @@ def export_onnx(model: nn.Module, path, *, input_size=(3, 32, 32), dynamic_batch
         shapes = {"dynamic_shapes": ({0: torch.export.Dim.DYNAMIC},)}
     elif dynamic_batch:
         shapes = {"dynamic_axes": {"images": {0: "batch"}, "logits": {0: "batch"}}}
-    try:
+    with preserved_modes(model):
         model.eval()
         torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
                           dynamo=dynamo, external_data=False, verbose=False, **shapes)
-    finally:
-        for module, training in modes.items():
-            module.train(training)
     return path

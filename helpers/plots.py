@@ -162,8 +162,10 @@ def plot_lr_finder(found, *, ax=None, save=None):
 
 
 def plot_history(history, *, save=None):
-    """Train and test loss, train and test accuracy (%), and the learning rate (each epoch's first and last step)."""
+    """Train and test loss, train and test accuracy (%), and the learning rate through the run (each epoch's
+    first and last step: the one-cycle shape, without steps at the epoch boundaries)."""
     epochs = history.epoch
+    n = len(history)
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss.plot(epochs, history.train_loss, "o-", label="train")
     ax_loss.plot(epochs, history.test_loss, "o-", label="test")
@@ -171,20 +173,24 @@ def plot_history(history, *, save=None):
     ax_loss.set_ylabel("cross-entropy (train: with any label smoothing)")
     ax_acc.plot(epochs, history.train_acc, "o-", label="train")
     ax_acc.plot(epochs, history.test_acc, "o-", label="test")
-    ax_acc.set_title(f"Accuracy (last test: {history.test_acc[-1]:.2f}%)" if len(history) else "Accuracy")
+    ax_acc.set_title(f"Accuracy (last test: {history.test_acc[-1]:.2f}%)" if n else "Accuracy")
     ax_acc.set_ylabel("%")
-    if len(history) and all("lr_end" in r for r in history.records):  # each epoch from its first to last step
-        xs = [x for e in epochs for x in (e - 1, e)]
+    if n and all("lr_end" in r for r in history.records):
+        # the last step of epoch e sits at e - 1/steps: the next epoch's first LR is one scheduler step further
+        xs = [x for r in history.records for x in (r["epoch"] - 1, r["epoch"] - 1 / r.get("steps", 10**9))]
         ax_lr.plot(xs, [v for r in history.records for v in (r["lr"], r["lr_end"])], "-", color="tab:green")
+        ax_lr.set_xlim(0, max(n, 1))
         ax_lr.set_title("Learning rate (through each epoch)")
     else:
         ax_lr.plot(epochs, history.lr, "o-", color="tab:green")
         ax_lr.set_title("Learning rate (at epoch start)")
     ax_lr.ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
+    for ax in (ax_loss, ax_acc):
+        ax.set_xlim(0.5, max(n, 1) + 0.5)  # one epoch is one point, not a zoom into 0.95..1.05
     for ax in (ax_loss, ax_acc, ax_lr):
         ax.set_xlabel("epoch")
         ax.grid(alpha=0.3)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # whole epochs, within the data's range
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))  # whole epochs
     ax_loss.legend()
     ax_acc.legend()
     fig.tight_layout()

@@ -49,20 +49,21 @@ def precision_name(dtype: torch.dtype | None) -> str:
 
 
 @contextlib.contextmanager
-def preserved_modes(model: nn.Module) -> Iterator[nn.Module]:
-    """Put every module's train/eval mode and every parameter's requires_grad back as they were on exit.
-
-    Libraries (GradCAM, the LR finder, ONNX export) switch modes and never switch them back.
-    """
+def preserved_modes(model: nn.Module, *, grads: bool = False) -> Iterator[nn.Module]:
+    """Put every module's train/eval mode and every parameter's requires_grad (and, with grads=True, its .grad)
+    back as they were on exit. Libraries (GradCAM, the LR finder, ONNX export) switch modes and never switch them
+    back."""
     modes = {m: m.training for m in model.modules()}
-    grads = {p: p.requires_grad for p in model.parameters()}
+    flags = {p: (p.requires_grad, p.grad) for p in model.parameters()}
     try:
         yield model
     finally:
         for module, training in modes.items():
             module.train(training)
-        for param, flag in grads.items():
-            param.requires_grad_(flag)
+        for param, (requires_grad, grad) in flags.items():
+            param.requires_grad_(requires_grad)
+            if grads:
+                param.grad = grad
 
 
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:

@@ -16,12 +16,13 @@ from helpers.train import History
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 def test_quick_run_writes_every_section(tiny_data, tmp_path):
     out = tmp_path / "bench.json"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # a subprocess: the run sets torch's thread count, which must not leak into the other tests
     done = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--quick", "--device", "cpu",
-                           "--data-dir", str(tiny_data), "--out", str(out)],
+                           "--data-dir", str(tiny_data), "--out", str(out), "--sections", ",".join(benchmark.SECTIONS)],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -33,14 +34,16 @@ def test_quick_run_writes_every_section(tiny_data, tmp_path):
     assert all(r["images_per_s"] > 0 for r in res["loaders"])
     assert {(r["model"], r["loader"]) for r in res["epochs"]} == {
         (m, k) for m in ("custom_resnet", "resnet18") for k in ("gpu", "torch")}
-    assert all(r["seconds_per_epoch"] > 0 for r in res["epochs"])
-    assert len(res["accuracy"]["runs"]) == 1 and 0 <= res["accuracy"]["final_acc_mean"] <= 100
+    assert all(r["seconds_per_epoch"] > 0 and r["mode"] == "eager" and r["warmup_s"] == 0 for r in res["epochs"])
+    assert len(res["accuracy"]["runs"]) == 1 and res["accuracy"]["target"] == benchmark.TARGET  # no airbench here
     assert "skipped" in res["airbench"]  # no CUDA here
-    assert res["overhead"]["fit_s"] > 0 and res["overhead"]["bare_s"] > 0
-    assert "fit vs bare loop" in done.stdout  # the table was printed
+    assert res["overhead"]["fit_s"] > 0 and res["overhead"]["bare_s"] > 0 and res["overhead"]["mode"] == "eager"
+    sweep = res["sweep"][0]
+    assert set(sweep["rules"]) == {"decade_below_min", "steepest"} and "0.05" in sweep["runs"]
+    assert "fit vs bare loop" in done.stdout and "rule steepest" in done.stdout  # the tables were printed
 
 
-def test_time_to_94_is_the_first_epoch_at_target():
+def test_time_to_target_is_the_first_epoch_at_target():
     history = History([{"seconds": s, "test_acc": a} for s, a in [(2.0, 90.0), (2.5, 94.1), (2.0, 93.9)]])
     assert benchmark.time_to(history) == pytest.approx(4.5)
     assert benchmark.time_to(history, 95.0) is None
