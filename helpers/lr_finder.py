@@ -141,6 +141,25 @@ def suggest(lrs, losses, rule: str = DEFAULT_RULE) -> int:
     raise ValueError(f"unknown rule {rule!r}: choose one of {', '.join(RULES)}")
 
 
+@contextlib.contextmanager
+def _leaves_no_trace(model: nn.Module, loader):
+    """Restore the model's modes, device and memory format, the global torch RNG and the loader's generators."""
+    from helpers.utils import preserved_modes
+
+    device = next(model.parameters()).device
+    channels_last = any(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
+    torch_rng = torch.get_rng_state()
+    generators = [(g, g.get_state()) for g in _loader_generators(loader)]
+    try:
+        with preserved_modes(model):  # the library calls model.train() and never restores
+            yield
+    finally:
+        model.to(device, memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+        torch.set_rng_state(torch_rng)
+        for generator, state in generators:
+            generator.set_state(state)
+
+
 def _step_finder(step):
     """torch-lr-finder's LRFinder, whose every mini-batch is one step of helpers.engine.TrainStep."""
     from torch_lr_finder import LRFinder
@@ -185,7 +204,7 @@ def lr_range_test(
     """
     from helpers.config import TrainConfig
     from helpers.engine import TrainStep
-    from helpers.utils import precision_name, preserved_modes
+    from helpers.utils import precision_name
 
     if num_iter < MIN_POINTS:
         raise LRRangeTestError(
@@ -196,17 +215,13 @@ def lr_range_test(
         raise LRRangeTestError(f"need 0 < start_lr < end_lr, got start_lr={start_lr}, end_lr={end_lr}")
     if rule not in RULES:
         raise LRRangeTestError(f"unknown rule {rule!r}: choose one of {', '.join(RULES)}")
-    model_device = next(model.parameters()).device
-    device = torch.device(device) if device is not None else model_device
+    device = torch.device(device) if device is not None else next(model.parameters()).device
     progress = _progress_default() if progress is None else progress
     config = config if config is not None else TrainConfig(
         optimizer="sgd", momentum=0.9, weight_decay=0.0, label_smoothing=0.0, l1=0.0, amp=False)
     # the step the sweep drives: the run's own, at a constant LR that the library's schedule then raises
     sweep = dataclasses.replace(config, lr=start_lr, max_lr=end_lr, scheduler="none", mode="eager")
-    torch_rng = torch.get_rng_state()
-    generators = [(g, g.get_state()) for g in _loader_generators(train_loader)]
-    memory_format = {p: p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters()}
-    with preserved_modes(model):  # the library calls model.train() and never restores
+    with _leaves_no_trace(model, train_loader):
         step = TrainStep(model, sweep, device=device, steps_per_epoch=1)
         try:
             finder = _step_finder(step)
@@ -218,12 +233,6 @@ def lr_range_test(
                                   num_iter=num_iter, step_mode="exp", smooth_f=smooth_f, diverge_th=diverge_th)
         finally:
             finder.reset()  # weights and BN buffers as they were
-            model.to(model_device)
-            if not any(memory_format.values()):
-                model.to(memory_format=torch.contiguous_format)
-            torch.set_rng_state(torch_rng)
-            for generator, state in generators:
-                generator.set_state(state)
     return _result(finder.history, num_iter, rule, settings={
         "start_lr": start_lr, "end_lr": end_lr, "smooth_f": smooth_f, "diverge_th": diverge_th,
         "optimizer": type(step.optimizer).__name__, "amp": None if step.dtype is None else precision_name(step.dtype),
