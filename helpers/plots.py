@@ -2,7 +2,7 @@
 (PNG, dpi 120, tight bounding box). Nothing here calls plt.show() or closes a figure it returns.
 
 Data:      plot_samples, plot_class_grid, plot_channels, plot_augmentations, plot_dataset_stats
-Training:  plot_lr_finder, plot_history
+Training:  plot_lr_finder, plot_lr_sweep, plot_history
 Results:   plot_misclassified, plot_gradcam, plot_confusion_matrix, plot_per_class_accuracy, plot_top_confusions
 A run:     save_run_figures(out, model=, history=, result=, test_arrays=) writes the results figures of a run.
 """
@@ -135,10 +135,14 @@ def plot_dataset_stats(arrays, *, save=None):
 # Training
 
 
-def plot_lr_finder(found, *, ax=None, save=None):
-    """The LR range test: smoothed loss against learning rate (log scale), the suggestion marked.
+RULE_LABELS = {"decade_below_min": "a decade below the minimum", "steepest": "steepest descent"}
 
-    Trims the first 10 and last 5 points as the suggestion rule does (all points when there are few).
+
+def plot_lr_finder(found, *, ax=None, save=None):
+    """The LR range test: smoothed loss against learning rate (log scale), the suggestion (the rule `--max-lr
+    auto` uses) marked as a red dot, the other rule as a dashed line.
+
+    Trims the first 10 and last 5 points as the suggestion rules do (all points when there are few).
     """
     fig, ax = (plt.subplots(figsize=(7, 4.5)) if ax is None else (ax.figure, ax))
     lrs, losses = np.asarray(found.lrs), np.asarray(found.losses)
@@ -146,9 +150,12 @@ def plot_lr_finder(found, *, ax=None, save=None):
     ax.plot(lrs[keep], losses[keep], color="tab:blue", label="smoothed training loss")
     i = found.suggested_index
     ax.scatter([lrs[i]], [losses[i]], s=70, color="red", zorder=3,
-               label=f"steepest descent: {found.suggested_lr:.2e}")
-    ax.axvline(found.min_loss_lr_over_10, color="gray", linestyle="--", linewidth=1,
-               label=f"min-loss LR / 10: {found.min_loss_lr_over_10:.2e}")
+               label=f"suggested, {RULE_LABELS.get(found.rule, found.rule)}: {found.suggested_lr:.2e}")
+    for rule, lr in found.suggestions.items():
+        if rule != found.rule:
+            ax.axvline(lr, color="gray", linestyle="--", linewidth=1, label=f"{RULE_LABELS.get(rule, rule)}: {lr:.2e}")
+    ax.axvline(found.min_loss_lr, color="gray", linestyle=":", linewidth=1,
+               label=f"lowest smoothed loss: {found.min_loss_lr:.2e}")
     shown = losses[keep]
     if shown.max() > 1.5 * shown[0] > shown.min():  # the blow-up would flatten the part worth reading
         ax.set_ylim(shown.min() - 0.05 * (1.5 * shown[0] - shown.min()), 1.5 * shown[0])
@@ -156,7 +163,28 @@ def plot_lr_finder(found, *, ax=None, save=None):
     ax.set_xlabel("learning rate (log scale)")
     ax.set_ylabel("loss")
     ax.set_title(f"LR range test ({len(lrs)} iterations{', stopped at divergence' if found.diverged else ''})")
-    ax.legend()
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def plot_lr_sweep(row: dict, *, ax=None, save=None):
+    """Final test accuracy against the one-cycle peak LR (one benchmark `sweep` row), with each LR range test
+    rule's pick marked: where `--max-lr auto` lands against the best peak a sweep finds."""
+    fig, ax = (plt.subplots(figsize=(7, 4.5)) if ax is None else (ax.figure, ax))
+    swept = sorted((r["max_lr"], r["final_acc"]) for k, r in row["runs"].items() if k not in row["rules"])
+    ax.plot(*zip(*swept), "o-", color="tab:blue", label="swept peaks")
+    for (rule, pick), color in zip(row["rules"].items(), ("red", "tab:orange", "tab:purple")):
+        acc = row["runs"][rule]["final_acc"]
+        ax.scatter([pick["max_lr"]], [acc], s=80, marker="*", color=color, zorder=3,
+                   label=f"{RULE_LABELS.get(rule, rule)}: {pick['max_lr']:.3g} ({-pick['gap_to_best']:+.2f} points)")
+    ax.axhline(row["best_swept_acc"] - 0.5, color="gray", linestyle=":", linewidth=1, label="best - 0.5 points")
+    ax.set_xscale("log")
+    ax.set_xlabel("one-cycle peak learning rate (log scale)")
+    ax.set_ylabel("final test accuracy (%)")
+    ax.set_title(f"{row['model']}, {row['optimizer']}, batch {row['batch_size']}, {row['epochs']} epochs")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
     fig.tight_layout()
     return _finish(fig, save)
 

@@ -110,16 +110,19 @@ def test_lr_range_test_runs_the_training_step_l1_included(model, loader):
 
 
 def test_lr_range_test_with_config_builds_optimizer_and_suggests(model, loader):
-    from helpers.lr_finder import lr_range_test
+    from helpers.lr_finder import lr_range_test, steepest_descent
 
     config = TrainConfig.for_model(MODEL, optimizer="adam", label_smoothing=0.1, amp=False, max_lr="auto")
     found = lr_range_test(model, loader, config=config, start_lr=1e-6, end_lr=1.0, num_iter=25, progress=False)
     assert found.settings["optimizer"] == "Adam" and found.settings["amp"] is None
     assert found.lrs[0] == pytest.approx(1e-6) and found.lrs[-1] <= 1.0
     assert np.all(np.diff(found.lrs) > 0)  # exponential sweep
-    assert 10 <= found.suggested_index < len(found.lrs) - 5
-    assert found.suggested_lr == found.lrs[found.suggested_index]
+    assert found.suggested_lr == found.lrs[found.suggested_index] and found.rule == "decade_below_min"
     assert found.min_loss_lr_over_10 == pytest.approx(found.lrs[int(np.argmin(found.losses))] / 10)
+    step = np.log(found.lrs[1] / found.lrs[0])  # the sweep point nearest a tenth of the minimum's LR
+    assert abs(np.log(found.suggested_lr / found.min_loss_lr_over_10)) <= step / 2 + 1e-9
+    assert found.steepest_lr == found.lrs[steepest_descent(found.lrs, found.losses)]
+    assert found.suggestions == {"decade_below_min": found.suggested_lr, "steepest": found.steepest_lr}
 
 
 def test_suggestion_is_the_library_plot_rule(capsys):

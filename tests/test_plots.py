@@ -110,6 +110,23 @@ def test_plot_lr_finder(tiny_arrays):
         found.suggested_index])
 
 
+def test_plot_lr_sweep_marks_each_rule(tmp_path):
+    row = {"model": "resnet18", "optimizer": "sgd", "batch_size": 512, "epochs": 20, "best_swept_acc": 90.2,
+           "runs": {"0.1": {"max_lr": 0.1, "final_acc": 89.0}, "0.4": {"max_lr": 0.4, "final_acc": 90.2},
+                    "0.8": {"max_lr": 0.8, "final_acc": 89.9},
+                    "decade_below_min": {"max_lr": 0.3, "final_acc": 90.0},
+                    "steepest": {"max_lr": 0.0148, "final_acc": 86.9}},
+           "rules": {"decade_below_min": {"max_lr": 0.3, "gap_to_best": 0.2},
+                     "steepest": {"max_lr": 0.0148, "gap_to_best": 3.3}}}
+    fig = plots.plot_lr_sweep(row, save=tmp_path / "sweep.png")
+    (ax,) = fig.axes
+    assert list(ax.lines[0].get_xdata()) == [0.1, 0.4, 0.8]  # the swept peaks only, in order
+    stars = [tuple(c.get_offsets()[0]) for c in ax.collections]
+    assert stars == [(0.3, 90.0), (0.0148, 86.9)]
+    legend = " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert "steepest descent: 0.0148 (-3.30 points)" in legend and (tmp_path / "sweep.png").stat().st_size > 1000
+
+
 def test_plot_history(run):
     _, history, _, _ = run
     fig = plots.plot_history(history)
@@ -120,6 +137,9 @@ def test_plot_history(run):
     assert list(acc_ax.lines[0].get_ydata()) == history.train_acc
     assert list(lr_ax.lines[0].get_ydata())[::2] == history.lr  # each epoch's first step, then its last
     assert list(lr_ax.lines[0].get_ydata())[1::2] == [r["lr_end"] for r in history.records]
+    # each epoch's last step sits one step before the next epoch starts: no step at the boundaries
+    xs = list(lr_ax.lines[0].get_xdata())
+    assert xs == pytest.approx([0, 1 - 1 / history.records[0]["steps"]])  # one epoch: 6 steps
 
 
 def test_plot_misclassified(run):
