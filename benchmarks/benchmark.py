@@ -231,9 +231,10 @@ def bench_airbench(args, train, test, device) -> dict:
 
 def bare_fit(step: TrainStep, loader, test_loader, epochs: int) -> None:
     """The least a training run must do: the step for every batch, then one test pass per epoch."""
-    for _ in range(epochs):
+    for epoch in range(1, epochs + 1):
+        step.start_epoch(epoch)
         run_steps(step, loader)
-        evaluate(step.forward, test_loader, device=step.device, amp=step.config.amp)
+        evaluate(step.eval_model, test_loader, device=step.device, amp=step.config.amp)
 
 
 def bench_overhead(args, train, test, device) -> dict:

@@ -85,7 +85,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workers", type=integer, help="DataLoader workers (default: CPU cores - 1)")
     p.add_argument("--loader", choices=["auto", "gpu", "torch"],
                    help="gpu: whole dataset on the device, batched augmentation (default auto: gpu with CUDA)")
-    p.add_argument("--tta", action="store_true", default=None, help="also report flip test-time-augmented accuracy")
+    p.add_argument("--tta", nargs="?", const="flip", choices=["none", "flip", "flip_translate"],
+                   help="also report test-time-augmented accuracy: flip (the default when given alone) or "
+                   "flip_translate (airbench's: flips and 1-px shifts)")
+    p.add_argument("--ema", type=number, help="per-step decay of a weight average evaluated instead (0: off)")
+    p.add_argument("--ema-epochs", type=integer, help="average over the last N epochs only (0: all)")
+    p.add_argument("--bias-lr-scale", type=number, help="LR x this, weight decay / this, for biases and batch norm")
+    p.add_argument("--freeze-bn-weight", action=argparse.BooleanOptionalAction,
+                   help="keep batch-norm scales at 1")
     p.add_argument("--subset-train", type=integer, help="class-balanced training subset size")
     p.add_argument("--subset-test", type=integer, help="class-balanced test subset size")
     p.add_argument("--seed", type=integer, help="(default: 0)")

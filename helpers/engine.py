@@ -52,16 +52,28 @@ def choose_mode(requested: str, device: torch.device, total_steps: int) -> tuple
     return requested, requested
 
 
+def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
+    """The trainable parameters, in two groups when config.bias_lr_scale != 1: weights (conv, linear) at the
+    config's LR and weight decay; biases and batch-norm parameters (1-D) at LR x scale and weight decay / scale."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if config.bias_lr_scale == 1:
+        return [{"params": params}]
+    scale = config.bias_lr_scale
+    return [{"params": [p for p in params if p.ndim > 1]},
+            {"params": [p for p in params if p.ndim <= 1], "lr": config.start_lr * scale,
+             "weight_decay": config.weight_decay / scale}]
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov) or Adam at the config's start LR; fused kernels on CUDA (one launch per step)."""
     device = device or next(model.parameters()).device
     fused = {"fused": True} if device.type == "cuda" else {}
-    params = [p for p in model.parameters() if p.requires_grad]
+    groups = param_groups(model, config)
     if config.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=config.start_lr, momentum=config.momentum, nesterov=config.nesterov,
+        return torch.optim.SGD(groups, lr=config.start_lr, momentum=config.momentum, nesterov=config.nesterov,
                                weight_decay=config.weight_decay, **fused)
     if config.optimizer == "adam":
-        return torch.optim.Adam(params, lr=config.start_lr, betas=(config.momentum, 0.999),
+        return torch.optim.Adam(groups, lr=config.start_lr, betas=(config.momentum, 0.999),
                                 weight_decay=config.weight_decay, **fused)
     raise ValueError(f"unknown optimizer {config.optimizer!r}: choose sgd or adam")
 
@@ -75,7 +87,8 @@ def make_scheduler(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_
             # a warm-up of exactly one step is a zero-length phase: OneCycleLR divides by zero (tiny runs only)
             pct_start *= 1 + 1e-6
         return torch.optim.lr_scheduler.OneCycleLR(
-            optimizer, max_lr=max_lr, epochs=config.epochs, steps_per_epoch=steps_per_epoch,
+            optimizer, max_lr=[max_lr * g["lr"] / config.start_lr for g in optimizer.param_groups],
+            epochs=config.epochs, steps_per_epoch=steps_per_epoch,
             pct_start=pct_start, anneal_strategy="linear", div_factor=max_lr / config.start_lr,
             cycle_momentum=False,  # Page and the custom-ResNet write-up keep momentum fixed
         )
@@ -102,6 +115,10 @@ class TrainStep:
     def __init__(self, model: nn.Module, config: TrainConfig, *, device: torch.device, steps_per_epoch: int,
                  mode: str | None = None):
         self.device, self.config = torch.device(device), config
+        if config.freeze_bn_weight:  # scales stay at their value (1 at initialisation)
+            for module in model.modules():
+                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+                    module.weight.requires_grad_(False)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
         if self.device.type == "cuda":
@@ -114,6 +131,8 @@ class TrainStep:
         self.params = [p for p in model.parameters() if p.requires_grad]
         self.mode, self.mode_reason = choose_mode(mode or config.mode, self.device, config.epochs * steps_per_epoch)
         self.forward: nn.Module = model  # what runs the forward: the model, or its compiled form
+        self.ema: torch.optim.swa_utils.AveragedModel | None = None  # made by start_epoch when averaging starts
+        self.steps_per_epoch = steps_per_epoch
         self.warmup_seconds: float | None = None  # set by prepare()
 
     @property
@@ -142,7 +161,25 @@ class TrainStep:
         self.scaler.update()
         if self.config.scheduler == "onecycle":
             self.scheduler.step()
+        if self.ema is not None:
+            self.ema.update_parameters(self.model)
         return loss.detach(), out.detach()
+
+    def start_epoch(self, epoch: int) -> None:
+        """Per-epoch switches: weight averaging starts `ema_epochs` before the end (from the current weights)."""
+        first = self.config.epochs - self.config.ema_epochs + 1 if self.config.ema_epochs else 1
+        if self.config.ema and self.ema is None and epoch >= first:
+            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.config.ema),
+                                     use_buffers=True)
+            # a captured model's forward is an instance attribute bound to the original: the copy gets its own
+            self.ema.module.__dict__.pop("forward", None)
+
+    @property
+    def eval_model(self) -> nn.Module:
+        """What evaluation runs: the weight average when there is one, else the (compiled) model."""
+        return self.ema.module if self.ema is not None else self.forward
 
     def end_epoch(self, test_loss: float) -> None:
         """Per-epoch scheduling: ReduceLROnPlateau steps on the test loss."""
@@ -215,13 +252,19 @@ class TrainStep:
     def state_dict(self) -> dict:
         return {"optimizer": self.optimizer.state_dict(),
                 "scheduler": self.scheduler.state_dict() if self.scheduler is not None else None,
-                "scaler": self.scaler.state_dict()}
+                "scaler": self.scaler.state_dict(),
+                "ema": self.ema.state_dict() if self.ema is not None else None}
 
     def load_state_dict(self, state: dict) -> None:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None and state["scheduler"] is not None:
             self.scheduler.load_state_dict(state["scheduler"])
         self.scaler.load_state_dict(state["scaler"])
+        if state.get("ema") is not None:
+            self.start_epoch(self.config.epochs)  # averaging had started: make the average, then load it
+            self.ema.load_state_dict(state["ema"])
+        else:
+            self.ema = None
 
 
 def time_epoch(model: nn.Module, config: TrainConfig, train_loader, test_loader=None, *,

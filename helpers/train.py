@@ -94,7 +94,7 @@ class EvalResult:
     confidences: np.ndarray  # (N,) float32 softmax probability of the predicted class
     targets: np.ndarray  # (N,) int64
     probabilities: np.ndarray  # (N, C) float32
-    tta_accuracy: float | None = None  # percent, with horizontal-flip test-time augmentation
+    tta_accuracy: float | None = None  # percent, with test-time augmentation (evaluate's tta)
 
     @property
     def misclassified(self) -> np.ndarray:
@@ -111,10 +111,27 @@ class TrainingDiverged(RuntimeError):
 # Evaluation
 
 
+def tta_logits(model: nn.Module, x: torch.Tensor, tta: str | bool = "flip") -> torch.Tensor:
+    """Logits (B, C) averaged over test-time views: 'flip' (the image and its mirror), 'flip_translate' (airbench's
+    level 2: half the flip average, half the flip average of the image shifted 1 px up-left and down-right with
+    reflect padding), or 'none'/False."""
+    tta = {True: "flip", False: "none"}.get(tta, tta)
+    logits = model(x).float()
+    if tta == "none":
+        return logits
+    logits = 0.5 * logits + 0.5 * model(x.flip(-1)).float()
+    if tta == "flip_translate":
+        padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        shifted = [tta_logits(model, view, "flip") for view in (padded[..., :-2, :-2], padded[..., 2:, 2:])]
+        logits = 0.5 * logits + 0.5 * torch.stack(shifted).mean(0)
+    return logits
+
+
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = None, amp: bool | None = None,
-             channels_last: bool = True, tta: bool = False) -> EvalResult:
+             channels_last: bool = True, tta: str | bool = "none") -> EvalResult:
     """Loss, accuracy (%) and per-image predictions/confidences over `loader`; every module's mode is restored.
+    tta 'flip' or 'flip_translate' (see `tta_logits`) also reports that accuracy as `tta_accuracy`.
 
     A compiled model sees only full batches: a ragged last batch runs through the original module (no recompile).
     """
@@ -123,7 +140,8 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     dtype = amp_dtype(device, amp)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    logits, flipped, targets = [], [], []
+    tta = {True: "flip", False: "none", None: "none"}.get(tta, tta)
+    logits, augmented, targets = [], [], []
     with preserved_modes(model), torch.autocast(device.type, dtype=dtype or torch.float32,
                                                 enabled=dtype is not None):
         model.eval()
@@ -131,8 +149,8 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
             x, y = x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
             net = model if not targets or len(y) == len(targets[0]) else getattr(model, "_orig_mod", model)
             logits.append(net(x).float())
-            if tta:
-                flipped.append(net(x.flip(-1)).float())
+            if tta != "none":
+                augmented.append(tta_logits(net, x, tta))
             targets.append(y)
     if not targets:
         raise ValueError("evaluate got an empty loader")
@@ -140,9 +158,8 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
     probs = logits.softmax(1)
     conf, pred = probs.max(1)
     tta_accuracy = None
-    if tta:
-        tta_pred = (probs + torch.cat(flipped).softmax(1)).argmax(1)
-        tta_accuracy = 100.0 * (tta_pred == targets).sum().item() / len(targets)
+    if augmented:
+        tta_accuracy = 100.0 * (torch.cat(augmented).argmax(1) == targets).sum().item() / len(targets)
     return EvalResult(
         loss=F.cross_entropy(logits, targets).item(),
         accuracy=100.0 * (pred == targets).sum().item() / len(targets),  # exact counts, no float32 rounding
@@ -194,8 +211,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
     try:
         for epoch in range(len(history) + 1, config.epochs + 1):
             t0 = clock(device)
+            step.start_epoch(epoch)
             record = _train_epoch(step, train_loader, epoch, quiet=quiet, checkpoint=checkpoint)
-            result = evaluate(step.forward, test_loader, device=device, amp=config.amp,
+            result = evaluate(step.eval_model, test_loader, device=device, amp=config.amp,
                               channels_last=config.channels_last, tta=config.tta)
             step.end_epoch(result.loss)
             record.update(test_loss=result.loss, test_acc=result.accuracy, seconds=clock(device) - t0)

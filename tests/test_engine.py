@@ -99,10 +99,10 @@ def test_compile_matches_eager(tiny_arrays):
     assert compiled["test_loss"] == pytest.approx(eager["test_loss"], rel=1e-3)
 
 
-def replace_mode(cfg: TrainConfig, mode: str) -> TrainConfig:
+def replace_mode(cfg: TrainConfig, mode: str, **changes) -> TrainConfig:
     from dataclasses import replace
 
-    return replace(cfg, mode=mode)
+    return replace(cfg, mode=mode, **changes)
 
 
 def test_evaluate_runs_a_ragged_last_batch_through_the_original_module(tiny_arrays):
@@ -122,3 +122,90 @@ def test_evaluate_runs_a_ragged_last_batch_through_the_original_module(tiny_arra
     loader = make_loader(tiny_arrays[1], batch_size=20, train=False, workers=0)  # 50 images: 20, 20, 10
     result = evaluate(model, loader, device="cpu")
     assert calls == [20, 20] and len(result.predictions) == 50
+
+
+# --- the fast recipe's mechanisms: bias LR scaling, frozen batch-norm scales, weight averaging, TTA
+
+
+def test_bias_lr_scaling_and_frozen_bn_scales(tiny_arrays):
+    cfg = config(epochs=1, bias_lr_scale=64.0, freeze_bn_weight=True, weight_decay=5e-4)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    bn_scales = [m.weight.detach().clone() for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    train_loader, test_loader = loaders(tiny_arrays, cfg)
+    step = TrainStep(model, cfg, device=CPU, steps_per_epoch=len(train_loader))
+    weights, biases = step.optimizer.param_groups
+    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in biases["params"])
+    assert biases["lr"] == pytest.approx(64 * weights["lr"]) and biases["weight_decay"] == pytest.approx(5e-4 / 64)
+    assert [g["max_lr"] for g in step.optimizer.param_groups] == pytest.approx([cfg.peak_lr, 64 * cfg.peak_lr])
+    assert not any(m.weight.requires_grad for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    fit(model, train_loader, test_loader, cfg, device="cpu", quiet=True)
+    after = [m.weight for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert all(torch.equal(a, b) for a, b in zip(bn_scales, after))
+
+
+def test_weight_average_is_evaluated_and_resumes_exactly(tiny_arrays, tmp_path):
+    """EMA over the last 2 of 3 epochs: evaluation runs the average; an interrupted run resumes to the same."""
+    from helpers.checkpoints import load_checkpoint
+
+    cfg = config(epochs=3, batch_size=50, ema=0.9, ema_epochs=2, augment="davidnet")  # 2 steps an epoch
+
+    def run(**kw):
+        torch.manual_seed(0)
+        return fit(build_model(cfg.model), *loaders(tiny_arrays, cfg), cfg, device="cpu", quiet=True, **kw)
+
+    full = run(checkpoint=tmp_path / "full.pt")
+    state = load_checkpoint(tmp_path / "full.pt")
+    assert state["step_state"]["ema"] is not None and int(state["step_state"]["ema"]["n_averaged"]) == 4
+    torch.manual_seed(0)
+    no_ema = fit(build_model(cfg.model), *loaders(tiny_arrays, cfg), replace_mode(cfg, "eager", ema=0.0),
+                 device="cpu", quiet=True)
+    assert no_ema.records[0]["test_loss"] == full.records[0]["test_loss"]  # epoch 1: no average yet
+    assert full.records[-1]["test_loss"] != no_ema.records[-1]["test_loss"]  # then the average is evaluated
+
+    from helpers import train as train_module
+
+    real = train_module._train_epoch
+
+    def stop_at_3(step, loader, epoch, **kw):
+        if epoch == 3:
+            raise KeyboardInterrupt
+        return real(step, loader, epoch, **kw)
+
+    train_module._train_epoch = stop_at_3
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            run(checkpoint=tmp_path / "stopped.pt")
+    finally:
+        train_module._train_epoch = real
+    resumed = run(checkpoint=tmp_path / "stopped.pt", resume=tmp_path / "stopped.pt")
+    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h.records]  # noqa: E731
+    assert strip(resumed) == strip(full)
+
+
+def test_tta_views(tiny_arrays):
+    from helpers.train import tta_logits
+
+    torch.manual_seed(0)
+    # a per-pixel linear map then a global average: invariant to flips, nearly so to 1-px reflect shifts
+    invariant = torch.nn.Sequential(torch.nn.Conv2d(3, 10, 1), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten())
+    x = torch.randn(4, 3, 32, 32)
+    plain = invariant(x)
+    assert torch.equal(tta_logits(invariant, x, "none"), plain)
+    assert torch.allclose(tta_logits(invariant, x, "flip"), plain, atol=1e-6)
+    assert torch.allclose(tta_logits(invariant, x, "flip_translate"), plain, atol=0.05)
+    model = build_model("depthwise_net").eval()
+    with torch.no_grad():
+        views = tta_logits(model, x, "flip_translate")
+        expected = 0.5 * (0.5 * model(x) + 0.5 * model(x.flip(-1))) + 0.5 * torch.stack([
+            0.5 * model(v) + 0.5 * model(v.flip(-1)) for v in (
+                torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., :-2, :-2],
+                torch.nn.functional.pad(x, (1, 1, 1, 1), mode="reflect")[..., 2:, 2:])]).mean(0)
+    assert torch.allclose(views, expected, atol=1e-5)
+
+
+def test_the_fast_resnet9_recipe_builds():
+    cfg = TrainConfig(model="custom_resnet", recipe="fast")
+    assert (cfg.epochs, cfg.tta, cfg.bias_lr_scale, cfg.freeze_bn_weight) == (10, "flip_translate", 64.0, True)
+    assert TrainConfig(model="custom_resnet").recipe == "writeup"  # unmeasured: not the default
+    assert TrainConfig(model="custom_resnet", tta=True).tta == "flip"
