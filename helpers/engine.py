@@ -38,15 +38,16 @@ COMPILE_MIN_STEPS = 15_000
 
 
 def choose_mode(requested: str, device: torch.device, total_steps: int) -> tuple[str, str]:
-    """(mode, why) for a run of `total_steps` training steps on `device`; graphs on the CPU falls back to eager."""
+    """(mode, description) for a run of `total_steps` training steps on `device`; the description says why.
+    graphs asked for on the CPU falls back to eager."""
     if requested == "auto":
         if device.type != "cuda":
-            return "eager", "auto: eager on the CPU (no CUDA graphs; compiling does not pay for a short CPU run)"
+            return "eager", "eager (auto, on the CPU)"
         if total_steps >= COMPILE_MIN_STEPS:
-            return "compile", f"auto: compile ({total_steps:,} steps >= {COMPILE_MIN_STEPS:,} repay its compilation)"
-        return "graphs", f"auto: CUDA graphs ({total_steps:,} steps < {COMPILE_MIN_STEPS:,}: compiling would not pay)"
+            return "compile", f"compile (auto: {total_steps:,} steps repay its compilation)"
+        return "graphs", f"graphs (auto: CUDA graphs; {total_steps:,} steps would not repay compiling)"
     if requested == "graphs" and device.type != "cuda":
-        return "eager", "graphs asked for, but CUDA graphs need a CUDA GPU: running eager"
+        return "eager", "eager (graphs asked for, but CUDA graphs need a CUDA GPU)"
     if requested not in ("eager", "graphs", "compile"):
         raise ValueError(f"unknown mode {requested!r}: choose auto, eager, graphs or compile")
     return requested, requested
@@ -225,12 +226,13 @@ class TrainStep:
     def _capture(self, x: torch.Tensor) -> None:
         """Replace the model's training forward and backward by CUDA graphs (eval mode keeps the eager forward).
         A model that cannot be captured (host syncs, dynamic shapes) runs eager, with a warning."""
+        self.model.train()  # the training forward is what gets captured
         try:
             with self.autocast(cache_enabled=False):  # make_graphed_callables' rule under autocast
                 torch.cuda.make_graphed_callables(self.model, (x,), num_warmup_iters=3)
         except Exception as err:  # noqa: BLE001 - any capture failure leaves a working eager model
             warnings.warn(f"CUDA-graph capture failed ({type(err).__name__}: {err}); running eager", stacklevel=3)
-            self.mode, self.mode_reason = "eager", f"graphs failed to capture ({type(err).__name__}): eager"
+            self.mode, self.mode_reason = "eager", f"eager (CUDA-graph capture failed: {type(err).__name__})"
 
     def _save_state(self) -> dict:
         cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None

@@ -116,15 +116,22 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str | bool = "flip") -> t
     level 2: half the flip average, half the flip average of the image shifted 1 px up-left and down-right with
     reflect padding), or 'none'/False."""
     tta = {True: "flip", False: "none"}.get(tta, tta)
-    logits = model(x).float()
+    logits = _logits(model, x)
     if tta == "none":
         return logits
-    logits = 0.5 * logits + 0.5 * model(x.flip(-1)).float()
+    logits = 0.5 * logits + 0.5 * _logits(model, x.flip(-1))
     if tta == "flip_translate":
         padded = F.pad(x, (1, 1, 1, 1), mode="reflect")
         shifted = [tta_logits(model, view, "flip") for view in (padded[..., :-2, :-2], padded[..., 2:, 2:])]
         logits = 0.5 * logits + 0.5 * torch.stack(shifted).mean(0)
     return logits
+
+
+def _logits(model: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """model(x) in float32, in memory of its own: a compiled model (mode reduce-overhead) returns CUDA-graph
+    buffers that its next call overwrites."""
+    out = model(x)
+    return out.float() if out.dtype != torch.float32 else out.clone()
 
 
 @torch.no_grad()
@@ -148,7 +155,7 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
         for x, y in loader:
             x, y = x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
             net = model if not targets or len(y) == len(targets[0]) else getattr(model, "_orig_mod", model)
-            logits.append(net(x).float())
+            logits.append(_logits(net, x))
             if tta != "none":
                 augmented.append(tta_logits(net, x, tta))
             targets.append(y)
@@ -203,7 +210,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
     if resume is not None:
         history.records = _resume(step, generator, resume, config)
     if not quiet:
-        print(f"mode {step.mode} ({step.mode_reason}); one-time warm-up {warmup:.1f} s, not in the epoch times")
+        print(f"mode: {step.mode_reason} | one-time warm-up {warmup:.1f} s (before epoch 1, not in the epoch times)")
         print_table_header()
         for record in history.records:
             print_table_row(record)
