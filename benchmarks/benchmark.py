@@ -7,7 +7,7 @@ Sections (--sections, comma-separated; default all but sweep):
   accuracy  custom_resnet's recipe through helpers.train.fit over --seeds: final accuracy, time to --target
   airbench  airbench 0.1.8's train94 on the same arrays (needs CUDA and airbench; skipped with a note otherwise)
   overhead  fit against a bare loop of the same helpers.engine.TrainStep: same model, loader, steps, test pass, mode
-  sweep     final accuracy against the one-cycle peak LR (--sweep-peaks) for each --sweep-runs model/optimizer,
+  sweep     final accuracy against the one-cycle peak LR (--sweep-peaks) for each --sweep-runs model:recipe,
             with the LR range test's picks (every rule) marked: which rule lands within 0.5 points of the best
 
 Every section times helpers.engine.TrainStep, the step fit runs: what it reports is fit's.
@@ -17,7 +17,7 @@ Timings on CUDA synchronize before every clock read. `--quick` is a CPU smoke ru
 
     python -m benchmarks.benchmark --data-dir data --out benchmarks/results/h100.json          # everything
     python -m benchmarks.benchmark --data-dir data --sections loaders,epochs --subset-train 5000
-    python -m benchmarks.benchmark --data-dir data --sections sweep --sweep-runs resnet18:sgd,custom_resnet:sgd
+    python -m benchmarks.benchmark --data-dir data --sections sweep --sweep-runs resnet18:fast,custom_resnet:writeup
 """
 
 from __future__ import annotations
@@ -267,29 +267,30 @@ def bench_overhead(args, train, test, device) -> dict:
 
 
 def bench_sweep(args, train, test, device) -> list[dict]:
+    """For each model:recipe, the LR range test once, then full runs at each swept peak and at each rule's pick."""
     from helpers.lr_finder import lr_range_test
 
     rows = []
     for spec in args.sweep_runs:
-        model_name, optimizer = spec.split(":")
-        base = recipe(model_name, args, optimizer=optimizer, max_lr=0.1, mode=args.fit_mode,
+        model_name, recipe_name = spec.split(":")
+        base = recipe(model_name, args, recipe=recipe_name, max_lr=0.1, mode=args.fit_mode,
                       **({"epochs": args.epochs} if args.epochs else {}))
         train_loader, test_loader = data.make_loaders(train, test, kind=args.fit_loader, batch_size=base.batch_size,
                                                       recipe=base.augment, device=device)
         seed_everything(0)
         found = lr_range_test(build_model(model_name).to(device), train_loader, config=base, device=device,
                               num_iter=args.lr_test_steps, progress=False)
-        peaks = {**{f"{p:g}": p for p in args.sweep_peaks[optimizer]}, **found.suggestions}
+        peaks = {**{f"{p:g}": p for p in args.sweep_peaks[base.optimizer]}, **found.suggestions}
         runs = {}
         for label, peak in peaks.items():
-            config = replace(base, max_lr=peak, lr=peak / 10)
+            config = replace(base, max_lr=peak, lr=peak * base.start_lr / base.peak_lr)  # the recipe's start ratio
             seed_everything(0)
             history = fit(build_model(model_name), train_loader, test_loader, config, device=device, quiet=True)
             runs[label] = {"max_lr": peak, "final_acc": history.test_acc[-1], "train_s": sum(history.seconds)}
-            print(f"  {model_name}/{optimizer} peak {peak:.3g} ({label}): {history.test_acc[-1]:.2f}%", flush=True)
+            print(f"  {spec} peak {peak:.3g} ({label}): {history.test_acc[-1]:.2f}%", flush=True)
         best = max(r["final_acc"] for k, r in runs.items() if k not in found.suggestions)
-        rows.append({"model": model_name, "optimizer": optimizer, "batch_size": base.batch_size,
-                     "epochs": base.epochs, "runs": runs, "best_swept_acc": best,
+        rows.append({"model": model_name, "recipe": recipe_name, "optimizer": base.optimizer,
+                     "batch_size": base.batch_size, "epochs": base.epochs, "runs": runs, "best_swept_acc": best,
                      "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]}
                                for rule, lr in found.suggestions.items()},
                      "lr_curve": {"lrs": found.lrs, "losses": found.losses}})
@@ -346,7 +347,8 @@ def print_report(report: dict) -> None:
         print(f"\nfit vs bare loop ({o['steps']} steps, {o['loader']} loader, {o['mode']}): fit {o['fit_s']:.2f} s, "
               f"bare {o['bare_s']:.2f} / {o['bare_again_s']:.2f} s -> overhead {o['overhead_pct']:+.1f}%")
     for r in res.get("sweep", []):
-        print(f"\nsweep {r['model']}/{r['optimizer']} (batch {r['batch_size']}, {r['epochs']} epochs): best swept "
+        print(f"\nsweep {r['model']} {r['recipe']} recipe, {r['optimizer']} (batch {r['batch_size']}, "
+              f"{r['epochs']} epochs): best swept "
               f"{r['best_swept_acc']:.2f}%")
         for label, run in r["runs"].items():
             print(f"  peak {run['max_lr']:<10.3g} {label:<18} {run['final_acc']:.2f}%")
@@ -389,8 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-loader", choices=["gpu", "torch"], default="gpu", help="accuracy, overhead, sweep")
     p.add_argument("--fit-mode", choices=["auto", "eager", "graphs", "compile"], default="auto",
                    help="accuracy, overhead and sweep: the step's execution mode")
-    p.add_argument("--sweep-runs", default="resnet18:sgd,resnet18:adam,custom_resnet:sgd",
-                   help="sweep: model:optimizer pairs")
+    p.add_argument("--sweep-runs", default="resnet18:fast,resnet18:writeup,custom_resnet:writeup",
+                   help="sweep: model:recipe pairs (the recipe's optimizer picks --sweep-peaks-sgd or -adam)")
     p.add_argument("--sweep-peaks-sgd", default="0.05,0.1,0.2,0.4,0.8", help="sweep: peaks for SGD")
     p.add_argument("--sweep-peaks-adam", default="2e-4,5e-4,1e-3,2e-3,5e-3", help="sweep: peaks for Adam")
     p.add_argument("--lr-test-steps", type=int, default=100, help="sweep: LR range test iterations")
@@ -409,7 +411,7 @@ def parse_args(argv: list[str] | None):
         args.subset_train, args.subset_test = args.subset_train or 10, args.subset_test or 10
         args.batch_size, args.max_batches, args.epoch_steps, args.warmup_steps = 5, 2, 1, 1
         args.seeds, args.epochs, args.overhead_epochs, args.workers, args.precisions = 1, 1, 1, [], "fp32"
-        args.sweep_runs, args.sweep_peaks_sgd, args.sweep_peaks_adam = "custom_resnet:sgd", "0.05", "1e-3"
+        args.sweep_runs, args.sweep_peaks_sgd, args.sweep_peaks_adam = "custom_resnet:writeup", "0.05", "1e-3"
         args.lr_test_steps = 17
         args.threads = args.threads or 1
     args.models = args.models.split(",")

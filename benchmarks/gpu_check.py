@@ -90,7 +90,7 @@ def headline(name: str, out: Path) -> str:
                     f"{res.get('time_to_target_vs_airbench')}")
         if name == "sweep":
             rows = json.loads((out / "sweep.json").read_text())["results"]["sweep"]
-            return "; ".join(f"{r['model']}/{r['optimizer']}: " + ", ".join(
+            return "; ".join(f"{r['model']} {r['recipe']}: " + ", ".join(
                 f"{rule} {v['gap_to_best']:+.2f}" for rule, v in r["rules"].items()) for r in rows)
     except (OSError, KeyError, ValueError, TypeError):
         return ""

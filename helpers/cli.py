@@ -82,7 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mode", choices=list(MODES), help="how the step runs: auto (default: eager on the CPU, CUDA "
                    "graphs or compile on a GPU), eager, graphs, compile")
     p.add_argument("--compile", dest="mode", action="store_const", const="compile", help="same as --mode compile")
-    p.add_argument("--workers", type=integer, help="DataLoader workers (default: CPU cores - 1)")
+    p.add_argument("--workers", type=integer, help="DataLoader workers (default: CPU cores - 1, at most 8)")
     p.add_argument("--loader", choices=["auto", "gpu", "torch"],
                    help="gpu: whole dataset on the device, batched augmentation (default auto: gpu with CUDA)")
     p.add_argument("--tta", nargs="?", const="flip", choices=["none", "flip", "flip_translate"],
@@ -156,7 +156,8 @@ def check_out(out: Path, resume: Path | None, overwrite: bool) -> bool:
                 what, hint = "an unreadable checkpoint", ""
             raise UsageError(f"{out} already holds {what}: {hint}choose another --out, or pass --overwrite to set "
                              "its checkpoint aside (kept as checkpoint-N.pt) and start afresh")
-        print(f"--overwrite: {existing} kept as {keep_aside(existing)}", file=sys.stderr)
+        print(f"--overwrite: {existing} kept as {keep_aside(existing)}; the run's other outputs in {out} "
+              "(history, metrics, figures) will be replaced", file=sys.stderr)
     created = not out.exists()
     try:
         out.mkdir(parents=True, exist_ok=True)
@@ -173,14 +174,15 @@ def adapt_small_run(config: TrainConfig, images: int, given: dict) -> str | None
     """A recipe's batch on a small training set gives a handful of steps: one-cycle then barely leaves its start
     LR and the run learns nothing. Without --batch-size, halve the batch (to 16 at least) until an epoch has
     MIN_STEPS steps, scaling SGD's learning rates with it (the linear scaling rule); returns what was chosen."""
-    if "batch_size" in given or images // config.batch_size >= MIN_STEPS:
+    if "batch_size" in given or steps_per_epoch(images, config.batch_size) >= MIN_STEPS:
         return None
     old_batch, batch = config.batch_size, config.batch_size
-    while batch > 16 and images // batch < MIN_STEPS:
+    while batch > 16 and steps_per_epoch(images, batch) < MIN_STEPS:
         batch //= 2
     config.batch_size = batch
     note = (f"small run: {images:,} training images at the recipe's batch {old_batch} would be "
-            f"{images // old_batch} step(s) per epoch; using batch {batch} ({images // batch} steps)")
+            f"{steps_per_epoch(images, old_batch)} step(s) per epoch; using batch {batch} "
+            f"({steps_per_epoch(images, batch)} steps)")
     if config.optimizer == "sgd" and isinstance(config.max_lr, float) and not {"lr", "max_lr"} & set(given):
         scale = batch / old_batch
         config.max_lr *= scale
@@ -189,8 +191,13 @@ def adapt_small_run(config: TrainConfig, images: int, given: dict) -> str | None
     return note + ". Pass --batch-size to choose yourself."
 
 
+def steps_per_epoch(images: int, batch: int) -> int:
+    """Training steps per epoch: full batches only (drop_last), or one batch when the set is smaller."""
+    return images // batch if images >= batch else 1
+
+
 def too_few_steps(config: TrainConfig, images: int) -> str | None:
-    steps = max(1, images // config.batch_size) if images >= config.batch_size else 1
+    steps = steps_per_epoch(images, config.batch_size)
     if steps * config.epochs >= 2 * MIN_STEPS:
         return None
     return (f"warning: only {steps * config.epochs} training step(s) in all ({images:,} images, batch "

@@ -7,7 +7,7 @@ line.
 
 The write-ups the recipes come from (their published results, on the official CIFAR-10 files):
 - "ResNet18 and GradCAM on CIFAR 10": ResNet-18, Adam to the LR finder's peak, 91.81% in 20 epochs.
-- "Image classification on CIFAR-10 with a depthwise-separable, dilated network": depthwise_net, 87.17% in 200.
+- the depthwise-separable, dilated network write-up: depthwise_net, 87.17% in 200 epochs.
 - "Training of a custom ResNet architecture for CIFAR 10" (D. Page's ResNet-9, "DavidNet"): 94.12% in 24 epochs.
 """
 

@@ -182,7 +182,8 @@ def plot_lr_sweep(row: dict, *, ax=None, save=None):
     ax.set_xscale("log")
     ax.set_xlabel("one-cycle peak learning rate (log scale)")
     ax.set_ylabel("final test accuracy (%)")
-    ax.set_title(f"{row['model']}, {row['optimizer']}, batch {row['batch_size']}, {row['epochs']} epochs")
+    ax.set_title(f"{row['model']} {row.get('recipe', '')}, {row['optimizer']}, batch {row['batch_size']}, "
+                 f"{row['epochs']} epochs")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

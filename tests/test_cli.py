@@ -133,7 +133,7 @@ def test_a_small_run_gets_a_batch_that_learns_and_says_so(tiny_data, tmp_path, c
     assert cli.main(["--model", "custom_resnet", "--epochs", "1", "--data-dir", str(tiny_data), "--out", str(out),
                      "--device", "cpu", "--workers", "0", "--no-figures"]) == 0
     captured = capsys.readouterr()
-    assert "recipe's batch 512 would be 0 step(s) per epoch; using batch 16 (6 steps)" in captured.err
+    assert "recipe's batch 512 would be 1 step(s) per epoch; using batch 16 (6 steps)" in captured.err
     assert "scaled with the batch" in captured.err and "too few to learn" in captured.err  # 6 steps: still few
     settings = json.loads((out / "metrics.json").read_text())["settings"]
     assert settings["batch_size"] == 16 and settings["max_lr"] == pytest.approx(0.45 * 16 / 512)
