@@ -18,11 +18,10 @@ from pathlib import Path
 import torch
 
 from helpers.checkpoints import CheckpointError, checkpoint_path, keep_aside, load_checkpoint
-from helpers.config import MODES, RECIPES, ConfigError, TrainConfig, recipe_table
+from helpers.config import MODES, RECIPES, ConfigError, TrainConfig, adapt_small_run, recipe_table, too_few_steps
 from helpers.utils import amp_dtype, atomic_write_text, precision_name, resolve_device, seed_everything
 
 DEFAULT_OUT = "runs/latest"
-MIN_STEPS = 20  # training steps per epoch below which a run without --batch-size gets a smaller batch
 # settings a resumed run may change: where the data is and how it executes, never what it computes
 RESUME_FREE = {"data_dir", "workers", "mode"}
 
@@ -168,41 +167,6 @@ def check_out(out: Path, resume: Path | None, overwrite: bool) -> bool:
         raise UsageError(f"cannot write into --out {out} ({err.strerror or err}): choose a folder you can write "
                          "to") from None
     return created
-
-
-def adapt_small_run(config: TrainConfig, images: int, given: dict) -> str | None:
-    """A recipe's batch on a small training set gives a handful of steps: one-cycle then barely leaves its start
-    LR and the run learns nothing. Without --batch-size, halve the batch (to 16 at least) until an epoch has
-    MIN_STEPS steps, scaling SGD's learning rates with it (the linear scaling rule); returns what was chosen."""
-    if "batch_size" in given or steps_per_epoch(images, config.batch_size) >= MIN_STEPS:
-        return None
-    old_batch, batch = config.batch_size, config.batch_size
-    while batch > 16 and steps_per_epoch(images, batch) < MIN_STEPS:
-        batch //= 2
-    config.batch_size = batch
-    note = (f"small run: {images:,} training images at the recipe's batch {old_batch} would be "
-            f"{steps_per_epoch(images, old_batch)} step(s) per epoch; using batch {batch} "
-            f"({steps_per_epoch(images, batch)} steps)")
-    if config.optimizer == "sgd" and isinstance(config.max_lr, float) and not {"lr", "max_lr"} & set(given):
-        scale = batch / old_batch
-        config.max_lr *= scale
-        config.lr = config.lr * scale if config.lr is not None else None
-        note += f" and peak LR {config.max_lr:.3g} (scaled with the batch)"
-    return note + ". Pass --batch-size to choose yourself."
-
-
-def steps_per_epoch(images: int, batch: int) -> int:
-    """Training steps per epoch: full batches only (drop_last), or one batch when the set is smaller."""
-    return images // batch if images >= batch else 1
-
-
-def too_few_steps(config: TrainConfig, images: int) -> str | None:
-    steps = steps_per_epoch(images, config.batch_size)
-    if steps * config.epochs >= 2 * MIN_STEPS:
-        return None
-    return (f"warning: only {steps * config.epochs} training step(s) in all ({images:,} images, batch "
-            f"{config.batch_size}, {config.epochs} epoch(s)): too few to learn much; use a smaller --batch-size or "
-            "more data")
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -220,3 +220,45 @@ def recipe_table() -> str:
             lines.append(f"{model} {name}{default}: {r['epochs']} epochs, batch {r['batch_size']}, {r['optimizer']}"
                          f"{' nesterov' if r['nesterov'] else ''}, peak LR {r['max_lr']}, augment {r['augment']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Small runs
+
+MIN_STEPS = 20  # training steps per epoch below which a run without a given batch size gets a smaller batch
+
+
+def adapt_small_run(config: TrainConfig, images: int, given: dict) -> str | None:
+    """A recipe's batch on a small training set gives a handful of steps: one-cycle then barely leaves its start
+    LR and the run learns nothing. Unless the batch size was given (a key of `given`: the settings the user set),
+    halve the batch (to 16 at least) until an epoch has MIN_STEPS steps, scaling SGD's learning rates with it
+    (the linear scaling rule). Changes `config` in place; returns what was chosen, for the user to read."""
+    if "batch_size" in given or steps_per_epoch(images, config.batch_size) >= MIN_STEPS:
+        return None
+    old_batch, batch = config.batch_size, config.batch_size
+    while batch > 16 and steps_per_epoch(images, batch) < MIN_STEPS:
+        batch //= 2
+    config.batch_size = batch
+    note = (f"small run: {images:,} training images at the recipe's batch {old_batch} would be "
+            f"{steps_per_epoch(images, old_batch)} step(s) per epoch; using batch {batch} "
+            f"({steps_per_epoch(images, batch)} steps)")
+    if config.optimizer == "sgd" and isinstance(config.max_lr, float) and not {"lr", "max_lr"} & set(given):
+        scale = batch / old_batch
+        config.max_lr *= scale
+        config.lr = config.lr * scale if config.lr is not None else None
+        note += f" and peak LR {config.max_lr:.3g} (scaled with the batch)"
+    return note + ". Set the batch size (--batch-size) to choose yourself."
+
+
+def steps_per_epoch(images: int, batch: int) -> int:
+    """Training steps per epoch: full batches only (drop_last), or one batch when the set is smaller."""
+    return images // batch if images >= batch else 1
+
+
+def too_few_steps(config: TrainConfig, images: int) -> str | None:
+    steps = steps_per_epoch(images, config.batch_size)
+    if steps * config.epochs >= 2 * MIN_STEPS:
+        return None
+    return (f"warning: only {steps * config.epochs} training step(s) in all ({images:,} images, batch "
+            f"{config.batch_size}, {config.epochs} epoch(s)): too few to learn much; use a smaller --batch-size or "
+            "more data")

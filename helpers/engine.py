@@ -279,7 +279,8 @@ def time_epoch(model: nn.Module, config: TrainConfig, train_loader, test_loader=
     from helpers.utils import precision_name
 
     device = torch.device(device)
-    step = TrainStep(model, config, device=device, steps_per_epoch=len(train_loader))
+    # a schedule long enough for the warm-up steps and a whole epoch, whatever config.epochs says
+    step = TrainStep(model, config, device=device, steps_per_epoch=len(train_loader) + warmup_steps)
     warmup = step.prepare(train_loader, test_loader)
     run_steps(step, train_loader, max_steps=warmup_steps)  # the loader's first pass, the allocator
     if device.type == "cuda":

@@ -179,9 +179,10 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
 
 
 def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None) -> History:
-    """Load a checkpoint's weights into `model`; returns the run's History."""
+    """Load a checkpoint's evaluated weights (the weight average, for recipes with `ema`) into `model`; returns
+    the run's History."""
     state = load_checkpoint(path, model_name=model_name)
-    model.load_state_dict(state["model_state"])
+    model.load_state_dict(state.get("eval_state") or state["model_state"])  # the weights the history evaluated
     return History(state["history"], state.get("warmup_seconds", 0.0), state.get("mode", "eager"))
 
 
@@ -233,6 +234,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
                 writer.save(checkpoint, _checkpoint_state(step, generator, config, history))
     finally:
         writer.wait()  # also when stopped (NaN, Ctrl-C): the last finished epoch's checkpoint is complete on disk
+    if step.ema is not None:  # leave the model as it was evaluated: the weight average
+        model.load_state_dict(step.ema.module.state_dict())
     if not quiet:
         print_table_rule()
     return history
@@ -289,7 +292,9 @@ def _checkpoint_state(step: TrainStep, generator: torch.Generator, config: Train
         "format": CHECKPOINT_FORMAT,
         "epoch": len(history),
         "config": config.to_dict(),
-        "model_state": step.model.state_dict(),
+        "model_state": step.model.state_dict(),  # the trained weights, to resume from
+        # the weights evaluated (the average, with `ema`): what load_weights gives
+        "eval_state": step.ema.module.state_dict() if step.ema is not None else None,
         "step_state": step.state_dict(),
         "rng": {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
                 "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},

@@ -209,3 +209,26 @@ def test_the_fast_resnet9_recipe_builds():
     assert (cfg.epochs, cfg.tta, cfg.bias_lr_scale, cfg.freeze_bn_weight) == (10, "flip_translate", 64.0, True)
     assert TrainConfig(model="custom_resnet").recipe == "writeup"  # unmeasured: not the default
     assert TrainConfig(model="custom_resnet", tta=True).tta == "flip"
+
+
+def test_time_epoch_of_a_one_epoch_config(tiny_arrays):
+    """Warm-up steps plus a whole timed epoch must fit the schedule even when the config has one epoch."""
+    cfg = config(epochs=1, batch_size=25)
+    train_loader, test_loader = loaders(tiny_arrays, cfg)
+    timing = engine.time_epoch(build_model(cfg.model), cfg, train_loader, test_loader, device="cpu")
+    assert timing["full_epoch_timed"] and timing["steps_timed"] == len(train_loader) == 4
+    assert timing["mode"] == "eager" and timing["warmup_s"] == 0.0 and timing["precision"] == "fp32"
+
+
+def test_an_averaging_run_leaves_and_saves_the_evaluated_weights(tiny_arrays, tmp_path):
+    from helpers.train import load_weights
+
+    cfg = config(epochs=2, batch_size=50, ema=0.5, ema_epochs=1)
+    torch.manual_seed(0)
+    model = build_model(cfg.model)
+    train_loader, test_loader = loaders(tiny_arrays, cfg)
+    history = fit(model, train_loader, test_loader, cfg, device="cpu", quiet=True, checkpoint=tmp_path / "c.pt")
+    assert evaluate(model, test_loader, device="cpu").loss == pytest.approx(history.test_loss[-1], rel=1e-6)
+    loaded = build_model(cfg.model)
+    load_weights(loaded, tmp_path / "c.pt")
+    assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))

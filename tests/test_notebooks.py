@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 
 import nbformat
 import pytest
@@ -34,6 +35,17 @@ def test_notebook_is_committed_stripped_with_one_parameters_cell(path):
     assert "colab-badge.svg" in nb.cells[0].source
     for cell in code:  # logic lives in helpers
         assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines())
+    uncommented = [line for line in tagged[0].source.splitlines() if "=" in line and "  # " not in line]
+    assert not uncommented, f"give every parameter a one-line comment: {uncommented}"
+    first = nb.cells[0].source
+    assert "CIFAR_DIR" in first and "SMOKE" in first, "the first cell says what CIFAR_DIR and SMOKE do"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
+def test_notebook_names_the_write_ups_not_seeds(path):
+    """'seed 001' reads like --seed 1: the write-ups are named by what they are."""
+    text = "\n".join(cell.source for cell in nbformat.read(path, as_version=4).cells)
+    assert not re.search(r"seed[ _]?00\d", text, flags=re.IGNORECASE)
 
 
 @pytest.fixture(scope="module")
@@ -58,6 +70,7 @@ def executed(tiny_data, tmp_path_factory):
     return outputs
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("prefix", list(FIGURES))
 def test_notebook_runs_and_writes_figures_and_results(executed, prefix):
     out = executed[prefix]
@@ -69,3 +82,10 @@ def test_notebook_runs_and_writes_figures_and_results(executed, prefix):
         assert 0 <= results["test_acc"] <= 100
     if prefix == "02":
         assert results["suggested_lr"] > 0
+        assert set(results["suggestions"]) == {"decade_below_min", "steepest"}
+        assert results["batch_size"] == 8  # SMOKE's, read back from the config
+    if prefix == "04":
+        assert results["fp32_timing"] is None  # the fp32 comparison runs on CUDA only
+        assert results["warmup_seconds"] >= 0 and results["mode"] == "eager"
+    if prefix == "05":
+        assert results["source"].endswith("checkpoint.pt")  # notebook 04's, passed as CHECKPOINT
