@@ -205,9 +205,15 @@ def plot_history(history, *, save=None):
     ax_acc.set_title(f"Accuracy (last test: {history.test_acc[-1]:.2f}%)" if n else "Accuracy")
     ax_acc.set_ylabel("%")
     if n and all("lr_end" in r for r in history.records):
-        # the last step of epoch e sits at e - 1/steps: the next epoch's first LR is one scheduler step further
-        xs = [x for r in history.records for x in (r["epoch"] - 1, r["epoch"] - 1 / r.get("steps", 10**9))]
-        ax_lr.plot(xs, [v for r in history.records for v in (r["lr"], r["lr_end"])], "-", color="tab:green")
+        # step k of epoch e sits at e - 1 + k/steps (its last at e - 1/steps: the next epoch's first LR is one
+        # scheduler step further); a peak inside an epoch is drawn where it was
+        points = []
+        for r in history.records:
+            steps = r.get("steps", 10**9)
+            inner = [(r["lr_max_step"], r["lr_max"])] if 0 < r.get("lr_max_step", 0) < steps - 1 else []
+            for k, lr in [(0, r["lr"]), *inner, (steps - 1, r["lr_end"])]:
+                points.append((r["epoch"] - 1 + k / steps, lr))
+        ax_lr.plot(*zip(*points), "-", color="tab:green")
         ax_lr.set_xlim(0, max(n, 1))
         ax_lr.set_title("Learning rate (through each epoch)")
     else:

@@ -269,7 +269,8 @@ def _train_epoch(step: TrainStep, loader, epoch: int, *, quiet: bool, checkpoint
     _stop_if_diverged(losses, epoch, lrs, checkpoint)
     sizes = torch.tensor([len(t) for t in labels], device=losses.device)  # the last batch may be smaller
     preds, labels = torch.cat(preds), torch.cat(labels)
-    return dict(epoch=epoch, lr=lr_start, lr_end=lrs[-1], steps=len(lrs),
+    peak = max(range(len(lrs)), key=lrs.__getitem__)  # a one-cycle peak inside the epoch, for the LR plot
+    return dict(epoch=epoch, lr=lr_start, lr_end=lrs[-1], steps=len(lrs), lr_max=lrs[peak], lr_max_step=peak,
                 train_loss=(losses * sizes).sum().item() / len(preds),
                 train_acc=100.0 * (preds == labels).sum().item() / len(preds))
 

@@ -135,11 +135,11 @@ def test_plot_history(run):
     loss_ax, acc_ax, lr_ax = fig.axes
     assert list(loss_ax.lines[1].get_ydata()) == history.test_loss
     assert list(acc_ax.lines[0].get_ydata()) == history.train_acc
-    assert list(lr_ax.lines[0].get_ydata())[::2] == history.lr  # each epoch's first step, then its last
-    assert list(lr_ax.lines[0].get_ydata())[1::2] == [r["lr_end"] for r in history.records]
-    # each epoch's last step sits one step before the next epoch starts: no step at the boundaries
-    xs = list(lr_ax.lines[0].get_xdata())
-    assert xs == pytest.approx([0, 1 - 1 / history.records[0]["steps"]])  # one epoch: 6 steps
+    # one epoch of 6 steps: its first step, the one-cycle peak inside it, its last step (one step before 1)
+    r = history.records[0]
+    assert 0 < r["lr_max_step"] < r["steps"] - 1 and r["lr_max"] > max(r["lr"], r["lr_end"])
+    assert list(lr_ax.lines[0].get_ydata()) == [r["lr"], r["lr_max"], r["lr_end"]]
+    assert list(lr_ax.lines[0].get_xdata()) == pytest.approx([0, r["lr_max_step"] / 6, 5 / 6])
 
 
 def test_plot_misclassified(run):
