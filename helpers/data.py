@@ -235,9 +235,9 @@ def denormalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> np.ndarr
 AUGMENTATIONS: dict[str, dict] = {
     # D. Page's ResNet-9 ("DavidNet") recipe: crop, flip, 8x8 cutout on every image
     "davidnet": dict(pad=4, flip=0.5, hole=(8, 1.0)),
-    # the ResNet-18 write-up's (seed 001): pad to 40, crop 32, flip, a 16x16 hole half the time
+    # the ResNet-18 write-up's: pad to 40, crop 32, flip, a 16x16 hole half the time
     "resnet18": dict(pad=4, flip=0.5, hole=(16, 0.5)),
-    # the depthwise-net write-up's (seed 002): flip, shift-scale-rotate (as Affine), to-gray, a 16x16 hole
+    # the depthwise-net write-up's: flip, shift-scale-rotate (as Affine), to-gray, a 16x16 hole
     "depthwise": dict(flip=0.5, affine=dict(rotate=15.0, scale=(0.9, 1.1), translate=0.0625, p=0.5), gray=0.5,
                       hole=(16, 0.5)),
     "none": {},  # evaluation: normalise only
@@ -251,8 +251,9 @@ def build_transform(recipe: str = "none", *, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     (3, 32, 32).
 
     davidnet: reflect-pad 4, random 32x32 crop, flip, one 8x8 hole (D. Page's ResNet-9 recipe).
-    resnet18: pad to 40 (reflect), random crop 32, flip, one 16x16 mean-filled hole half the time (seed 001).
-    depthwise: flip, shift-scale-rotate (as Affine), to-gray, one 16x16 mean-filled hole (seed 002).
+    resnet18: pad to 40 (reflect), random crop 32, flip, one 16x16 mean-filled hole half the time (the ResNet-18
+    write-up).
+    depthwise: flip, shift-scale-rotate (as Affine), to-gray, one 16x16 mean-filled hole (the depthwise-net write-up).
     none: normalise only (evaluation).
     """
     import albumentations as A

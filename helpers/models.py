@@ -1,8 +1,9 @@
-"""The three CIFAR-10 models of the seeds, behind one registry: `build_model(name)`.
+"""The three CIFAR-10 models of the write-ups, behind one registry: `build_model(name)`.
 
-resnet18       CIFAR ResNet-18 (kuangliu/pytorch-cifar layout, seed 001): 11,173,962 parameters.
-custom_resnet  ResNet-9 / "DavidNet" (D. Page; seed 003's summary): 6,573,130 parameters.
-depthwise_net  seed 002's small dilated, depthwise-separable net: 96,202 parameters, receptive field 61.
+resnet18       CIFAR ResNet-18 (kuangliu/pytorch-cifar layout, the ResNet-18 write-up's): 11,173,962 parameters.
+custom_resnet  ResNet-9 / "DavidNet" (D. Page; the custom-ResNet write-up's summary): 6,573,130 parameters.
+depthwise_net  the depthwise-net write-up's small dilated, depthwise-separable net: 96,202 parameters, receptive
+               field 61.
 
 Each model names the module GradCAM should hook by default in its `cam_layer` attribute.
 """
@@ -163,9 +164,9 @@ def receptive_field(model: nn.Module, input_size: int = 32) -> int:
     """Receptive field in input pixels of the model's output, traced through its layers in execution order.
 
     rf grows by (kernel - 1) * dilation * jump at each conv or pool; jump (input pixels per output step)
-    multiplies by the stride. A global pool counts as a kernel the size of its input map, as seed 002's
-    calculator counts it (depthwise_net: 39 up to its last conv, 61 with the global average pool). Valid for
-    chains of layers (no parallel branches of different depth), such as depthwise_net.
+    multiplies by the stride. A global pool counts as a kernel the size of its input map, as the depthwise-net
+    write-up's calculator counts it (depthwise_net: 39 up to its last conv, 61 with the global average pool).
+    Valid for chains of layers (no parallel branches of different depth), such as depthwise_net.
     """
     layers: list[tuple[int, int, int]] = []  # (kernel, stride, dilation) in execution order
 

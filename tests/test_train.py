@@ -60,7 +60,7 @@ def test_history_records_every_epoch(tiny_arrays):
     assert [r["epoch"] for r in history.records] == [1, 2]
     for r in history.records:
         assert set(train.EPOCH_COLUMNS) <= set(r) and r["seconds"] > 0
-    assert history.lr[0] == pytest.approx(0.025)  # seed 002: one-cycle from 0.025
+    assert history.lr[0] == pytest.approx(0.025)  # the depthwise-net write-up: one-cycle from 0.025
     assert history.records[0]["lr_end"] > history.lr[0] > history.records[-1]["lr_end"]  # up, then down
 
 
@@ -221,8 +221,8 @@ def test_recipe_defaults_follow_the_seeds():
     assert config.scheduler == "onecycle" and config.label_smoothing == 0.1 and config.amp is None
     assert config.recipe == "writeup" and config.start_lr == pytest.approx(0.045)
     assert TrainConfig.for_model("depthwise_net").l1 == 5e-4
-    seed001 = TrainConfig(model="resnet18", recipe="writeup")
-    assert (seed001.optimizer, seed001.batch_size, seed001.max_lr, seed001.lr) == ("adam", 128, "auto", 1e-5)
+    writeup = TrainConfig(model="resnet18", recipe="writeup")
+    assert (writeup.optimizer, writeup.batch_size, writeup.max_lr, writeup.lr) == ("adam", 128, "auto", 1e-5)
     assert TrainConfig(model="resnet18").recipe == "fast"  # measured better: the default
 
 
