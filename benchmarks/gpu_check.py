@@ -101,10 +101,15 @@ def write_summary(out: Path, args, results: list[dict]) -> Path:
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
+    commit = os.environ.get("GIT_COMMIT", "")  # a copy of the tree without .git (or without git) can say it
+    try:
+        commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
+                                          text=True).stdout.strip()
+    except OSError:
+        pass
     lines = [f"# GPU check, {datetime.date.today()}", "",
-             f"{gpu}, torch {torch.__version__}, commit {commit}, data: {args.data_name} ({args.data_dir})"
+             f"{gpu}, torch {torch.__version__}, commit {commit or 'unknown (set GIT_COMMIT)'}, "
+             f"data: {args.data_name} ({args.data_dir})"
              + (" -- QUICK smoke run: tiny settings, not a measurement" if args.quick else ""), "",
              f"Command: `{shlex.join([Path(sys.executable).name, '-m', 'benchmarks.gpu_check', *sys.argv[1:]])}`",
              "", "| part | run | status | seconds | headline | log |", "| --- | --- | --- | ---: | --- | --- |"]
