@@ -232,3 +232,50 @@ def test_an_averaging_run_leaves_and_saves_the_evaluated_weights(tiny_arrays, tm
     loaded = build_model(cfg.model)
     load_weights(loaded, tmp_path / "c.pt")
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
+
+
+# --- CUDA only (run by the GPU check: python -m benchmarks.gpu_check)
+
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+@cuda
+@pytest.mark.parametrize("mode", ["graphs", "compile"])
+@pytest.mark.parametrize("amp", [False, True])
+def test_cuda_modes_train_like_eager(tiny_arrays, mode, amp):
+    """Graphs and compile on a GPU: the mode is used, the warm-up is timed apart and leaves no trace (epoch 1's
+    loss matches eager's), and training and the averaged evaluation agree with eager within mixed-precision noise."""
+    from helpers.data import make_loaders
+
+    histories = {}
+    for name in ("eager", mode):
+        cfg = TrainConfig(model="custom_resnet", epochs=2, batch_size=20, amp=amp, mode=name, augment="davidnet",
+                          tta="flip", ema=0.5, ema_epochs=1)
+        torch.manual_seed(0)
+        train_loader, test_loader = make_loaders(*tiny_arrays, kind="gpu", batch_size=20, recipe="davidnet",
+                                                 device="cuda")
+        histories[name] = fit(build_model(cfg.model), train_loader, test_loader, cfg, device="cuda", quiet=True)
+    eager, other = histories["eager"], histories[mode]
+    assert other.mode == mode and other.warmup_seconds > 0
+    tolerance = 0.08 if amp else 0.03  # kernels differ (fusion, cuDNN choices): gross errors only
+    for a, b in zip(eager.records, other.records):
+        assert b["train_loss"] == pytest.approx(a["train_loss"], rel=tolerance)
+        assert b["test_loss"] == pytest.approx(a["test_loss"], rel=tolerance)
+        assert "test_acc_tta" in b
+
+
+@cuda
+def test_cuda_prepare_restores_the_model_exactly(tiny_arrays):
+    from helpers.data import make_loaders
+
+    cfg = TrainConfig(model="custom_resnet", epochs=1, batch_size=20, mode="graphs")
+    train_loader, test_loader = make_loaders(*tiny_arrays, kind="gpu", batch_size=20, recipe="davidnet",
+                                             device="cuda")
+    torch.manual_seed(0)
+    step = TrainStep(build_model(cfg.model), cfg, device=CUDA, steps_per_epoch=len(train_loader))
+    before = copy.deepcopy(step.model.state_dict())
+    rng = torch.cuda.get_rng_state()
+    assert step.prepare(train_loader, test_loader) > 0 and step.mode == "graphs"
+    for name, value in step.model.state_dict().items():
+        assert torch.equal(value, before[name]), name
+    assert torch.equal(torch.cuda.get_rng_state(), rng) and step.optimizer.state_dict()["state"] == {}
