@@ -296,3 +296,29 @@ def test_checkpoint_writer_snapshots_the_state_and_reports_errors(tmp_path):
         writer.wait()
     writer.wait()  # reported once
     assert not list(tmp_path.glob("**/*.tmp"))  # no half-written file left
+
+
+def test_a_checkpoint_of_the_previous_format_resumes(tiny_arrays, tmp_path):
+    """Format 1 (before recipes and modes): optimizer/scheduler/scaler at the top level, config with `compile`."""
+    config = small_config(epochs=3)
+    full, _ = run(tiny_arrays, config, checkpoint=tmp_path / "new.pt")
+    stopped = tmp_path / "old.pt"  # stopped after epoch 2, then rewritten in the old format
+    torch.manual_seed(config.seed)
+    train_loader, test_loader = loaders(tiny_arrays, config)
+    with pytest.raises(KeyboardInterrupt):
+        fit(build_model(config.model), StopAtEpoch(train_loader, 3), test_loader, config, device="cpu",
+            checkpoint=stopped, quiet=True)
+    state = load_checkpoint(stopped)
+    step_state = state.pop("step_state")
+    state.update(format=1, optimizer_state=step_state["optimizer"], scheduler_state=step_state["scheduler"],
+                 scaler_state=step_state["scaler"])
+    old_config = {k: v for k, v in state["config"].items()
+                  if k not in ("recipe", "mode", "ema", "ema_epochs", "bias_lr_scale", "freeze_bn_weight", "tta")}
+    state["config"] = old_config | {"compile": False, "tta": False}
+    for key in ("eval_state", "warmup_seconds", "mode"):
+        state.pop(key)
+    torch.save(state, stopped)
+    saved = train.TrainConfig.from_dict(load_checkpoint(stopped)["config"])
+    assert saved.mode == "auto" and saved.tta == "none" and saved.recipe == "writeup"
+    resumed, _ = run(tiny_arrays, saved, checkpoint=stopped, resume=stopped)
+    assert without_time(resumed) == without_time(full)
