@@ -133,7 +133,6 @@ class TrainStep:
         self.mode, self.mode_reason = choose_mode(mode or config.mode, self.device, config.epochs * steps_per_epoch)
         self.forward: nn.Module = model  # what runs the forward: the model, or its compiled form
         self.ema: torch.optim.swa_utils.AveragedModel | None = None  # made by start_epoch when averaging starts
-        self.steps_per_epoch = steps_per_epoch
         self.warmup_seconds: float | None = None  # set by prepare()
 
     @property
@@ -235,19 +234,32 @@ class TrainStep:
             self.mode, self.mode_reason = "eager", f"eager (CUDA-graph capture failed: {type(err).__name__})"
 
     def _save_state(self) -> dict:
-        cuda = torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None
         return {"model": {k: v.clone() for k, v in self.model.state_dict().items()},
-                "step": copy.deepcopy(self.state_dict()), "rng": torch.get_rng_state(), "cuda_rng": cuda}
+                "step": copy.deepcopy(self.state_dict()), "rng": self.rng_state()}
 
     def _restore_state(self, saved: dict) -> None:
-        with torch.no_grad():  # in place: captured graphs and compiled code keep pointing at these tensors
-            for name, value in self.model.state_dict().items():
-                value.copy_(saved["model"][name])
+        self.load_weights_in_place(saved["model"])
         self.optimizer.state.clear()
         self.load_state_dict(saved["step"])
-        torch.set_rng_state(saved["rng"])
-        if saved["cuda_rng"] is not None:
-            torch.cuda.set_rng_state(saved["cuda_rng"], self.device)
+        self.set_rng_state(saved["rng"])
+
+    # --- checkpoints
+
+    def load_weights_in_place(self, weights: dict) -> None:
+        """Copy a state dict into the model's own tensors: a captured or compiled forward keeps pointing at them."""
+        with torch.no_grad():
+            for name, value in self.model.state_dict().items():
+                value.copy_(weights[name])
+
+    def rng_state(self) -> dict:
+        """The global torch RNG states this step draws from: {'torch': CPU, 'cuda': the device's or None}."""
+        return {"torch": torch.get_rng_state(),
+                "cuda": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None}
+
+    def set_rng_state(self, state: dict) -> None:
+        torch.set_rng_state(state["torch"])
+        if self.device.type == "cuda" and state.get("cuda") is not None:
+            torch.cuda.set_rng_state(state["cuda"], self.device)
 
     # --- checkpoints
 

@@ -31,7 +31,7 @@ from helpers.checkpoints import (
 )
 from helpers.config import TrainConfig
 from helpers.engine import TrainStep, clock
-from helpers.utils import amp_dtype, atomic_write, atomic_write_text, resolve_device, seed_everything
+from helpers.utils import amp_dtype, atomic_write, atomic_write_text, preserved_modes, resolve_device, seed_everything
 
 __all__ = ["TrainConfig", "History", "EvalResult", "TrainingDiverged", "CheckpointError", "fit", "evaluate",
            "load_checkpoint", "load_weights", "resumable", "resolve_device", "seed_everything", "amp_dtype"]
@@ -142,8 +142,6 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
 
     A compiled model sees only full batches: a ragged last batch runs through the original module (no recompile).
     """
-    from helpers.utils import preserved_modes
-
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     dtype = amp_dtype(device, amp)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -288,7 +286,6 @@ def _stop_if_diverged(losses, epoch: int, lrs: list[float], checkpoint, *, offse
 
 
 def _checkpoint_state(step: TrainStep, generator: torch.Generator, config: TrainConfig, history: History) -> dict:
-    device = step.device
     return {
         "format": CHECKPOINT_FORMAT,
         "epoch": len(history),
@@ -297,8 +294,7 @@ def _checkpoint_state(step: TrainStep, generator: torch.Generator, config: Train
         # the weights evaluated (the average, with `ema`): what load_weights gives
         "eval_state": step.ema.module.state_dict() if step.ema is not None else None,
         "step_state": step.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "sampler": generator.get_state(),
-                "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+        "rng": step.rng_state() | {"sampler": generator.get_state()},
         "history": history.records,  # snapshotted (copied) by the writer
         "warmup_seconds": history.warmup_seconds,
         "mode": history.mode,
@@ -308,15 +304,11 @@ def _checkpoint_state(step: TrainStep, generator: torch.Generator, config: Train
 def _resume(step: TrainStep, generator: torch.Generator, path, config: TrainConfig) -> list[dict]:
     """Load a checkpoint into the step and the loader's generator; returns the finished epochs' records."""
     state = load_checkpoint(path, model_name=config.model)
-    with torch.no_grad():  # in place: a captured or compiled forward keeps pointing at these tensors
-        for name, value in step.model.state_dict().items():
-            value.copy_(state["model_state"][name])
+    step.load_weights_in_place(state["model_state"])
     step.load_state_dict(state.get("step_state") or {  # format 1 kept them at the top level
         "optimizer": state["optimizer_state"], "scheduler": state["scheduler_state"], "scaler": state["scaler_state"]})
-    torch.set_rng_state(state["rng"]["torch"])
+    step.set_rng_state(state["rng"])
     generator.set_state(state["rng"]["sampler"])
-    if step.device.type == "cuda" and state["rng"].get("cuda") is not None:
-        torch.cuda.set_rng_state(state["rng"]["cuda"], step.device)
     return list(state["history"])
 
 
