@@ -161,11 +161,21 @@ def _leaves_no_trace(model: nn.Module, loader):
 
 
 def _step_finder(step):
-    """torch-lr-finder's LRFinder, whose every mini-batch is one step of helpers.engine.TrainStep."""
+    """torch-lr-finder's LRFinder, whose every mini-batch is one step of helpers.engine.TrainStep.
+
+    The library sets every parameter group to the one swept LR; the step's groups keep their own ratios to the
+    first (weights) group, as in the run (bias_lr_scale: biases at 64x), so the LR recorded is the weights' LR,
+    the number max_lr means.
+    """
     from torch_lr_finder import LRFinder
+
+    groups = step.optimizer.param_groups
+    ratios = [g["lr"] / groups[0]["lr"] for g in groups]
 
     class StepFinder(LRFinder):
         def _train_batch(self, train_iter, accumulation_steps, non_blocking_transfer=True):
+            for group, ratio in zip(groups, ratios):
+                group["lr"] = groups[0]["lr"] * ratio
             inputs, labels = next(train_iter)
             loss, _ = step(inputs, labels)
             return loss.item()

@@ -109,6 +109,26 @@ def test_lr_range_test_runs_the_training_step_l1_included(model, loader):
     assert abs(plain.losses[-1] - heavy.losses[-1]) > 1e-3
 
 
+def test_lr_range_test_keeps_the_bias_lr_scale(model, loader, monkeypatch):
+    """With bias_lr_scale the run steps biases at 64x the weights' LR: so does the sweep, and the LR it records
+    (and suggests) is the weights' (the library alone sets every group to the one swept LR)."""
+    from helpers.lr_finder import lr_range_test
+
+    seen = []
+    original = torch.optim.SGD.step
+
+    def spy(self, *args, **kwargs):
+        seen.append([g["lr"] for g in self.param_groups])
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    config = TrainConfig.for_model(MODEL, augment="none", amp=False, max_lr="auto", bias_lr_scale=64.0)
+    found = lr_range_test(model, loader, config=config, num_iter=17, end_lr=1.0, progress=False)
+    assert len(seen) == len(found.lrs) == 17
+    for (weights, biases), recorded in zip(seen, found.lrs):
+        assert weights == pytest.approx(recorded) and biases == pytest.approx(64 * recorded)
+
+
 def test_lr_range_test_with_config_builds_optimizer_and_suggests(model, loader):
     from helpers.lr_finder import lr_range_test, steepest_descent
 
