@@ -7,6 +7,7 @@ Sections (--sections, comma-separated; default all but sweep):
   accuracy  custom_resnet's recipe through helpers.train.fit over --seeds: final accuracy, time to --target
   airbench  airbench 0.1.8's train94 on the same arrays (needs CUDA and airbench; skipped with a note otherwise)
   overhead  fit against a bare loop of the same helpers.engine.TrainStep: same model, loader, steps, test pass, mode
+  lrtest    the LR range test alone for each --sweep-runs model:recipe: every rule's pick beside the recipe's peak
   sweep     final accuracy against the one-cycle peak LR (--sweep-peaks) for each --sweep-runs model:recipe,
             with the LR range test's picks (every rule) marked: which rule lands within 0.5 points of the best
 
@@ -44,8 +45,8 @@ from helpers.models import build_model
 from helpers.train import evaluate, fit
 from helpers.utils import atomic_write_text, seed_everything
 
-SECTIONS = ("loaders", "epochs", "airbench", "accuracy", "overhead", "sweep")  # airbench first: it sets the bar
-DEFAULT_SECTIONS = SECTIONS[:-1]  # the sweep trains a dozen full runs: asked for by name
+SECTIONS = ("loaders", "epochs", "airbench", "accuracy", "overhead", "lrtest", "sweep")  # airbench sets the bar
+DEFAULT_SECTIONS = SECTIONS[:-2]  # asked for by name: the sweep trains a dozen full runs
 TARGET = 94.0  # % test accuracy for "time to 94%" (official data; on the JPEG copy use airbench94's, --target)
 
 
@@ -266,34 +267,51 @@ def bench_overhead(args, train, test, device) -> dict:
 # sweep: final accuracy against the one-cycle peak, and where the LR range test's rules land
 
 
-def bench_sweep(args, train, test, device) -> list[dict]:
-    """For each model:recipe, the LR range test once, then full runs at each swept peak and at each rule's pick."""
+def range_test(spec: str, args, train, test, device):
+    """spec's recipe (model:recipe), its loaders, and the LR range test on a fresh model: every rule's pick."""
     from helpers.lr_finder import lr_range_test
 
+    model_name, recipe_name = spec.split(":")
+    base = recipe(model_name, args, recipe=recipe_name, max_lr=0.1, mode=args.fit_mode,
+                  **({"epochs": args.epochs} if args.epochs else {}))
+    loaders = data.make_loaders(train, test, kind=args.fit_loader, batch_size=base.batch_size, recipe=base.augment,
+                                device=device)
+    published = TrainConfig.for_model(model_name, recipe=recipe_name).max_lr  # a number, or "auto"
+    seed_everything(0)
+    t0 = time.perf_counter()
+    found = lr_range_test(build_model(model_name).to(device), loaders[0], config=base, device=device,
+                          num_iter=args.lr_test_steps, progress=False)
+    row = {"model": model_name, "recipe": recipe_name, "optimizer": base.optimizer, "batch_size": base.batch_size,
+           "epochs": base.epochs, "recipe_peak": published, "picks": found.suggestions,
+           "min_loss_lr": found.min_loss_lr, "diverged": found.diverged, "lr_test_s": time.perf_counter() - t0,
+           "lr_curve": {"lrs": found.lrs, "losses": found.losses}}
+    print(f"  {spec}: " + ", ".join(f"{rule} {lr:.3g}" for rule, lr in found.suggestions.items())
+          + f" (the recipe's peak: {published})", flush=True)
+    return base, loaders, row
+
+
+def bench_lrtest(args, train, test, device) -> list[dict]:
+    """The LR range test alone for each --sweep-runs model:recipe: where each rule lands beside the recipe's peak."""
+    return [range_test(spec, args, train, test, device)[2] for spec in args.sweep_runs]
+
+
+def bench_sweep(args, train, test, device) -> list[dict]:
+    """For each model:recipe, the LR range test once, then full runs at each swept peak and at each rule's pick."""
     rows = []
     for spec in args.sweep_runs:
-        model_name, recipe_name = spec.split(":")
-        base = recipe(model_name, args, recipe=recipe_name, max_lr=0.1, mode=args.fit_mode,
-                      **({"epochs": args.epochs} if args.epochs else {}))
-        train_loader, test_loader = data.make_loaders(train, test, kind=args.fit_loader, batch_size=base.batch_size,
-                                                      recipe=base.augment, device=device)
-        seed_everything(0)
-        found = lr_range_test(build_model(model_name).to(device), train_loader, config=base, device=device,
-                              num_iter=args.lr_test_steps, progress=False)
-        peaks = {**{f"{p:g}": p for p in args.sweep_peaks[base.optimizer]}, **found.suggestions}
+        base, (train_loader, test_loader), row = range_test(spec, args, train, test, device)
+        peaks = {**{f"{p:g}": p for p in args.sweep_peaks[base.optimizer]}, **row["picks"]}
         runs = {}
         for label, peak in peaks.items():
             config = replace(base, max_lr=peak, lr=peak * base.start_lr / base.peak_lr)  # the recipe's start ratio
             seed_everything(0)
-            history = fit(build_model(model_name), train_loader, test_loader, config, device=device, quiet=True)
+            history = fit(build_model(base.model), train_loader, test_loader, config, device=device, quiet=True)
             runs[label] = {"max_lr": peak, "final_acc": history.test_acc[-1], "train_s": sum(history.seconds)}
             print(f"  {spec} peak {peak:.3g} ({label}): {history.test_acc[-1]:.2f}%", flush=True)
-        best = max(r["final_acc"] for k, r in runs.items() if k not in found.suggestions)
-        rows.append({"model": model_name, "recipe": recipe_name, "optimizer": base.optimizer,
-                     "batch_size": base.batch_size, "epochs": base.epochs, "runs": runs, "best_swept_acc": best,
+        best = max(r["final_acc"] for k, r in runs.items() if k not in row["picks"])
+        rows.append({**row, "runs": runs, "best_swept_acc": best,
                      "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]}
-                               for rule, lr in found.suggestions.items()},
-                     "lr_curve": {"lrs": found.lrs, "losses": found.losses}})
+                               for rule, lr in row["picks"].items()}})
     return rows
 
 
@@ -307,6 +325,9 @@ def _row_text(r: dict) -> str:
     return (f"  {r['model']:<14} {r['precision']:<5} {r['loader']:<6} {r['mode']:<8} {r['images_per_s']:>9.1f} img/s "
             f"{r['ms_per_step']:>8.2f} ms/step {r['seconds_per_epoch']:>8.2f} s/epoch  warm-up {r['warmup_s']:>5.1f} s"
             f" {mem:>10}{note}")
+
+
+RULE_COLUMNS = ("decade_below_min", "steepest")
 
 
 def print_report(report: dict) -> None:
@@ -346,6 +367,11 @@ def print_report(report: dict) -> None:
         o = res["overhead"]
         print(f"\nfit vs bare loop ({o['steps']} steps, {o['loader']} loader, {o['mode']}): fit {o['fit_s']:.2f} s, "
               f"bare {o['bare_s']:.2f} / {o['bare_again_s']:.2f} s -> overhead {o['overhead_pct']:+.1f}%")
+    if "lrtest" in res:
+        print(f"\n{'LR range test':<44}{'recipe peak':>12}" + "".join(f"{k:>18}" for k in RULE_COLUMNS))
+        for r in res["lrtest"]:
+            run = f"{r['model']}:{r['recipe']} ({r['optimizer']}, batch {r['batch_size']})"
+            print(f"  {run:<42}{r['recipe_peak']:>12}" + "".join(f"{r['picks'][k]:>18.3g}" for k in RULE_COLUMNS))
     for r in res.get("sweep", []):
         print(f"\nsweep {r['model']} {r['recipe']} recipe, {r['optimizer']} (batch {r['batch_size']}, "
               f"{r['epochs']} epochs): best swept "
@@ -392,10 +418,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--fit-mode", choices=["auto", "eager", "graphs", "compile"], default="auto",
                    help="accuracy, overhead and sweep: the step's execution mode")
     p.add_argument("--sweep-runs", default="resnet18:fast,resnet18:writeup,custom_resnet:writeup",
-                   help="sweep: model:recipe pairs (the recipe's optimizer picks --sweep-peaks-sgd or -adam)")
+                   help="lrtest, sweep: model:recipe pairs (the recipe's optimizer picks --sweep-peaks-sgd or -adam)")
     p.add_argument("--sweep-peaks-sgd", default="0.05,0.1,0.2,0.4,0.8", help="sweep: peaks for SGD")
     p.add_argument("--sweep-peaks-adam", default="2e-4,5e-4,1e-3,2e-3,5e-3", help="sweep: peaks for Adam")
-    p.add_argument("--lr-test-steps", type=int, default=100, help="sweep: LR range test iterations")
+    p.add_argument("--lr-test-steps", type=int, default=100, help="lrtest, sweep: LR range test iterations")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with other "
                    "jobs, 1 avoids OpenMP threads spin-waiting on each other (seen: 10x slower steps with 2)")
     return p
@@ -451,7 +477,8 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": [] if args.albumentations else ["albumentations/cv2 missing: DataLoader path not measured"],
     }
     benches = {"loaders": bench_loaders, "epochs": bench_epochs, "accuracy": bench_accuracy,
-               "airbench": bench_airbench, "overhead": bench_overhead, "sweep": bench_sweep}
+               "airbench": bench_airbench, "overhead": bench_overhead, "lrtest": bench_lrtest,
+               "sweep": bench_sweep}
     for name in sorted(args.sections, key=SECTIONS.index):
         print(f"-- {name}", flush=True)
         if name == "accuracy" and args.target is None:

@@ -40,7 +40,9 @@ def test_quick_run_writes_every_section(tiny_data, tmp_path):
     assert res["overhead"]["fit_s"] > 0 and res["overhead"]["bare_s"] > 0 and res["overhead"]["mode"] == "eager"
     sweep = res["sweep"][0]
     assert set(sweep["rules"]) == {"decade_below_min", "steepest"} and "0.05" in sweep["runs"]
-    assert "fit vs bare loop" in done.stdout and "rule steepest" in done.stdout  # the tables were printed
+    lrtest = res["lrtest"][0]  # the range test alone: the same picks as the sweep's (same seed, same step)
+    assert lrtest["picks"] == {rule: v["max_lr"] for rule, v in sweep["rules"].items()}
+    assert "fit vs bare loop" in done.stdout and "rule steepest" in done.stdout and "LR range test" in done.stdout
 
 
 def test_time_to_target_is_the_first_epoch_at_target():
