@@ -41,6 +41,7 @@ import torch
 from helpers import data
 from helpers.config import TrainConfig
 from helpers.engine import TrainStep, clock, run_steps, time_epoch
+from helpers.lr_finder import SWEEP_PEAKS
 from helpers.models import build_model
 from helpers.train import evaluate, fit
 from helpers.utils import atomic_write_text, seed_everything
@@ -272,46 +273,39 @@ def range_test(spec: str, args, train, test, device):
     from helpers.lr_finder import lr_range_test
 
     model_name, recipe_name = spec.split(":")
-    base = recipe(model_name, args, recipe=recipe_name, max_lr=0.1, mode=args.fit_mode,
-                  **({"epochs": args.epochs} if args.epochs else {}))
+    base = TrainConfig.for_model(model_name, recipe=recipe_name, mode=args.fit_mode,
+                                 **({"batch_size": args.batch_size} if args.quick else {}),
+                                 **({"epochs": args.epochs} if args.epochs else {}))
     loaders = data.make_loaders(train, test, kind=args.fit_loader, batch_size=base.batch_size, recipe=base.augment,
                                 device=device)
-    published = TrainConfig.for_model(model_name, recipe=recipe_name).max_lr  # a number, or "auto"
     seed_everything(0)
     t0 = time.perf_counter()
     found = lr_range_test(build_model(model_name).to(device), loaders[0], config=base, device=device,
                           num_iter=args.lr_test_steps, progress=False)
     row = {"model": model_name, "recipe": recipe_name, "optimizer": base.optimizer, "batch_size": base.batch_size,
-           "epochs": base.epochs, "recipe_peak": published, "picks": found.suggestions,
+           "epochs": base.epochs, "recipe_peak": base.max_lr, "picks": found.suggestions,
            "min_loss_lr": found.min_loss_lr, "diverged": found.diverged, "lr_test_s": time.perf_counter() - t0,
            "lr_curve": {"lrs": found.lrs, "losses": found.losses}}
     print(f"  {spec}: " + ", ".join(f"{rule} {lr:.3g}" for rule, lr in found.suggestions.items())
-          + f" (the recipe's peak: {published})", flush=True)
-    return base, loaders, row
+          + f" (the recipe's peak: {base.max_lr})", flush=True)
+    return base, loaders, found, row
 
 
 def bench_lrtest(args, train, test, device) -> list[dict]:
     """The LR range test alone for each --sweep-runs model:recipe: where each rule lands beside the recipe's peak."""
-    return [range_test(spec, args, train, test, device)[2] for spec in args.sweep_runs]
+    return [range_test(spec, args, train, test, device)[-1] for spec in args.sweep_runs]
 
 
 def bench_sweep(args, train, test, device) -> list[dict]:
-    """For each model:recipe, the LR range test once, then full runs at each swept peak and at each rule's pick."""
+    """For each model:recipe, the LR range test once, then full runs at each swept peak and at each rule's pick
+    (helpers.lr_finder.peak_sweep, seed 0)."""
+    from helpers.lr_finder import peak_sweep
+
     rows = []
     for spec in args.sweep_runs:
-        base, (train_loader, test_loader), row = range_test(spec, args, train, test, device)
-        peaks = {**{f"{p:g}": p for p in args.sweep_peaks[base.optimizer]}, **row["picks"]}
-        runs = {}
-        for label, peak in peaks.items():
-            config = replace(base, max_lr=peak, lr=peak * base.start_lr / base.peak_lr)  # the recipe's start ratio
-            seed_everything(0)
-            history = fit(build_model(base.model), train_loader, test_loader, config, device=device, quiet=True)
-            runs[label] = {"max_lr": peak, "final_acc": history.test_acc[-1], "train_s": sum(history.seconds)}
-            print(f"  {spec} peak {peak:.3g} ({label}): {history.test_acc[-1]:.2f}%", flush=True)
-        best = max(r["final_acc"] for k, r in runs.items() if k not in row["picks"])
-        rows.append({**row, "runs": runs, "best_swept_acc": best,
-                     "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]}
-                               for rule, lr in row["picks"].items()}})
+        base, (train_loader, test_loader), found, row = range_test(spec, args, train, test, device)
+        rows.append({**row, **peak_sweep(replace(base, seed=0), train_loader, test_loader, found=found, device=device,
+                                         peaks=args.sweep_peaks[base.optimizer])})
     return rows
 
 
@@ -419,8 +413,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="accuracy, overhead and sweep: the step's execution mode")
     p.add_argument("--sweep-runs", default="resnet18:fast,resnet18:writeup,custom_resnet:writeup",
                    help="lrtest, sweep: model:recipe pairs (the recipe's optimizer picks --sweep-peaks-sgd or -adam)")
-    p.add_argument("--sweep-peaks-sgd", default="0.05,0.1,0.2,0.4,0.8", help="sweep: peaks for SGD")
-    p.add_argument("--sweep-peaks-adam", default="2e-4,5e-4,1e-3,2e-3,5e-3", help="sweep: peaks for Adam")
+    p.add_argument("--sweep-peaks-sgd", default=",".join(f"{v:g}" for v in SWEEP_PEAKS["sgd"]),
+                   help="sweep: peaks for SGD")
+    p.add_argument("--sweep-peaks-adam", default=",".join(f"{v:g}" for v in SWEEP_PEAKS["adam"]),
+                   help="sweep: peaks for Adam")
     p.add_argument("--lr-test-steps", type=int, default=100, help="lrtest, sweep: LR range test iterations")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with other "
                    "jobs, 1 avoids OpenMP threads spin-waiting on each other (seen: 10x slower steps with 2)")

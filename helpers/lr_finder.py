@@ -271,3 +271,46 @@ def _result(history: dict, num_iter: int, rule: str, settings: dict) -> LRFinder
         diverged=len(lrs) < num_iter,  # also when cut at a NaN
         num_iter=num_iter, rule=rule, settings=settings,
     )
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The check on the rules: train to the end at a range of peaks
+
+SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
+
+
+def at_peak(config, peak: float):
+    """`config` with one-cycle peak `peak`. Its start follows as the recipe has it: a recipe with a numeric peak
+    keeps its start/peak ratio; one whose peak is found ('auto') keeps its start LR, as `--max-lr auto` does."""
+    if config.max_lr == "auto" or config.lr is None:  # lr None: the start is peak / 10 anyway
+        return dataclasses.replace(config, max_lr=peak)
+    return dataclasses.replace(config, max_lr=peak, lr=peak * config.lr / config.peak_lr)
+
+
+def peak_sweep(config, train_loader, test_loader, *, peaks=None, found: LRFinderResult | None = None,
+               device=None, progress: bool = True) -> dict:
+    """Train `config` to the end at each one-cycle peak (default SWEEP_PEAKS[config.optimizer]) and at each rule's
+    pick of `found` (an lr_range_test result), each from the same seed on a fresh model; returns the row
+    helpers.plots.plot_lr_sweep draws: final accuracy per run, the best swept peak's, and each rule's gap to it
+    (how far `--max-lr auto` lands from the best peak). progress: a line per run."""
+    from helpers.models import build_model
+    from helpers.train import fit
+    from helpers.utils import resolve_device, seed_everything
+
+    device = resolve_device(device)
+    peaks = SWEEP_PEAKS[config.optimizer] if peaks is None else peaks
+    picks = found.suggestions if found is not None else {}
+    runs = {}
+    for label, peak in {**{f"{p:g}": p for p in peaks}, **picks}.items():
+        seed_everything(config.seed)
+        history = fit(build_model(config.model), train_loader, test_loader, at_peak(config, peak), device=device,
+                      quiet=True)
+        runs[label] = {"max_lr": peak, "final_acc": history.test_acc[-1], "train_s": sum(history.seconds)}
+        if progress:
+            print(f"peak {peak:<9.3g} {label:<17} {history.test_acc[-1]:6.2f}%  ({sum(history.seconds):.0f} s)",
+                  flush=True)
+    best = max(r["final_acc"] for label, r in runs.items() if label not in picks)
+    return {"model": config.model, "recipe": config.recipe, "optimizer": config.optimizer,
+            "batch_size": config.batch_size, "epochs": config.epochs, "runs": runs, "best_swept_acc": best,
+            "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]}
+                      for rule, lr in picks.items()}}

@@ -183,7 +183,7 @@ def plot_lr_sweep(row: dict, *, ax=None, save=None):
     ax.set_xlabel("one-cycle peak learning rate (log scale)")
     ax.set_ylabel("final test accuracy (%)")
     ax.set_title(f"{row['model']} {row.get('recipe', '')}, {row['optimizer']}, batch {row['batch_size']}, "
-                 f"{row['epochs']} epochs")
+                 f"{row['epochs']} epoch{'s' if row['epochs'] != 1 else ''}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()

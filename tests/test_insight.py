@@ -145,6 +145,40 @@ def test_lr_range_test_with_config_builds_optimizer_and_suggests(model, loader):
     assert found.suggestions == {"decade_below_min": found.suggested_lr, "steepest": found.steepest_lr}
 
 
+def test_at_peak_moves_the_start_as_the_recipe_has_it():
+    from helpers.lr_finder import at_peak
+
+    numeric = TrainConfig.for_model("custom_resnet", recipe="writeup")  # 0.045 -> 0.45: the start stays a tenth
+    assert (at_peak(numeric, 0.2).max_lr, at_peak(numeric, 0.2).start_lr) == pytest.approx((0.2, 0.02))
+    found = TrainConfig.for_model("resnet18", recipe="writeup")  # 1e-5 -> the range test's pick: start stays 1e-5
+    assert (at_peak(found, 2e-3).max_lr, at_peak(found, 2e-3).start_lr) == pytest.approx((2e-3, 1e-5))
+    assert numeric.max_lr == 0.45 and found.max_lr == "auto"  # the configs given are left alone
+
+
+def test_peak_sweep_trains_the_recipe_at_each_peak_and_scores_the_rules(tiny_arrays):
+    """Each run is fit of the recipe at that peak from the config's seed; the rules' gaps are to the best swept."""
+    from helpers.data import make_loaders
+    from helpers.lr_finder import at_peak, peak_sweep
+    from helpers.train import fit
+    from helpers.utils import seed_everything
+
+    config = TrainConfig.for_model(MODEL, epochs=1, batch_size=16, augment="none", amp=False, seed=3)
+    train_loader, test_loader = make_loaders(*tiny_arrays, kind="gpu", batch_size=16, recipe="none", device="cpu")
+    found = SimpleNamespace(suggestions={"decade_below_min": 0.03, "steepest": 0.01})
+    row = peak_sweep(config, train_loader, test_loader, peaks=(0.01, 0.1), found=found, device="cpu", progress=False)
+
+    assert list(row["runs"]) == ["0.01", "0.1", "decade_below_min", "steepest"]
+    seed_everything(3)
+    alone = fit(build_model(MODEL), train_loader, test_loader, at_peak(config, 0.1), device="cpu", quiet=True)
+    assert row["runs"]["0.1"]["final_acc"] == alone.test_acc[-1]
+    assert row["runs"]["steepest"]["final_acc"] == row["runs"]["0.01"]["final_acc"]  # same peak, same run
+    assert row["best_swept_acc"] == max(row["runs"][k]["final_acc"] for k in ("0.01", "0.1"))
+    for rule, lr in found.suggestions.items():
+        gap = row["best_swept_acc"] - row["runs"][rule]["final_acc"]
+        assert row["rules"][rule] == {"max_lr": lr, "gap_to_best": gap}
+    assert (row["model"], row["optimizer"], row["epochs"]) == (MODEL, config.optimizer, 1)
+
+
 def test_suggestion_is_the_library_plot_rule(capsys):
     """Our steepest-descent index equals what torch-lr-finder's own plot() suggests on the same history."""
     import matplotlib.pyplot as plt

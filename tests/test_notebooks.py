@@ -14,7 +14,7 @@ from .conftest import REPO
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 FIGURES = {
     "01": ["dataset_stats.png", "samples.png", "class_grid.png", "channels.png", "augment_davidnet.png"],
-    "02": ["lr_finder.png"],
+    "02": ["lr_finder.png", "lr_sweep.png"],
     "03": ["lr_finder.png", "curves.png", "misclassified.png"],
     "04": ["curves.png", "confusion_matrix.png", "misclassified.png"],
     "05": ["confusion_matrix.png", "class_accuracy.png", "confused_pairs.png", "misclassified.png", "gradcam.png"],
@@ -84,6 +84,8 @@ def test_notebook_runs_and_writes_figures_and_results(executed, prefix):
         assert results["suggested_lr"] > 0
         assert set(results["suggestions"]) == {"decade_below_min", "steepest"}
         assert results["batch_size"] == 8  # SMOKE's, read back from the config
+        sweep = results["sweep"]  # SMOKE turns section 3 on: one peak and both rules' picks, one epoch each
+        assert list(sweep["runs"]) == ["0.001", "decade_below_min", "steepest"] and sweep["epochs"] == 1
     if prefix == "04":
         assert results["fp32_timing"] is None  # the fp32 comparison runs on CUDA only
         assert results["warmup_seconds"] >= 0 and results["mode"] == "eager"
