@@ -393,6 +393,9 @@ def sampling_generator(loader) -> torch.Generator:
 # of pixels off, by 1 level: float rounding), align_corners=False by 4.5 on average and up to 242, all in the
 # border band. OpenCV 4.x interpolates at 1/32 px steps: simulated, 0.8 levels on average there (at most 7) on
 # noise, 0.24 on smoothed noise.
+# torch rather than kornia: kornia's warp_affine (kornia/geometry/transform/imgwarp.py) builds a grid from the
+# matrices and samples with this same F.grid_sample, so it could only add work (and a dependency); on a GPU the
+# two were not timed against each other.
 #
 # Gray: ToGray's default is cv2.cvtColor(RGB2GRAY), for uint8 in fixed point: (w . rgb + 2^14) >> 15 with w =
 # GRAY_WEIGHTS (0.299, 0.587, 0.114 x 2^15). Equal to OpenCV 5.0's over all 2^24 colours; OpenCV 4.x's
