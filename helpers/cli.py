@@ -250,8 +250,10 @@ def write_outputs(args, config, out: Path, history, model, test_loader, train_ar
         "model": config.model, "recipe": config.recipe,
         "test_acc": last.get("test_acc"), "test_acc_tta": last.get("test_acc_tta"),
         "epochs": len(history), "total_seconds": total, "epoch_seconds": history.seconds,
+        "train_seconds": sum(history.train_seconds) if None not in history.train_seconds else None,
         "warmup_seconds": history.warmup_seconds, "mode": history.mode,
-        "seconds_include": "training and the per-epoch test pass; not the one-time warm-up (warmup_seconds)",
+        "seconds_include": "total_seconds: training and the per-epoch test pass; train_seconds: the training steps "
+                           "alone; neither the one-time warm-up (warmup_seconds)",
         "precision": precision_name(amp_dtype(device, config.amp)),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
         "torch": torch.__version__, "data_dir": str(Path(config.data_dir).resolve()),

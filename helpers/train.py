@@ -42,7 +42,8 @@ EPOCH_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_ac
 @dataclass
 class History:
     """Per-epoch records (epoch, lr at the epoch's start, lr_end at its last step, train/test loss, train/test
-    accuracy in %, seconds of training and evaluation), plus the run's one-time warm-up and execution mode."""
+    accuracy in %, seconds of training and evaluation, train_seconds of training alone), plus the run's one-time
+    warm-up and execution mode."""
 
     records: list[dict] = field(default_factory=list)
     warmup_seconds: float = 0.0  # capture/compile/autotuning before epoch 1 (of the last process, when resumed)
@@ -52,7 +53,7 @@ class History:
         return len(self.records)
 
     def __getattr__(self, name: str) -> list:  # history.test_acc -> [per-epoch values]
-        if name in EPOCH_COLUMNS or name in ("lr_end", "test_acc_tta"):
+        if name in EPOCH_COLUMNS or name in ("lr_end", "test_acc_tta", "train_seconds"):
             return [r.get(name) for r in self.records]
         raise AttributeError(name)
 
@@ -219,6 +220,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
             t0 = clock(device)
             step.start_epoch(epoch)
             record = _train_epoch(step, train_loader, epoch, quiet=quiet, checkpoint=checkpoint)
+            record["train_seconds"] = clock(device) - t0  # the training steps alone (seconds adds the test pass)
             result = evaluate(step.eval_model, test_loader, device=device, amp=config.amp,
                               channels_last=config.channels_last, tta=config.tta)
             step.end_epoch(result.loss)

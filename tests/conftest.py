@@ -77,3 +77,8 @@ def shared_cifar(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("shared_cifar")
     subprocess.run([sys.executable, str(script), str(out), "--train", "2000", "--test", "1000"], check=True)
     return out
+
+
+def without_time(history) -> list[dict]:
+    """A History's records without their timings (seconds, train_seconds): what equal runs must share."""
+    return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in history.records]

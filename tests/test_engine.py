@@ -15,6 +15,8 @@ from helpers.engine import TrainStep, choose_mode
 from helpers.models import build_model
 from helpers.train import evaluate, fit
 
+from .conftest import without_time
+
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")  # a device object needs no GPU
 
 
@@ -179,8 +181,7 @@ def test_weight_average_is_evaluated_and_resumes_exactly(tiny_arrays, tmp_path):
     finally:
         train_module._train_epoch = real
     resumed = run(checkpoint=tmp_path / "stopped.pt", resume=tmp_path / "stopped.pt")
-    strip = lambda h: [{k: v for k, v in r.items() if k != "seconds"} for r in h.records]  # noqa: E731
-    assert strip(resumed) == strip(full)
+    assert without_time(resumed) == without_time(full)
 
 
 def test_tta_views(tiny_arrays):

@@ -15,6 +15,8 @@ from helpers.data import make_loader
 from helpers.models import build_model
 from helpers.train import CheckpointError, TrainConfig, TrainingDiverged, evaluate, fit, load_checkpoint
 
+from .conftest import without_time
+
 
 def small_config(**overrides) -> TrainConfig:
     settings = dict(epochs=3, batch_size=32, max_lr=0.05, amp=False, workers=0)
@@ -37,10 +39,6 @@ def run(arrays, config, *, checkpoint=None, resume=None, model=None):
                quiet=True), model
 
 
-def without_time(history):
-    return [{k: v for k, v in r.items() if k != "seconds"} for r in history.records]
-
-
 def test_one_batch_overfits(tiny_arrays):
     """20 images, 60 full-batch Adam steps: memorised, in train mode and in eval mode (BN running statistics).
 
@@ -59,7 +57,7 @@ def test_history_records_every_epoch(tiny_arrays):
     history, _ = run(tiny_arrays, small_config(epochs=2))
     assert [r["epoch"] for r in history.records] == [1, 2]
     for r in history.records:
-        assert set(train.EPOCH_COLUMNS) <= set(r) and r["seconds"] > 0
+        assert set(train.EPOCH_COLUMNS) <= set(r) and 0 < r["train_seconds"] <= r["seconds"]
     assert history.lr[0] == pytest.approx(0.025)  # the depthwise-net write-up: one-cycle from 0.025
     assert history.records[0]["lr_end"] > history.lr[0] > history.records[-1]["lr_end"]  # up, then down
 
@@ -196,6 +194,7 @@ def test_cli_trains_and_writes_outputs(tiny_data, tmp_path, capsys):
         assert (out / name).is_file(), name
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["epochs"] == 2 and len(metrics["epoch_seconds"]) == 2
+    assert 0 < metrics["train_seconds"] <= metrics["total_seconds"]
     assert metrics["settings"]["max_lr"] == 0.05 and metrics["settings"]["model"] == "depthwise_net"
     assert {"test_acc", "total_seconds", "device", "torch", "data_dir"} <= set(metrics)
 
