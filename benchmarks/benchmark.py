@@ -4,7 +4,8 @@ Sections (--sections, comma-separated; default all but sweep):
   loaders   images/s of the albumentations DataLoader (0, 2 and all workers) and of GpuLoader, delivered to --device
   epochs    seconds per training epoch and peak GPU memory: each model x fp32/mixed x each loader x each --modes,
             with the warm-up (capture/compile) timed apart
-  accuracy  custom_resnet's recipe through helpers.train.fit over --seeds: final accuracy, time to --target
+  accuracy  each --accuracy-runs model:recipe through helpers.train.fit over --seeds: final accuracy (with the
+            recipe's TTA too), training time to airbench94's same-run accuracy (without TTA, and with), ratios
   airbench  airbench 0.1.8's train94 on the same arrays (needs CUDA and airbench; skipped with a note otherwise)
   overhead  fit against a bare loop of the same helpers.engine.TrainStep: same model, loader, steps, test pass, mode
   lrtest    the LR range test alone for each --sweep-runs model:recipe: every rule's pick beside the recipe's peak
@@ -142,55 +143,75 @@ def bench_epochs(args, train, test, device) -> list[dict]:
 
 
 # ---------------------------------------------------------------------------------------------------------
-# accuracy: custom_resnet's recipe through fit, several seeds
+# accuracy: recipes through fit, several seeds, against airbench94's accuracy
 
 
-def time_to(history, target: float = TARGET) -> float | None:
-    """Training seconds (fit's per-epoch seconds, evaluation included, warm-up not) until the first epoch at
-    >= target %."""
+def time_to(history, target: float | None = TARGET, *, key: str = "test_acc",
+            seconds: str = "seconds") -> float | None:
+    """Seconds until the first epoch whose `key` (test_acc, or test_acc_tta) is >= target %, summing each epoch's
+    `seconds` (training and test pass) or `train_seconds` (the training steps alone); never the warm-up."""
     elapsed = 0.0
     for record in history.records:
-        elapsed += record["seconds"]
-        if record["test_acc"] >= target:
+        elapsed += record[seconds]
+        if target is not None and record.get(key) is not None and record[key] >= target:
             return elapsed
     return None
 
 
-def bench_accuracy(args, train, test, device) -> dict:
-    runs = []
-    for seed in range(args.seeds):
-        config = recipe("custom_resnet", args, seed=seed, mode=args.fit_mode,
-                        **({"epochs": args.epochs} if args.epochs else {}))
-        train_loader, test_loader = data.make_loaders(train, test, kind=args.fit_loader,
-                                                      batch_size=config.batch_size, recipe=config.augment,
-                                                      device=device, seed=seed)
-        seed_everything(seed)
-        model = build_model("custom_resnet")
-        t0 = clock(device)
-        history = fit(model, train_loader, test_loader, config, device=device, quiet=True)
-        total = clock(device) - t0
-        runs.append({"seed": seed, "epochs": config.epochs, "final_acc": history.test_acc[-1],
-                     "time_to_target_s": time_to(history, args.target), "total_s": total,
-                     "train_s": sum(history.seconds), "warmup_s": history.warmup_seconds, "mode": history.mode,
-                     "epoch_s": history.seconds})
-        print(f"  seed {seed}: {runs[-1]['final_acc']:.2f}% in {runs[-1]['train_s']:.1f} s + "
-              f"{history.warmup_seconds:.1f} s warm-up ({history.mode}; {args.target}% at "
-              f"{runs[-1]['time_to_target_s']})", flush=True)
-    return {"model": "custom_resnet", "loader": args.fit_loader, "target": args.target, "runs": runs,
-            **summarise(runs)}
+def bench_accuracy(args, train, test, device) -> list[dict]:
+    """Each --accuracy-runs model:recipe through fit over --seeds: final accuracy (and with the recipe's TTA), and
+    the time to the targets (airbench94's same-run accuracy: without TTA against its without, TTA against TTA)."""
+    rows = []
+    for spec in args.accuracy_runs:
+        model_name, recipe_name = spec.split(":")
+        runs = []
+        for seed in range(args.seeds):
+            config = recipe(model_name, args, recipe=recipe_name, seed=seed, mode=args.fit_mode,
+                            **({"epochs": args.epochs} if args.epochs else {}))
+            train_loader, test_loader = data.make_loaders(train, test, kind=args.fit_loader,
+                                                          batch_size=config.batch_size, recipe=config.augment,
+                                                          device=device, seed=seed)
+            seed_everything(seed)
+            t0 = clock(device)
+            history = fit(build_model(model_name), train_loader, test_loader, config, device=device, quiet=True)
+            total = clock(device) - t0
+            runs.append({"seed": seed, "epochs": config.epochs, "tta": config.tta, "final_acc": history.test_acc[-1],
+                         "final_acc_tta": history.test_acc_tta[-1],
+                         "time_to_target_s": time_to(history, args.target),
+                         "train_time_to_target_s": time_to(history, args.target, seconds="train_seconds"),
+                         "time_to_target_tta_s": time_to(history, args.target_tta, key="test_acc_tta"),
+                         "train_time_to_target_tta_s": time_to(history, args.target_tta, key="test_acc_tta",
+                                                               seconds="train_seconds"),
+                         "total_s": total, "train_s": sum(history.seconds),
+                         "train_only_s": sum(history.train_seconds), "warmup_s": history.warmup_seconds,
+                         "mode": history.mode, "epoch_s": history.seconds})
+            tta = f" (TTA {runs[-1]['final_acc_tta']:.2f}%)" if config.tta != "none" else ""
+            print(f"  {spec} seed {seed}: {runs[-1]['final_acc']:.2f}%{tta} in {runs[-1]['train_s']:.1f} s + "
+                  f"{history.warmup_seconds:.1f} s warm-up ({history.mode}; {args.target}% at "
+                  f"{runs[-1]['time_to_target_s']})", flush=True)
+        rows.append({"model": model_name, "recipe": recipe_name, "loader": args.fit_loader, "target": args.target,
+                     "target_tta": args.target_tta, "runs": runs, **summarise(runs)})
+    return rows
 
 
 def summarise(runs: list[dict]) -> dict:
+    """Means over seeds; a time to target is averaged over the runs that reached it (`reached` says how many)."""
     accs = [r["final_acc"] for r in runs]
-    hits = [r["time_to_target_s"] for r in runs if r["time_to_target_s"] is not None]
     spread = statistics.stdev if len(runs) > 1 else (lambda _: 0.0)
+
+    def mean(key):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        return statistics.mean(values) if values else None
+
+    times = ("time_to_target_s", "train_time_to_target_s", "time_to_target_tta_s", "train_time_to_target_tta_s")
     return {
         "final_acc_mean": statistics.mean(accs), "final_acc_std": spread(accs), "final_acc_min": min(accs),
-        "reached_target": f"{len(hits)}/{len(runs)}",
-        "time_to_target_mean_s": statistics.mean(hits) if hits else None,
-        "train_s_mean": statistics.mean(r["train_s"] for r in runs),
-        "warmup_s_mean": statistics.mean(r["warmup_s"] for r in runs),
-        "total_s_mean": statistics.mean(r["total_s"] for r in runs),
+        "final_acc_tta_mean": mean("final_acc_tta"),
+        "reached_target": f"{sum(r['time_to_target_s'] is not None for r in runs)}/{len(runs)}",
+        "reached_target_tta": f"{sum(r['time_to_target_tta_s'] is not None for r in runs)}/{len(runs)}",
+        **{f"{key[:-2]}_mean_s": mean(key) for key in times},
+        "train_s_mean": mean("train_s"), "train_only_s_mean": mean("train_only_s"),
+        "warmup_s_mean": mean("warmup_s"), "total_s_mean": mean("total_s"),
     }
 
 
@@ -348,15 +369,21 @@ def print_report(report: dict) -> None:
         else:
             print(f"\nairbench94 x {len(b['runs'])}: {b['seconds_mean']:.2f} s, {b['acc_tta2_mean']:.2f}% (TTA 2), "
                   f"{b['acc_tta0_mean']:.2f}% (no TTA)")
-    if "accuracy" in res:
-        a = res["accuracy"]
-        hit = f"{a['time_to_target_mean_s']:.1f} s" if a["time_to_target_mean_s"] is not None else "never"
-        print(f"\ncustom_resnet x {len(a['runs'])} seeds ({a['loader']} loader): final {a['final_acc_mean']:.2f}% "
-              f"+- {a['final_acc_std']:.2f} (min {a['final_acc_min']:.2f}); reached {a['target']:.2f}%: "
-              f"{a['reached_target']}, time to it {hit}; training {a['train_s_mean']:.1f} s (evaluation included) "
+    for a in res.get("accuracy", []):
+        when = {k: f"{v:.1f} s" if v is not None else "never" for k, v in a.items() if k.endswith("_mean_s")}
+        tta = (f", with {a['runs'][0]['tta']} TTA {a['final_acc_tta_mean']:.2f}% (reached {a['target_tta']:.2f}%: "
+               f"{a['reached_target_tta']}, training time to it {when['train_time_to_target_tta_mean_s']})"
+               if a["final_acc_tta_mean"] is not None else "")
+        print(f"\n{a['model']} {a['recipe']} x {len(a['runs'])} seeds ({a['loader']} loader): final "
+              f"{a['final_acc_mean']:.2f}% +- {a['final_acc_std']:.2f} (min {a['final_acc_min']:.2f}); reached "
+              f"{a['target']:.2f}%: {a['reached_target']}, training time to it "
+              f"{when['train_time_to_target_mean_s']} ({when['time_to_target_mean_s']} with the test passes){tta}; "
+              f"whole run {a['train_only_s_mean']:.1f} s training, {a['train_s_mean']:.1f} s with the test passes, "
               f"+ warm-up {a['warmup_s_mean']:.1f} s")
-    if res.get("time_to_target_vs_airbench") is not None:
-        print(f"  our time to the target / airbench94's training time: {res['time_to_target_vs_airbench']:.2f}")
+        for key, label in (("vs_airbench", "without TTA"), ("vs_airbench_tta", "with TTA"),
+                           ("full_run_vs_airbench", "whole run")):
+            if a.get(key) is not None:
+                print(f"  training time / airbench94's ({label}): {a[key]:.2f}")
     if "overhead" in res:
         o = res["overhead"]
         print(f"\nfit vs bare loop ({o['steps']} steps, {o['loader']} loader, {o['mode']}): fit {o['fit_s']:.2f} s, "
@@ -405,8 +432,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seeds", type=int, default=3, help="accuracy and airbench: runs")
     p.add_argument("--modes", default="auto", help="epochs section: any of auto, eager, graphs, compile")
     p.add_argument("--epochs", type=int, help="accuracy and sweep: epochs (default: the recipe's)")
+    p.add_argument("--accuracy-runs", default="custom_resnet:writeup",
+                   help="accuracy: model:recipe pairs, each trained --seeds times")
     p.add_argument("--target", type=float, help="accuracy: %% for 'time to target' (default: airbench94's no-TTA "
                    f"accuracy when the airbench section ran first, else {TARGET})")
+    p.add_argument("--target-tta", type=float, help="accuracy: %% for the time to target with the recipe's TTA "
+                   "(default: airbench94's TTA accuracy when the airbench section ran, else --target)")
     p.add_argument("--overhead-epochs", type=int, default=2)
     p.add_argument("--fit-loader", choices=["gpu", "torch"], default="gpu", help="accuracy, overhead, sweep")
     p.add_argument("--fit-mode", choices=["auto", "eager", "graphs", "compile"], default="auto",
@@ -444,6 +475,7 @@ def parse_args(argv: list[str] | None):
     args.precisions = [p == "amp" for p in args.precisions.split(",")]
     args.modes = args.modes.split(",")
     args.sweep_runs = args.sweep_runs.split(",")
+    args.accuracy_runs = args.accuracy_runs.split(",")
     args.sweep_peaks = {"sgd": [float(v) for v in args.sweep_peaks_sgd.split(",")],
                         "adam": [float(v) for v in args.sweep_peaks_adam.split(",")]}
     return args
@@ -477,24 +509,31 @@ def main(argv: list[str] | None = None) -> dict:
                "sweep": bench_sweep}
     for name in sorted(args.sections, key=SECTIONS.index):
         print(f"-- {name}", flush=True)
-        if name == "accuracy" and args.target is None:
-            args.target = report["results"].get("airbench", {}).get("acc_tta0_mean", TARGET)
+        if name == "accuracy":  # the bar: airbench94's accuracy in this run, without TTA and with it
+            airbench = report["results"].get("airbench", {})
+            args.target = args.target if args.target is not None else airbench.get("acc_tta0_mean", TARGET)
+            args.target_tta = args.target_tta if args.target_tta is not None else airbench.get("acc_tta2_mean",
+                                                                                               args.target)
         t0 = time.perf_counter()
         report["results"][name] = benches[name](args, train, test, device)
         report["section_seconds"][name] = time.perf_counter() - t0
         report["machine"]["load_avg_1min_end"] = os.getloadavg()[0]
         _write(report, args.out)  # after every section: a crash late in a long run keeps the rest
-    report["results"]["time_to_target_vs_airbench"] = time_to_target_ratio(report["results"])
+    add_airbench_ratios(report["results"])
     _write(report, args.out)
     print_report(report)
     return report
 
 
-def time_to_target_ratio(results: dict) -> float | None:
-    """Our mean time to the target over airbench94's mean training time, when both were measured in this run."""
-    ours = results.get("accuracy", {}).get("time_to_target_mean_s")
+def add_airbench_ratios(results: dict) -> None:
+    """Each accuracy row's mean training time (the steps alone, as airbench94 is timed) over airbench94's mean
+    time in this run: to its no-TTA accuracy, to its TTA accuracy with the recipe's TTA, and for the whole run."""
     theirs = results.get("airbench", {}).get("seconds_mean")
-    return ours / theirs if ours and theirs else None
+    for row in results.get("accuracy", []):
+        for key, ours in (("vs_airbench", "train_time_to_target_mean_s"),
+                          ("vs_airbench_tta", "train_time_to_target_tta_mean_s"),
+                          ("full_run_vs_airbench", "train_only_s_mean")):
+            row[key] = row[ours] / theirs if theirs and row[ours] else None
 
 
 def _write(report: dict, path: str) -> None:

@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("tests", "benchmark", "sweep", "cli", "notebooks")
 MODELS = ("custom_resnet", "resnet18", "depthwise_net")
+ACCURACY_RUNS = "custom_resnet:writeup,custom_resnet:fast,resnet18:fast"  # each recipe against airbench94
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
 
@@ -42,9 +43,11 @@ def commands(args) -> list[tuple[str, str, list[str], dict]]:
         bench += ["--quick"]
     runs.append(("benchmark", "benchmark", [*bench, "--sections", "loaders,epochs,airbench,accuracy,overhead",
                                             "--modes", "eager" if quick else "eager,graphs,compile",
+                                            *([] if quick else ["--accuracy-runs", args.accuracy_runs]),
                                             "--out", str(out / "benchmark.json")], {}))
-    runs.append(("sweep", "sweep", [*bench, "--sections", "sweep", "--out", str(out / "sweep.json")], {}))
-    for model in MODELS:
+    sweep = ["--sweep-runs", args.sweep_runs] if args.sweep_runs and not quick else []
+    runs.append(("sweep", "sweep", [*bench, "--sections", "sweep", *sweep, "--out", str(out / "sweep.json")], {}))
+    for model in args.models:
         tiny = ["--epochs", "1", "--subset-train", "200", "--subset-test", "100"] if quick else []
         runs.append(("cli", f"cli_{model}", [py, "-m", "helpers.train", "--model", model, *data, "--device",
                                              args.device, "--out", str(out / f"cli_{model}"), "--overwrite",
@@ -83,11 +86,17 @@ def headline(name: str, out: Path) -> str:
                     f"(+{m['warmup_seconds']:.1f} s warm-up, {m['mode']}, {m['precision']})")
         if name == "benchmark":
             res = json.loads((out / "benchmark.json").read_text())["results"]
-            acc, over = res.get("accuracy", {}), res.get("overhead", {})
-            return (f"custom_resnet {acc.get('final_acc_mean', float('nan')):.2f}% in "
-                    f"{acc.get('train_s_mean', float('nan')):.1f} s; fit overhead "
-                    f"{over.get('overhead_pct', float('nan')):+.1f}%; vs airbench94 "
-                    f"{res.get('time_to_target_vs_airbench')}")
+            over = res.get("overhead", {}).get("overhead_pct", float("nan"))
+
+            def ratio(v):
+                return f"{v:.2f}x" if v is not None else "-"
+
+            return "; ".join([*(
+                f"{a['model']} {a['recipe']} {a['final_acc_mean']:.2f}%"
+                + (f" (TTA {a['final_acc_tta_mean']:.2f}%)" if a["final_acc_tta_mean"] is not None else "")
+                + f" in {a['train_only_s_mean']:.1f} s, airbench94's time x {ratio(a.get('vs_airbench'))}"
+                + f" (TTA {ratio(a.get('vs_airbench_tta'))})" for a in res.get("accuracy", [])),
+                f"fit overhead {over:+.1f}%"])
         if name == "sweep":
             rows = json.loads((out / "sweep.json").read_text())["results"]["sweep"]
             return "; ".join(f"{r['model']} {r['recipe']}: " + ", ".join(
@@ -130,8 +139,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run of the plumbing")
+    p.add_argument("--accuracy-runs", default=ACCURACY_RUNS,
+                   help="benchmark part: the model:recipe pairs of its accuracy section (3 seeds each)")
+    p.add_argument("--sweep-runs", help="sweep part: model:recipe pairs (default: the benchmark's)")
+    p.add_argument("--models", default=",".join(MODELS), help="cli part: the models whose default run it makes")
     args = p.parse_args(argv)
-    args.parts = args.parts.split(",")
+    args.parts, args.models = args.parts.split(","), args.models.split(",")
     if set(args.parts) - set(PARTS):
         p.error(f"unknown parts {', '.join(sorted(set(args.parts) - set(PARTS)))}: choose from {', '.join(PARTS)}")
     out = Path(args.out).resolve()

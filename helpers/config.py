@@ -122,9 +122,11 @@ class TrainConfig:
             raise ConfigError(f"{self.model} has no recipe {self.recipe!r}: choose one of "
                               f"{', '.join(RECIPES[self.model])}")
         recipe = RECIPES[self.model][self.recipe]
-        for key in RECIPE_KEYS:
-            if getattr(self, key) is None:
-                setattr(self, key, recipe.get(key, RECIPE_OPTIONAL.get(key)))
+        filled = [key for key in RECIPE_KEYS if getattr(self, key) is None]
+        for key in filled:
+            setattr(self, key, recipe.get(key, RECIPE_OPTIONAL.get(key)))
+        if "ema_epochs" in filled and isinstance(self.epochs, int) and self.epochs > 0:
+            self.ema_epochs = min(self.ema_epochs, self.epochs)  # the recipe's averaging fits a shorter run
         if isinstance(self.tta, bool):
             self.tta = "flip" if self.tta else "none"
         self.validate()

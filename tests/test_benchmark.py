@@ -22,7 +22,8 @@ def test_quick_run_writes_every_section(tiny_data, tmp_path):
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     # a subprocess: the run sets torch's thread count, which must not leak into the other tests
     done = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--quick", "--device", "cpu",
-                           "--data-dir", str(tiny_data), "--out", str(out), "--sections", ",".join(benchmark.SECTIONS)],
+                           "--data-dir", str(tiny_data), "--out", str(out), "--sections", ",".join(benchmark.SECTIONS),
+                           "--accuracy-runs", "custom_resnet:writeup,custom_resnet:fast"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -35,7 +36,11 @@ def test_quick_run_writes_every_section(tiny_data, tmp_path):
     assert {(r["model"], r["loader"]) for r in res["epochs"]} == {
         (m, k) for m in ("custom_resnet", "resnet18") for k in ("gpu", "torch")}
     assert all(r["seconds_per_epoch"] > 0 and r["mode"] == "eager" and r["warmup_s"] == 0 for r in res["epochs"])
-    assert len(res["accuracy"]["runs"]) == 1 and res["accuracy"]["target"] == benchmark.TARGET  # no airbench here
+    accuracy = res["accuracy"][0]  # no airbench here: the fixed target, for the TTA time too
+    assert (accuracy["model"], accuracy["recipe"], len(accuracy["runs"])) == ("custom_resnet", "writeup", 1)
+    assert accuracy["target"] == accuracy["target_tta"] == benchmark.TARGET and accuracy["vs_airbench"] is None
+    assert 0 < accuracy["train_only_s_mean"] <= accuracy["train_s_mean"]
+    assert accuracy["final_acc_tta_mean"] is None and res["accuracy"][1]["final_acc_tta_mean"] is not None  # fast: TTA
     assert "skipped" in res["airbench"]  # no CUDA here
     assert res["overhead"]["fit_s"] > 0 and res["overhead"]["bare_s"] > 0 and res["overhead"]["mode"] == "eager"
     sweep = res["sweep"][0]
@@ -49,6 +54,22 @@ def test_time_to_target_is_the_first_epoch_at_target():
     history = History([{"seconds": s, "test_acc": a} for s, a in [(2.0, 90.0), (2.5, 94.1), (2.0, 93.9)]])
     assert benchmark.time_to(history) == pytest.approx(4.5)
     assert benchmark.time_to(history, 95.0) is None
+
+
+def test_time_to_target_with_tta_and_training_seconds_alone():
+    history = History([{"seconds": 2.0, "train_seconds": 1.5, "test_acc": 90.0, "test_acc_tta": 91.0},
+                       {"seconds": 2.0, "train_seconds": 1.5, "test_acc": 90.5, "test_acc_tta": 91.5}])
+    assert benchmark.time_to(history, 91.0, key="test_acc_tta") == pytest.approx(2.0)
+    assert benchmark.time_to(history, 91.5, key="test_acc_tta", seconds="train_seconds") == pytest.approx(3.0)
+    assert benchmark.time_to(history, 91.0) is None and benchmark.time_to(history, None) is None
+
+
+def test_airbench_ratios_are_training_time_over_airbench_time():
+    row = {"train_time_to_target_mean_s": 5.0, "train_time_to_target_tta_mean_s": 4.0, "train_only_s_mean": 6.0}
+    results = {"airbench": {"seconds_mean": 2.0}, "accuracy": [row, {**row, "train_time_to_target_mean_s": None}]}
+    benchmark.add_airbench_ratios(results)
+    assert (row["vs_airbench"], row["vs_airbench_tta"], row["full_run_vs_airbench"]) == (2.5, 2.0, 3.0)
+    assert results["accuracy"][1]["vs_airbench"] is None  # never reached: no ratio
 
 
 def test_unknown_section_is_an_error():

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import engine
-from helpers.config import TrainConfig
+from helpers.config import ConfigError, TrainConfig
 from helpers.data import make_loader
 from helpers.engine import TrainStep, choose_mode
 from helpers.models import build_model
@@ -210,6 +210,9 @@ def test_the_fast_resnet9_recipe_builds():
     assert (cfg.epochs, cfg.tta, cfg.bias_lr_scale, cfg.freeze_bn_weight) == (10, "flip_translate", 64.0, True)
     assert TrainConfig(model="custom_resnet").recipe == "writeup"  # unmeasured: not the default
     assert TrainConfig(model="custom_resnet", tta=True).tta == "flip"
+    assert TrainConfig(model="custom_resnet", recipe="fast", epochs=1).ema_epochs == 1  # the recipe's 2 fit in 1
+    with pytest.raises(ConfigError, match="ema_epochs"):  # asked for by name: not adapted
+        TrainConfig(model="custom_resnet", recipe="fast", epochs=1, ema_epochs=2)
 
 
 def test_time_epoch_of_a_one_epoch_config(tiny_arrays):

@@ -11,7 +11,8 @@ from benchmarks import gpu_check
 
 def test_every_part_has_its_commands():
     args = gpu_check.argparse.Namespace(out="/tmp/o", data_dir="d", data_name="n", device="cuda", quick=False,
-                                        parts=list(gpu_check.PARTS))
+                                        parts=list(gpu_check.PARTS), accuracy_runs=gpu_check.ACCURACY_RUNS,
+                                        sweep_runs="resnet18:writeup", models=list(gpu_check.MODELS))
     runs = gpu_check.commands(args)
     names = [name for _, name, _, _ in runs]
     assert {part for part, *_ in runs} == set(gpu_check.PARTS)
@@ -19,6 +20,9 @@ def test_every_part_has_its_commands():
     assert sum(part == "notebooks" for part, *_ in runs) == 5
     bench = next(argv for part, _, argv, _ in runs if part == "benchmark")
     assert "eager,graphs,compile" in bench
+    assert bench[bench.index("--accuracy-runs") + 1] == "custom_resnet:writeup,custom_resnet:fast,resnet18:fast"
+    sweep = next(argv for part, _, argv, _ in runs if part == "sweep")
+    assert sweep[sweep.index("--sweep-runs") + 1] == "resnet18:writeup"  # a device session can split the sweep
 
 
 @pytest.mark.slow
