@@ -29,6 +29,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("tests", "benchmark", "sweep", "cli", "notebooks")
 MODELS = ("custom_resnet", "resnet18", "depthwise_net")
+SECTIONS = "loaders,epochs,airbench,accuracy,overhead"  # the benchmark part's (the sweep is a part of its own)
 ACCURACY_RUNS = "custom_resnet:writeup,custom_resnet:fast,resnet18:fast"  # each recipe against airbench94
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
@@ -41,7 +42,7 @@ def commands(args) -> list[tuple[str, str, list[str], dict]]:
     bench = [py, "-m", "benchmarks.benchmark", *data, "--data-name", args.data_name, "--device", args.device]
     if quick:
         bench += ["--quick"]
-    runs.append(("benchmark", "benchmark", [*bench, "--sections", "loaders,epochs,airbench,accuracy,overhead",
+    runs.append(("benchmark", "benchmark", [*bench, "--sections", args.sections,
                                             "--modes", "eager" if quick else "eager,graphs,compile",
                                             *([] if quick else ["--accuracy-runs", args.accuracy_runs]),
                                             "--out", str(out / "benchmark.json")], {}))
@@ -141,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run of the plumbing")
     p.add_argument("--accuracy-runs", default=ACCURACY_RUNS,
                    help="benchmark part: the model:recipe pairs of its accuracy section (3 seeds each)")
+    p.add_argument("--sections", default=SECTIONS, help="benchmark part: the benchmark's sections")
     p.add_argument("--sweep-runs", help="sweep part: model:recipe pairs (default: the benchmark's)")
     p.add_argument("--models", default=",".join(MODELS), help="cli part: the models whose default run it makes")
     args = p.parse_args(argv)

@@ -12,7 +12,8 @@ from benchmarks import gpu_check
 def test_every_part_has_its_commands():
     args = gpu_check.argparse.Namespace(out="/tmp/o", data_dir="d", data_name="n", device="cuda", quick=False,
                                         parts=list(gpu_check.PARTS), accuracy_runs=gpu_check.ACCURACY_RUNS,
-                                        sweep_runs="resnet18:writeup", models=list(gpu_check.MODELS))
+                                        sweep_runs="resnet18:writeup", models=list(gpu_check.MODELS),
+                                        sections=gpu_check.SECTIONS)
     runs = gpu_check.commands(args)
     names = [name for _, name, _, _ in runs]
     assert {part for part, *_ in runs} == set(gpu_check.PARTS)
