@@ -89,7 +89,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "flip_translate (airbench's: flips and 1-px shifts)")
     p.add_argument("--ema", type=number, help="per-step decay of a weight average evaluated instead (0: off)")
     p.add_argument("--ema-epochs", type=integer, help="average over the last N epochs only (0: all)")
-    p.add_argument("--bias-lr-scale", type=number, help="LR x this, weight decay / this, for biases and batch norm")
+    p.add_argument("--bias-lr-scale", type=number, help="LR x this, weight decay / this, for batch-norm parameters")
     p.add_argument("--freeze-bn-weight", action=argparse.BooleanOptionalAction,
                    help="keep batch-norm scales at 1")
     p.add_argument("--subset-train", type=integer, help="class-balanced training subset size")

@@ -53,14 +53,14 @@ RECIPES: dict[str, dict[str, dict]] = {
 RECIPE_OPTIONAL = dict(
     ema=0.0,  # per-step decay of an exponential moving average of the weights, evaluated instead (0: off)
     ema_epochs=0,  # average over the last this many epochs only (0: all)
-    bias_lr_scale=1.0,  # LR x this and weight decay / this for biases and batch-norm parameters (Page: 64)
+    bias_lr_scale=1.0,  # LR x this and weight decay / this for batch-norm parameters (Page's and airbench's: 64)
     freeze_bn_weight=False,  # batch-norm scales stay at 1 (Page's and airbench's trick)
     tta="none",  # test-time augmentation reported beside the plain accuracy: none | flip | flip_translate
 )
 RECIPES["custom_resnet"]["fast"] = dict(
     # ours, after Page's "bag of tricks" (as re-implemented in KellerJordan/cifar10-zoo, dawnbench_nogbn.py: 94.16%
     # in 11 epochs on the official files) with our ResNet-9's layers (no whitening layer, ReLU, logit scale 1/8):
-    # Nesterov, label smoothing 0.2, frozen batch-norm scales with 64x LR on the biases, weight averaging over the
+    # Nesterov, label smoothing 0.2, frozen batch-norm scales with 64x LR on their biases, weight averaging over the
     # last 2 epochs, flip + translate TTA. NOT YET MEASURED ON A GPU: not the default until it is.
     epochs=10, batch_size=512, optimizer="sgd", lr=0.08, max_lr=0.8, pct_start=0.2, momentum=0.9, nesterov=True,
     weight_decay=5e-4, label_smoothing=0.2, l1=0.0, scheduler="onecycle", augment="davidnet",

@@ -54,14 +54,16 @@ def choose_mode(requested: str, device: torch.device, total_steps: int) -> tuple
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
-    """The trainable parameters, in two groups when config.bias_lr_scale != 1: weights (conv, linear) at the
-    config's LR and weight decay; biases and batch-norm parameters (1-D) at LR x scale and weight decay / scale."""
+    """The trainable parameters, in two groups when config.bias_lr_scale != 1: batch-norm parameters (the biases,
+    and the scales unless frozen) at LR x scale and weight decay / scale, as Page's and airbench's "bias" groups
+    (their classifiers have no bias; ours keeps its bias at the base LR); everything else at the config's."""
     params = [p for p in model.parameters() if p.requires_grad]
     if config.bias_lr_scale == 1:
         return [{"params": params}]
     scale = config.bias_lr_scale
-    return [{"params": [p for p in params if p.ndim > 1]},
-            {"params": [p for p in params if p.ndim <= 1], "lr": config.start_lr * scale,
+    norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters()}
+    return [{"params": [p for p in params if id(p) not in norm]},
+            {"params": [p for p in params if id(p) in norm], "lr": config.start_lr * scale,
              "weight_decay": config.weight_decay / scale}]
 
 

@@ -164,8 +164,8 @@ def _step_finder(step):
     """torch-lr-finder's LRFinder, whose every mini-batch is one step of helpers.engine.TrainStep.
 
     The library sets every parameter group to the one swept LR; the step's groups keep their own ratios to the
-    first (weights) group, as in the run (bias_lr_scale: biases at 64x), so the LR recorded is the weights' LR,
-    the number max_lr means.
+    first (weights) group, as in the run (bias_lr_scale: batch-norm biases at 64x), so the LR recorded is the
+    weights' LR, the number max_lr means.
     """
     from torch_lr_finder import LRFinder
 

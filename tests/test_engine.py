@@ -137,7 +137,12 @@ def test_bias_lr_scaling_and_frozen_bn_scales(tiny_arrays):
     train_loader, test_loader = loaders(tiny_arrays, cfg)
     step = TrainStep(model, cfg, device=CPU, steps_per_epoch=len(train_loader))
     weights, biases = step.optimizer.param_groups
-    assert all(p.ndim > 1 for p in weights["params"]) and all(p.ndim == 1 for p in biases["params"])
+    bn_biases = [m.bias for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    assert [id(p) for p in biases["params"]] == [id(p) for p in bn_biases]  # scales frozen: biases only
+    assert len(weights["params"]) + len(bn_biases) == sum(p.requires_grad for p in model.parameters())
+    resnet9 = build_model("custom_resnet")  # its classifier's bias (Page's has none) stays at the base LR
+    base, scaled = engine.param_groups(resnet9, TrainConfig(model="custom_resnet", recipe="fast"))
+    assert any(p is resnet9.fc.bias for p in base["params"]) and not any(p is resnet9.fc.bias for p in scaled["params"])
     assert biases["lr"] == pytest.approx(64 * weights["lr"]) and biases["weight_decay"] == pytest.approx(5e-4 / 64)
     assert [g["max_lr"] for g in step.optimizer.param_groups] == pytest.approx([cfg.peak_lr, 64 * cfg.peak_lr])
     assert not any(m.weight.requires_grad for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
