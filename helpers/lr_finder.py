@@ -249,6 +249,12 @@ def lr_range_test(
         "device": str(device), "rule": rule})
 
 
+def from_curve(lrs, losses, *, rule: str = DEFAULT_RULE, num_iter: int | None = None) -> LRFinderResult:
+    """The result of a recorded curve (the benchmark's JSON keeps each one): every rule's pick, again or anew."""
+    return _result({"lr": lrs, "loss": losses}, num_iter or len(lrs), rule,
+                   settings={"end_lr": max(lrs, default=None), "diverge_th": None})
+
+
 def _result(history: dict, num_iter: int, rule: str, settings: dict) -> LRFinderResult:
     lrs = [float(v) for v in history["lr"]]
     losses = [float(v) for v in history["loss"]]

@@ -130,7 +130,7 @@ def test_lr_range_test_keeps_the_bias_lr_scale(model, loader, monkeypatch):
 
 
 def test_lr_range_test_with_config_builds_optimizer_and_suggests(model, loader):
-    from helpers.lr_finder import lr_range_test, steepest_descent
+    from helpers.lr_finder import from_curve, lr_range_test, steepest_descent
 
     config = TrainConfig.for_model(MODEL, optimizer="adam", label_smoothing=0.1, amp=False, max_lr="auto")
     found = lr_range_test(model, loader, config=config, start_lr=1e-6, end_lr=1.0, num_iter=25, progress=False)
@@ -143,6 +143,9 @@ def test_lr_range_test_with_config_builds_optimizer_and_suggests(model, loader):
     assert abs(np.log(found.suggested_lr / found.min_loss_lr_over_10)) <= step / 2 + 1e-9
     assert found.steepest_lr == found.lrs[steepest_descent(found.lrs, found.losses)]
     assert found.suggestions == {"decade_below_min": found.suggested_lr, "steepest": found.steepest_lr}
+    again = from_curve(found.lrs, found.losses)  # a curve kept in a benchmark JSON scores the same
+    assert (again.suggestions, again.min_loss_lr, again.suggested_lr) == (
+        found.suggestions, found.min_loss_lr, found.suggested_lr)
 
 
 def test_at_peak_moves_the_start_as_the_recipe_has_it():
