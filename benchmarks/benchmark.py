@@ -42,7 +42,7 @@ import torch
 from helpers import data
 from helpers.config import TrainConfig
 from helpers.engine import TrainStep, clock, run_steps, time_epoch
-from helpers.lr_finder import SWEEP_PEAKS
+from helpers.lr_finder import RULES, SWEEP_PEAKS
 from helpers.models import build_model
 from helpers.train import evaluate, fit
 from helpers.utils import atomic_write_text, seed_everything
@@ -342,9 +342,6 @@ def _row_text(r: dict) -> str:
             f" {mem:>10}{note}")
 
 
-RULE_COLUMNS = ("decade_below_min", "steepest")
-
-
 def print_report(report: dict) -> None:
     m = report["machine"]
     print(f"\n== {m['gpu'] or m['cpu']} ({m['cpu_cores']} CPU cores) | torch {m['torch']} | {report['date']} | "
@@ -389,10 +386,10 @@ def print_report(report: dict) -> None:
         print(f"\nfit vs bare loop ({o['steps']} steps, {o['loader']} loader, {o['mode']}): fit {o['fit_s']:.2f} s, "
               f"bare {o['bare_s']:.2f} / {o['bare_again_s']:.2f} s -> overhead {o['overhead_pct']:+.1f}%")
     if "lrtest" in res:
-        print(f"\n{'LR range test':<44}{'recipe peak':>12}" + "".join(f"{k:>18}" for k in RULE_COLUMNS))
+        print(f"\n{'LR range test':<44}{'recipe peak':>12}" + "".join(f"{k:>18}" for k in RULES))
         for r in res["lrtest"]:
             run = f"{r['model']}:{r['recipe']} ({r['optimizer']}, batch {r['batch_size']})"
-            print(f"  {run:<42}{r['recipe_peak']:>12}" + "".join(f"{r['picks'][k]:>18.3g}" for k in RULE_COLUMNS))
+            print(f"  {run:<42}{r['recipe_peak']:>12}" + "".join(f"{r['picks'][k]:>18.3g}" for k in RULES))
     for r in res.get("sweep", []):
         print(f"\nsweep {r['model']} {r['recipe']} recipe, {r['optimizer']} (batch {r['batch_size']}, "
               f"{r['epochs']} epochs): best swept "

@@ -135,12 +135,14 @@ def plot_dataset_stats(arrays, *, save=None):
 # Training
 
 
-RULE_LABELS = {"decade_below_min": "a decade below the minimum", "steepest": "steepest descent"}
+RULE_LABELS = {"decade_below_min": "a decade below the minimum", "steepest": "steepest descent",
+               "min_loss": "the lowest smoothed loss"}
 
 
 def plot_lr_finder(found, *, ax=None, save=None):
-    """The LR range test: smoothed loss against learning rate (log scale), the suggestion (the rule `--max-lr
-    auto` uses) marked as a red dot, the other rule as a dashed line.
+    """The LR range test: smoothed loss against learning rate (log scale), the suggestion (`found.rule`, by
+    default the rule `--max-lr auto` uses) marked as a red dot, the other rules as dashed lines, the lowest loss
+    dotted.
 
     Trims the first 10 and last 5 points as the suggestion rules do (all points when there are few).
     """
@@ -152,7 +154,7 @@ def plot_lr_finder(found, *, ax=None, save=None):
     ax.scatter([lrs[i]], [losses[i]], s=70, color="red", zorder=3,
                label=f"suggested, {RULE_LABELS.get(found.rule, found.rule)}: {found.suggested_lr:.2e}")
     for rule, lr in found.suggestions.items():
-        if rule != found.rule:
+        if rule not in (found.rule, "min_loss"):  # the lowest loss has its own dotted line
             ax.axvline(lr, color="gray", linestyle="--", linewidth=1, label=f"{RULE_LABELS.get(rule, rule)}: {lr:.2e}")
     ax.axvline(found.min_loss_lr, color="gray", linestyle=":", linewidth=1,
                label=f"lowest smoothed loss: {found.min_loss_lr:.2e}")
@@ -174,7 +176,7 @@ def plot_lr_sweep(row: dict, *, ax=None, save=None):
     fig, ax = (plt.subplots(figsize=(7, 4.5)) if ax is None else (ax.figure, ax))
     swept = sorted((r["max_lr"], r["final_acc"]) for k, r in row["runs"].items() if k not in row["rules"])
     ax.plot(*zip(*swept), "o-", color="tab:blue", label="swept peaks")
-    for (rule, pick), color in zip(row["rules"].items(), ("red", "tab:orange", "tab:purple")):
+    for (rule, pick), color in zip(row["rules"].items(), ("red", "tab:orange", "tab:purple", "tab:brown")):
         acc = row["runs"][rule]["final_acc"]
         ax.scatter([pick["max_lr"]], [acc], s=80, marker="*", color=color, zorder=3,
                    label=f"{RULE_LABELS.get(rule, rule)}: {pick['max_lr']:.3g} ({-pick['gap_to_best']:+.2f} points)")

@@ -44,7 +44,7 @@ def test_quick_run_writes_every_section(tiny_data, tmp_path):
     assert "skipped" in res["airbench"]  # no CUDA here
     assert res["overhead"]["fit_s"] > 0 and res["overhead"]["bare_s"] > 0 and res["overhead"]["mode"] == "eager"
     sweep = res["sweep"][0]
-    assert set(sweep["rules"]) == {"decade_below_min", "steepest"} and "0.05" in sweep["runs"]
+    assert set(sweep["rules"]) == {"steepest", "decade_below_min", "min_loss"} and "0.05" in sweep["runs"]
     lrtest = res["lrtest"][0]  # the range test alone: the same picks as the sweep's (same seed, same step)
     assert lrtest["picks"] == {rule: v["max_lr"] for rule, v in sweep["rules"].items()}
     assert "fit vs bare loop" in done.stdout and "rule steepest" in done.stdout and "LR range test" in done.stdout

@@ -137,12 +137,13 @@ def test_lr_range_test_with_config_builds_optimizer_and_suggests(model, loader):
     assert found.settings["optimizer"] == "Adam" and found.settings["amp"] is None
     assert found.lrs[0] == pytest.approx(1e-6) and found.lrs[-1] <= 1.0
     assert np.all(np.diff(found.lrs) > 0)  # exponential sweep
-    assert found.suggested_lr == found.lrs[found.suggested_index] and found.rule == "decade_below_min"
+    assert found.suggested_lr == found.lrs[found.suggested_index] and found.rule == "steepest"
     assert found.min_loss_lr_over_10 == pytest.approx(found.lrs[int(np.argmin(found.losses))] / 10)
     step = np.log(found.lrs[1] / found.lrs[0])  # the sweep point nearest a tenth of the minimum's LR
-    assert abs(np.log(found.suggested_lr / found.min_loss_lr_over_10)) <= step / 2 + 1e-9
-    assert found.steepest_lr == found.lrs[steepest_descent(found.lrs, found.losses)]
-    assert found.suggestions == {"decade_below_min": found.suggested_lr, "steepest": found.steepest_lr}
+    assert abs(np.log(found.suggestions["decade_below_min"] / found.min_loss_lr_over_10)) <= step / 2 + 1e-9
+    assert found.steepest_lr == found.lrs[steepest_descent(found.lrs, found.losses)] == found.suggested_lr
+    assert found.suggestions == {"steepest": found.steepest_lr, "decade_below_min": found.suggestions[
+        "decade_below_min"], "min_loss": found.min_loss_lr}
     again = from_curve(found.lrs, found.losses)  # a curve kept in a benchmark JSON scores the same
     assert (again.suggestions, again.min_loss_lr, again.suggested_lr) == (
         found.suggestions, found.min_loss_lr, found.suggested_lr)
@@ -167,10 +168,10 @@ def test_peak_sweep_trains_the_recipe_at_each_peak_and_scores_the_rules(tiny_arr
 
     config = TrainConfig.for_model(MODEL, epochs=1, batch_size=16, augment="none", amp=False, seed=3)
     train_loader, test_loader = make_loaders(*tiny_arrays, kind="gpu", batch_size=16, recipe="none", device="cpu")
-    found = SimpleNamespace(suggestions={"decade_below_min": 0.03, "steepest": 0.01})
+    found = SimpleNamespace(suggestions={"steepest": 0.01, "decade_below_min": 0.03})
     row = peak_sweep(config, train_loader, test_loader, peaks=(0.01, 0.1), found=found, device="cpu", progress=False)
 
-    assert list(row["runs"]) == ["0.01", "0.1", "decade_below_min", "steepest"]
+    assert list(row["runs"]) == ["0.01", "0.1", "steepest", "decade_below_min"]
     seed_everything(3)
     alone = fit(build_model(MODEL), train_loader, test_loader, at_peak(config, 0.1), device="cpu", quiet=True)
     assert row["runs"]["0.1"]["final_acc"] == alone.test_acc[-1]

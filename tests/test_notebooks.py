@@ -82,10 +82,10 @@ def test_notebook_runs_and_writes_figures_and_results(executed, prefix):
         assert 0 <= results["test_acc"] <= 100
     if prefix == "02":
         assert results["suggested_lr"] > 0
-        assert set(results["suggestions"]) == {"decade_below_min", "steepest"}
+        assert set(results["suggestions"]) == {"steepest", "decade_below_min", "min_loss"}
         assert results["batch_size"] == 8  # SMOKE's, read back from the config
         sweep = results["sweep"]  # SMOKE turns section 3 on: one peak and both rules' picks, one epoch each
-        assert list(sweep["runs"]) == ["0.001", "decade_below_min", "steepest"] and sweep["epochs"] == 1
+        assert list(sweep["runs"]) == ["0.001", "steepest", "decade_below_min", "min_loss"] and sweep["epochs"] == 1
     if prefix == "04":
         assert results["fp32_timing"] is None  # the fp32 comparison runs on CUDA only
         assert results["warmup_seconds"] >= 0 and results["mode"] == "eager"
