@@ -16,7 +16,8 @@ What is measured (100-step tests on a 2-core CPU and full runs on an H100 at com
 benchmarks/cpu_2026-11-24): with SGD the picks land below the peaks that train best. ResNet-9: steepest 0.138
 (90.50%), decade_below_min 0.079, min_loss 0.74, where 0.45 gave 90.93%. ResNet-18: steepest 0.0148 (86.93%),
 decade_below_min 0.004, min_loss 0.038, where 0.4 gave 90.23%: its loss blows up past 0.05 in the test, yet
-one-cycle's slow warm-up trains at 0.4. With Adam (ResNet-18) steepest's 1.71e-4 gave 87.65% and 2e-3 87.26%.
+one-cycle's slow warm-up trains at 0.4 (a 300-step test shows the loss spiking past 0.05, then falling again to a
+second minimum at 1.2-1.5). With Adam (ResNet-18) steepest's 1.71e-4 gave 87.65% and 2e-3 87.26%.
 So no rule is trusted for SGD yet: the SGD recipes carry measured peaks, and the benchmark's `sweep` section
 scores every rule against a sweep of peaks.
 """
