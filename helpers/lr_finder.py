@@ -55,9 +55,6 @@ class LRFinderResult:
     losses: list[float]
     suggested_lr: float  # the sweep point picked by `rule` (see the module docstring)
     suggested_index: int  # index into lrs/losses of that point
-    min_loss_lr: float  # LR at the lowest smoothed loss
-    min_loss_lr_over_10: float  # a decade below the minimum
-    steepest_lr: float  # steepest descent of the smoothed loss before its minimum (see steepest_descent)
     diverged: bool  # stopped before num_iter because the loss passed diverge_th x its best
     num_iter: int  # iterations asked for
     rule: str = DEFAULT_RULE
@@ -66,6 +63,21 @@ class LRFinderResult:
     @property
     def min_loss(self) -> float:
         return float(min(self.losses))
+
+    @property
+    def min_loss_lr(self) -> float:
+        """LR at the lowest smoothed loss."""
+        return self.lrs[int(np.argmin(self.losses))]
+
+    @property
+    def min_loss_lr_over_10(self) -> float:
+        """A decade below the minimum (decade_below_min picks the sweep point nearest it)."""
+        return self.min_loss_lr / 10
+
+    @property
+    def steepest_lr(self) -> float:
+        """Steepest descent of the smoothed loss before its minimum (see steepest_descent)."""
+        return self.lrs[steepest_descent(self.lrs, self.losses)]
 
     @property
     def suggestions(self) -> dict[str, float]:
@@ -275,11 +287,9 @@ def _result(history: dict, num_iter: int, rule: str, settings: dict) -> LRFinder
             f"lower end_lr (now {settings['end_lr']}), raise diverge_th (now {settings['diverge_th']}) or start "
             "lower"
         )
-    best = int(np.argmin(losses))
     index = suggest(lrs, losses, rule)
     return LRFinderResult(
-        lrs=lrs, losses=losses, suggested_lr=lrs[index], suggested_index=index, min_loss_lr=lrs[best],
-        min_loss_lr_over_10=lrs[best] / 10, steepest_lr=lrs[steepest_descent(lrs, losses)],
+        lrs=lrs, losses=losses, suggested_lr=lrs[index], suggested_index=index,
         diverged=len(lrs) < num_iter,  # also when cut at a NaN
         num_iter=num_iter, rule=rule, settings=settings,
     )
