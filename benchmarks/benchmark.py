@@ -42,7 +42,7 @@ import torch
 from helpers import data
 from helpers.config import TrainConfig
 from helpers.engine import TrainStep, clock, run_steps, time_epoch
-from helpers.lr_finder import RULES, SWEEP_PEAKS
+from helpers.lr_finder import RULES, SWEEP_PEAKS, lr_range_test, peak_sweep
 from helpers.models import build_model
 from helpers.train import evaluate, fit
 from helpers.utils import atomic_write_text, seed_everything
@@ -113,16 +113,22 @@ def bench_loaders(args, train, test, device) -> list[dict]:
 
 
 def recipe(model_name: str, args, **overrides) -> TrainConfig:
-    """The model's default recipe; --quick shrinks the batch to fit its tiny set (512 would drop every image)."""
+    """The model's default recipe (or recipe=...); --quick shrinks the batch to fit its tiny set (512 would drop
+    every image). A found peak stays "auto": a section that trains resolves it as `--max-lr auto` does."""
     quick = {"batch_size": args.batch_size} if args.quick else {}
-    config = TrainConfig.for_model(model_name, **quick, **overrides)
-    if config.max_lr == "auto":  # the LR range test's pick; the LR does not change a step's cost
+    return TrainConfig.for_model(model_name, **quick, **overrides)
+
+
+def timing_recipe(model_name: str, args, **overrides) -> TrainConfig:
+    """recipe(), with a found peak set to 0.01: the LR does not change a step's cost."""
+    config = recipe(model_name, args, **overrides)
+    if config.max_lr == "auto":
         config.max_lr = 0.01
     return config
 
 
 def bench_epoch(model_name: str, amp: bool, kind: str, mode: str, args, train, test, device) -> dict:
-    config = recipe(model_name, args, epochs=1, amp=amp, mode=mode)
+    config = timing_recipe(model_name, args, epochs=1, amp=amp, mode=mode)
     loader, test_loader = data.make_loaders(train, test, kind=kind, batch_size=config.batch_size,
                                             recipe=config.augment, device=device)
     seed_everything(0)
@@ -172,10 +178,17 @@ def bench_accuracy(args, train, test, device) -> list[dict]:
                                                           batch_size=config.batch_size, recipe=config.augment,
                                                           device=device, seed=seed)
             seed_everything(seed)
+            model = build_model(model_name)
+            found = config.max_lr == "auto"
+            if found:  # as --max-lr auto: the range test picks the peak first (not timed)
+                config.max_lr = lr_range_test(model, train_loader, config=config, device=device,
+                                              num_iter=args.lr_test_steps, progress=False).suggested_lr
             t0 = clock(device)
-            history = fit(build_model(model_name), train_loader, test_loader, config, device=device, quiet=True)
+            history = fit(model, train_loader, test_loader, config, device=device, quiet=True)
             total = clock(device) - t0
-            runs.append({"seed": seed, "epochs": config.epochs, "tta": config.tta, "final_acc": history.test_acc[-1],
+            runs.append({"seed": seed, "epochs": config.epochs, "max_lr": config.max_lr,
+                         "max_lr_from": "the LR range test" if found else "the recipe", "tta": config.tta,
+                         "final_acc": history.test_acc[-1],
                          "final_acc_tta": history.test_acc_tta[-1],
                          "time_to_target_s": time_to(history, args.target),
                          "train_time_to_target_s": time_to(history, args.target, seconds="train_seconds"),
@@ -262,7 +275,7 @@ def bare_fit(step: TrainStep, loader, test_loader, epochs: int) -> None:
 
 def bench_overhead(args, train, test, device) -> dict:
     """fit against the bare loop of the same TrainStep (same mode), each after its own warm-up (prepare)."""
-    config = recipe("custom_resnet", args, epochs=args.overhead_epochs, mode=args.fit_mode)
+    config = timing_recipe("custom_resnet", args, epochs=args.overhead_epochs, mode=args.fit_mode)
     result = {"model": "custom_resnet", "loader": args.fit_loader, "epochs": config.epochs}
     for name in ("bare_s", "fit_s", "bare_again_s"):
         train_loader, test_loader = data.make_loaders(train, test, kind=args.fit_loader,
@@ -291,12 +304,9 @@ def bench_overhead(args, train, test, device) -> dict:
 
 def range_test(spec: str, args, train, test, device):
     """spec's recipe (model:recipe), its loaders, and the LR range test on a fresh model: every rule's pick."""
-    from helpers.lr_finder import lr_range_test
-
     model_name, recipe_name = spec.split(":")
-    base = TrainConfig.for_model(model_name, recipe=recipe_name, mode=args.fit_mode,
-                                 **({"batch_size": args.batch_size} if args.quick else {}),
-                                 **({"epochs": args.epochs} if args.epochs else {}))
+    base = recipe(model_name, args, recipe=recipe_name, mode=args.fit_mode,
+                  **({"epochs": args.epochs} if args.epochs else {}))
     loaders = data.make_loaders(train, test, kind=args.fit_loader, batch_size=base.batch_size, recipe=base.augment,
                                 device=device)
     seed_everything(0)
@@ -320,8 +330,6 @@ def bench_lrtest(args, train, test, device) -> list[dict]:
 def bench_sweep(args, train, test, device) -> list[dict]:
     """For each model:recipe, the LR range test once, then full runs at each swept peak and at each rule's pick
     (helpers.lr_finder.peak_sweep, seed 0)."""
-    from helpers.lr_finder import peak_sweep
-
     rows = []
     for spec in args.sweep_runs:
         base, (train_loader, test_loader), found, row = range_test(spec, args, train, test, device)

@@ -23,7 +23,7 @@ def test_quick_run_writes_every_section(tiny_data, tmp_path):
     # a subprocess: the run sets torch's thread count, which must not leak into the other tests
     done = subprocess.run([sys.executable, "-m", "benchmarks.benchmark", "--quick", "--device", "cpu",
                            "--data-dir", str(tiny_data), "--out", str(out), "--sections", ",".join(benchmark.SECTIONS),
-                           "--accuracy-runs", "custom_resnet:writeup,custom_resnet:fast"],
+                           "--accuracy-runs", "custom_resnet:writeup,custom_resnet:fast,resnet18:writeup"],
                           cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(out.read_text())
@@ -41,6 +41,9 @@ def test_quick_run_writes_every_section(tiny_data, tmp_path):
     assert accuracy["target"] == accuracy["target_tta"] == benchmark.TARGET and accuracy["vs_airbench"] is None
     assert 0 < accuracy["train_only_s_mean"] <= accuracy["train_s_mean"]
     assert accuracy["final_acc_tta_mean"] is None and res["accuracy"][1]["final_acc_tta_mean"] is not None  # fast: TTA
+    found = res["accuracy"][2]["runs"][0]  # the write-up's peak is the range test's pick, as --max-lr auto
+    assert found["max_lr_from"] == "the LR range test" and isinstance(found["max_lr"], float)
+    assert res["accuracy"][0]["runs"][0]["max_lr"] == 0.45  # a recipe's own peak
     assert "skipped" in res["airbench"]  # no CUDA here
     assert res["overhead"]["fit_s"] > 0 and res["overhead"]["bare_s"] > 0 and res["overhead"]["mode"] == "eager"
     sweep = res["sweep"][0]
