@@ -34,16 +34,17 @@ import shlex
 import statistics
 import sys
 import time
-from dataclasses import replace
 from pathlib import Path
 
 import torch
 
 from helpers import data
-from helpers.config import TrainConfig
+from helpers.config import TrainConfig, evolve
 from helpers.engine import TrainStep, clock, run_steps, time_epoch
-from helpers.lr_finder import RULES, SWEEP_PEAKS, lr_range_test, peak_sweep
+from helpers.lr_finder import RULES, lr_range_test
 from helpers.models import build_model
+from helpers.run import train_run
+from helpers.sweep import SWEEP_PEAKS, peak_sweep
 from helpers.train import evaluate, fit
 from helpers.utils import atomic_write_text, seed_everything
 
@@ -122,9 +123,7 @@ def recipe(model_name: str, args, **overrides) -> TrainConfig:
 def timing_recipe(model_name: str, args, **overrides) -> TrainConfig:
     """recipe(), with a found peak set to 0.01: the LR does not change a step's cost."""
     config = recipe(model_name, args, **overrides)
-    if config.max_lr == "auto":
-        config.max_lr = 0.01
-    return config
+    return evolve(config, max_lr=0.01) if config.max_lr == "auto" else config
 
 
 def bench_epoch(model_name: str, amp: bool, kind: str, mode: str, args, train, test, device) -> dict:
@@ -173,19 +172,13 @@ def bench_accuracy(args, train, test, device) -> list[dict]:
         runs = []
         for seed in range(args.seeds):
             config = recipe(model_name, args, recipe=recipe_name, seed=seed, mode=args.fit_mode,
+                            loader=args.fit_loader, lr_test_steps=args.lr_test_steps, adapt_small_runs=False,
                             **({"epochs": args.epochs} if args.epochs else {}))
-            train_loader, test_loader = data.make_loaders(train, test, kind=args.fit_loader,
-                                                          batch_size=config.batch_size, recipe=config.augment,
-                                                          device=device, seed=seed)
-            seed_everything(seed)
-            model = build_model(model_name)
-            found = config.max_lr == "auto"
-            if found:  # as --max-lr auto: the range test picks the peak first (not timed)
-                config.max_lr = lr_range_test(model, train_loader, config=config, device=device,
-                                              num_iter=args.lr_test_steps, progress=False).suggested_lr
+            found = config.max_lr == "auto"  # as --max-lr auto: the run layer's range test picks the peak first
             t0 = clock(device)
-            history = fit(model, train_loader, test_loader, config, device=device, quiet=True)
+            run = train_run(config, device=device, quiet=True, arrays=(train, test))  # in memory: no outputs
             total = clock(device) - t0
+            config, history = run.config, run.history
             runs.append({"seed": seed, "epochs": config.epochs, "max_lr": config.max_lr,
                          "max_lr_from": "the LR range test" if found else "the recipe", "tta": config.tta,
                          "final_acc": history.test_acc[-1],
@@ -305,8 +298,8 @@ def bench_overhead(args, train, test, device) -> dict:
 def range_test(spec: str, args, train, test, device):
     """spec's recipe (model:recipe), its loaders, and the LR range test on a fresh model: every rule's pick."""
     model_name, recipe_name = spec.split(":")
-    base = recipe(model_name, args, recipe=recipe_name, mode=args.fit_mode,
-                  **({"epochs": args.epochs} if args.epochs else {}))
+    base = recipe(model_name, args, recipe=recipe_name, mode=args.fit_mode, loader=args.fit_loader,
+                  adapt_small_runs=False, **({"epochs": args.epochs} if args.epochs else {}))
     loaders = data.make_loaders(train, test, kind=args.fit_loader, batch_size=base.batch_size, recipe=base.augment,
                                 device=device)
     seed_everything(0)
@@ -329,11 +322,11 @@ def bench_lrtest(args, train, test, device) -> list[dict]:
 
 def bench_sweep(args, train, test, device) -> list[dict]:
     """For each model:recipe, the LR range test once, then full runs at each swept peak and at each rule's pick
-    (helpers.lr_finder.peak_sweep, seed 0)."""
+    (helpers.sweep.peak_sweep, seed 0)."""
     rows = []
     for spec in args.sweep_runs:
         base, (train_loader, test_loader), found, row = range_test(spec, args, train, test, device)
-        rows.append({**row, **peak_sweep(replace(base, seed=0), train_loader, test_loader, found=found, device=device,
+        rows.append({**row, **peak_sweep(evolve(base, seed=0), arrays=(train, test), found=found, device=device,
                                          peaks=args.sweep_peaks[base.optimizer])})
     return rows
 
@@ -426,7 +419,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--subset-train", type=int, help="class-balanced training subset (default: all)")
     p.add_argument("--subset-test", type=int, help="class-balanced test subset (default: all)")
     p.add_argument("--batch-size", type=int, default=512, help="loaders section")
-    p.add_argument("--recipe", default="davidnet", choices=list(data.GPU_RECIPES), help="loaders section")
+    p.add_argument("--recipe", default="davidnet", choices=list(data.AUGMENTATIONS), help="loaders section")
     p.add_argument("--workers", type=int, nargs="*", default=[], help="extra DataLoader worker counts to time")
     p.add_argument("--max-batches", type=int, help="loaders: time at most this many batches (default: one epoch)")
     p.add_argument("--models", default="custom_resnet,resnet18", help="epochs section")

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from helpers.config import ConfigError, TrainConfig
 from helpers.utils import atomic_write
 
 CHECKPOINT_FORMAT = 2  # 2: config has `recipe` and `mode` (format 1, with `compile`, is still read)
@@ -90,8 +91,7 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -
             f"{path} is not a readable checkpoint: it is damaged (a copy cut short?) or not from helpers.train "
             f"({type(err).__name__}). Use another checkpoint, or start afresh with --overwrite."
         ) from None
-    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS or "model_state" not in state:
-        raise CheckpointError(f"{path} is not a helpers.train checkpoint")
+    _check_contents(path, state)
     if model_name is not None and state["config"]["model"] != model_name:
         raise CheckpointError(
             f"{path} is a checkpoint of {state['config']['model']!r}, not {model_name!r}: "
@@ -100,23 +100,40 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -
     return state
 
 
-def resumable(path: str | os.PathLike, config) -> Path | None:
-    """`path` if it holds a checkpoint of this very run (same settings) to continue, else None.
+# what every readable checkpoint holds, and of which type (checked before anything uses them)
+REQUIRED = {"epoch": int, "config": dict, "model_state": dict, "history": list, "rng": dict}
 
-    A checkpoint of a different run is never overwritten: it is renamed to checkpoint-<n>.pt beside it first.
-    """
-    path = Path(path)
-    if not path.is_file():
-        return None
+
+def _check_contents(path: Path, state) -> None:
+    """A CheckpointError unless `state` is a checkpoint of ours whose config and counters make sense."""
+    if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
+        raise CheckpointError(f"{path} is not a helpers.train checkpoint: pass a checkpoint.pt written by "
+                              "helpers.train, or its run folder")
+    wrong = [k for k, kind in REQUIRED.items() if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
+    if wrong:
+        raise CheckpointError(f"{path} is damaged: {', '.join(wrong)} missing or of the wrong type. Use another "
+                              "checkpoint, or start afresh with --overwrite.")
     try:
-        saved = load_checkpoint(path)["config"]
-    except CheckpointError:
-        saved = None
-    if saved == config.to_dict():
-        return path
-    kept = keep_aside(path)
-    print(f"{path} came from other settings: kept as {kept}; starting afresh")
-    return None
+        config = TrainConfig.from_dict(state["config"])
+    except (ConfigError, TypeError) as err:
+        raise CheckpointError(f"{path} holds settings that are not valid ({err}): it was edited or damaged. Use "
+                              "another checkpoint, or start afresh with --overwrite.") from None
+    if not 0 <= state["epoch"] <= config.epochs or len(state["history"]) != state["epoch"]:
+        raise CheckpointError(f"{path} is damaged: it claims {state['epoch']} of {config.epochs} epochs with "
+                              f"{len(state['history'])} in its history. Use another checkpoint.")
+
+
+def check_weights(model: torch.nn.Module, weights: dict, path) -> None:
+    """A CheckpointError unless `weights` (a state dict) fits `model`: the same names and shapes."""
+    own = model.state_dict()
+    missing, extra = sorted(set(own) - set(weights)), sorted(set(weights) - set(own))
+    shapes = [k for k in own if k in weights and (not isinstance(weights[k], torch.Tensor)
+                                                   or weights[k].shape != own[k].shape)]
+    if missing or extra or shapes:
+        first = (missing or extra or shapes)[0]
+        raise CheckpointError(f"{path} holds weights of another architecture than {type(model).__name__} "
+                              f"({len(missing)} missing, {len(extra)} unexpected, {len(shapes)} of another shape; "
+                              f"first: {first}): pass a checkpoint of this model")
 
 
 def keep_aside(path: Path) -> Path:

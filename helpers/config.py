@@ -1,9 +1,10 @@
 """Every setting of a run, and the one table of each model's training recipes.
 
-`TrainConfig(model=..., recipe=...)` fills every recipe setting you leave out from `RECIPES[model][recipe]`;
-the command line's defaults and help, the notebooks and the benchmark read the same table. A TrainConfig checks
-itself when it is made: a bad value is a `ConfigError` that says what is allowed, in a notebook as on the command
-line.
+`TrainConfig` is the one schema: each field carries its type, allowed values and help (`Setting`), the command
+line's flags are generated from it (helpers.cli), and a value of the wrong type or out of range is a
+`ConfigError` in Python exactly as on the command line. Recipe settings left as None are filled from
+`RECIPES[model][recipe]`. A config is frozen once it has checked itself: `evolve(config, **changes)` returns a new,
+checked one.
 
 The write-ups the recipes come from (their published results, on the official CIFAR-10 files):
 - "ResNet18 and GradCAM on CIFAR 10": ResNet-18, Adam to the LR finder's peak, 91.81% in 20 epochs.
@@ -14,12 +15,21 @@ The write-ups the recipes come from (their published results, on the official CI
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+import numbers
+import os
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+
+from helpers.data import AUGMENTATIONS, default_data_dir
 
 MODES = ("auto", "eager", "graphs", "compile")
 SCHEDULERS = ("onecycle", "plateau", "none")
 OPTIMIZERS = ("sgd", "adam")
 LOADERS = ("auto", "gpu", "torch")
+TTA = ("none", "flip", "flip_translate")
+LR_RULES = ("steepest", "decade_below_min", "min_loss")  # helpers.lr_finder's suggestion rules
+LR_TEST_MIN_STEPS = 17  # torch-lr-finder skips 10 points at the start and 5 at the end, and needs 2 more
+SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 # model -> recipe name -> settings. "writeup": the recipe as its write-up published it; "fast": ours, where we have
 # measured a better one. Learning rates are for a mean loss (Page's lr 0.4/512 and wd 5e-4*512 are for a summed one).
@@ -36,8 +46,7 @@ RECIPES: dict[str, dict[str, dict]] = {
         "writeup": dict(epochs=20, batch_size=128, optimizer="adam", lr=1e-5, max_lr="auto", pct_start=0.25,
                         momentum=0.9, nesterov=False, weight_decay=1e-3, label_smoothing=0.0, l1=0.0,
                         scheduler="onecycle", augment="resnet18"),
-        # ours: SGD Nesterov one-cycle 0.04 -> 0.4, label smoothing, batch 512. H100, commit 858b4af, CIFAR-10 (JPEG
-        # copy): 90.23% in 25.8 s (one seed), against the write-up recipe's 87.65% in 112 s
+        # ours: SGD Nesterov one-cycle 0.04 -> 0.4, label smoothing, batch 512 (measured: BENCHMARKS.md)
         "fast": dict(epochs=20, batch_size=512, optimizer="sgd", lr=0.04, max_lr=0.4, pct_start=0.25,
                      momentum=0.9, nesterov=True, weight_decay=5e-4, label_smoothing=0.1, l1=0.0,
                      scheduler="onecycle", augment="davidnet"),
@@ -61,75 +70,128 @@ RECIPES["custom_resnet"]["fast"] = dict(
     # ours, after Page's "bag of tricks" (as re-implemented in KellerJordan/cifar10-zoo, dawnbench_nogbn.py: 94.16%
     # in 11 epochs on the official files) with our ResNet-9's layers (no whitening layer, ReLU, logit scale 1/8):
     # Nesterov, label smoothing 0.2, frozen batch-norm scales with 64x LR on their biases, weight averaging over the
-    # last 2 epochs, flip + translate TTA. NOT YET MEASURED ON A GPU: not the default until it is.
+    # last 2 epochs, flip + translate TTA. Not the default until a GPU run shows it beats "writeup" (BENCHMARKS.md).
     epochs=10, batch_size=512, optimizer="sgd", lr=0.08, max_lr=0.8, pct_start=0.2, momentum=0.9, nesterov=True,
     weight_decay=5e-4, label_smoothing=0.2, l1=0.0, scheduler="onecycle", augment="davidnet",
     ema=0.99, ema_epochs=2, bias_lr_scale=64.0, freeze_bn_weight=True, tta="flip_translate",
 )
 DEFAULT_RECIPE = {"custom_resnet": "writeup", "resnet18": "fast", "depthwise_net": "writeup"}
 RECIPE_KEYS = tuple(RECIPES["custom_resnet"]["writeup"]) + tuple(RECIPE_OPTIONAL)
-TTA = ("none", "flip", "flip_translate")
 
 
 class ConfigError(ValueError):
-    """A setting is out of range or unknown; the message names it and what is allowed."""
+    """A setting is out of range, of the wrong type or unknown; the message names it and what is allowed."""
 
 
-@dataclass
+def setting(default, help: str, kind: str, *, allowed: str = "", ok=None, choices=None, recipe: bool = False,
+            nullable: bool = False, const=None):
+    """A TrainConfig field with its schema. kind: int | float | bool | str | path | peak (a float or 'auto').
+    ok(value) -> bool checks the range and `allowed` says it in words; choices: the allowed strings; recipe: None
+    means the recipe's value; nullable: None is a value of its own; const: the flag's value when given bare."""
+    meta = dict(help=help, kind=kind, allowed=allowed, ok=ok, choices=choices, recipe=recipe,
+                nullable=nullable or recipe, const=const)
+    if callable(default):
+        return field(default_factory=default, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _recipe(help: str, kind: str, **schema):
+    return setting(None, help, kind, recipe=True, **schema)
+
+
+def _positive(v) -> bool:
+    return v > 0
+
+
+def _fraction(v) -> bool:
+    return 0 <= v < 1
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     """Every setting of a run (saved in checkpoints and metrics.json). Accuracies are in percent.
 
     Recipe settings left as None come from RECIPES[model][recipe] (recipe None: the model's default recipe).
     """
 
-    model: str = "custom_resnet"
-    recipe: str | None = None  # a name in RECIPES[model]
+    model: str = setting("custom_resnet", "the network", "str", choices=tuple(RECIPES))
+    recipe: str | None = setting(None, "a recipe of the model (default: the model's default)", "str", nullable=True)
     # --- recipe settings (None: the recipe's)
-    epochs: int | None = None
-    batch_size: int | None = None
-    optimizer: str | None = None  # sgd | adam
-    lr: float | None = None  # one-cycle: starting LR (None in the recipe too: max_lr / 10); plateau/none: the LR
-    max_lr: float | str | None = None  # one-cycle peak; "auto": the LR range test finds it (fit needs a number)
-    pct_start: float | None = None  # share of one-cycle steps spent warming up
-    momentum: float | None = None  # SGD momentum; Adam's beta1
-    nesterov: bool | None = None
-    weight_decay: float | None = None  # coupled L2, on a mean loss
-    label_smoothing: float | None = None
-    l1: float | None = None  # L1 penalty factor on all parameters
-    scheduler: str | None = None  # onecycle (stepped per batch) | plateau (per epoch, on test loss) | none
-    augment: str | None = None  # a recipe of helpers.data.AUGMENTATIONS
-    ema: float | None = None  # see RECIPE_OPTIONAL
-    ema_epochs: int | None = None
-    bias_lr_scale: float | None = None
-    freeze_bn_weight: bool | None = None
-    tta: str | bool | None = None  # none | flip | flip_translate (True: flip); reported beside the plain accuracy
+    epochs: int | None = _recipe("training epochs", "int", ok=_positive, allowed="> 0")
+    batch_size: int | None = _recipe("images per step (a small training set gets a smaller one: adapt_small_runs)",
+                                     "int", ok=_positive, allowed="> 0")
+    optimizer: str | None = _recipe("the optimizer (momentum is Adam's beta1)", "str", choices=OPTIMIZERS)
+    lr: float | None = _recipe("one-cycle: the starting LR (default: max_lr / 10); plateau/none: the LR", "float",
+                               ok=_positive, allowed="> 0")
+    max_lr: float | str | None = _recipe("one-cycle peak LR, or 'auto': the LR range test finds it first", "peak",
+                                         ok=_positive, allowed="a positive number or 'auto' (the LR range test)")
+    pct_start: float | None = _recipe("share of one-cycle steps spent rising to the peak", "float",
+                                      ok=lambda v: 0 < v < 1, allowed="between 0 and 1")
+    momentum: float | None = _recipe("SGD momentum; Adam's beta1", "float", ok=_fraction, allowed="in [0, 1)")
+    nesterov: bool | None = _recipe("Nesterov momentum (SGD)", "bool")
+    weight_decay: float | None = _recipe("coupled L2 weight decay, on a mean loss", "float", ok=lambda v: v >= 0,
+                                         allowed=">= 0")
+    label_smoothing: float | None = _recipe("share of each target spread over all classes", "float", ok=_fraction,
+                                            allowed="in [0, 1)")
+    l1: float | None = _recipe("L1 penalty factor on all parameters", "float", ok=lambda v: v >= 0, allowed=">= 0")
+    scheduler: str | None = _recipe("onecycle (per batch), plateau (per epoch, on test loss) or none", "str",
+                                    choices=SCHEDULERS)
+    augment: str | None = _recipe("training augmentation (helpers.data.AUGMENTATIONS)", "str",
+                                  choices=tuple(AUGMENTATIONS))
+    ema: float | None = _recipe("per-step decay of a weight average evaluated instead (0: off)", "float",
+                                ok=_fraction, allowed="in [0, 1) (0: off)")
+    ema_epochs: int | None = _recipe("average over the last N epochs only (0: all)", "int", ok=lambda v: v >= 0,
+                                     allowed=">= 0")
+    bias_lr_scale: float | None = _recipe("LR x this, weight decay / this, for batch-norm parameters", "float",
+                                          ok=_positive, allowed="> 0")
+    freeze_bn_weight: bool | None = _recipe("keep batch-norm scales at 1", "bool")
+    tta: str | None = _recipe("test-time augmentation reported beside the plain accuracy: flip (when given "
+                              "alone) or flip_translate (airbench's flips and 1-px shifts)", "str", choices=TTA,
+                              const="flip")
     # --- how to run it
-    amp: bool | None = None  # mixed precision; None: on for CUDA, off on the CPU
-    channels_last: bool = True
-    mode: str = "auto"  # auto | eager | graphs | compile (helpers.engine.choose_mode)
-    seed: int = 0
-    data_dir: str = "data"
-    subset_train: int | None = None  # class-balanced subset sizes (None: everything)
-    subset_test: int | None = None
-    workers: int | None = None  # DataLoader workers (None: CPU cores - 1)
-    loader: str = "auto"  # auto | gpu | torch
+    amp: bool | None = setting(None, "mixed precision (default: on for CUDA, bf16 or fp16 on GPUs without bf16; "
+                               "off on the CPU)", "bool", nullable=True)
+    channels_last: bool = setting(True, "channels-last memory format", "bool")
+    mode: str = setting("auto", "how the step runs: auto (eager on the CPU, CUDA graphs or compile on a GPU), "
+                        "eager, graphs, compile", "str", choices=MODES)
+    seed: int = setting(0, "seed of weights, data order, augmentation and subsets", "int",
+                        ok=lambda v: 0 <= v <= SEED_MAX, allowed=f"between 0 and {SEED_MAX}")
+    data_dir: str = setting(default_data_dir, "folder holding cifar-10-batches-py, or that folder itself; "
+                            "downloaded if missing (default: $CIFAR_DIR, else the clone's data/)", "path")
+    subset_train: int | None = setting(None, "class-balanced training subset size", "int", nullable=True,
+                                       ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
+    subset_test: int | None = setting(None, "class-balanced test subset size", "int", nullable=True,
+                                      ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
+    workers: int | None = setting(None, "DataLoader workers (default: CPU cores - 1, at most 8)", "int",
+                                  nullable=True, ok=lambda v: v >= 0, allowed=">= 0")
+    loader: str = setting("auto", "gpu: the whole set on the device, batched augmentation (auto: gpu with CUDA)",
+                          "str", choices=LOADERS)
+    lr_test_steps: int = setting(100, "steps of the LR range test run when max_lr is 'auto'", "int",
+                                 ok=lambda v: v >= LR_TEST_MIN_STEPS, allowed=f"at least {LR_TEST_MIN_STEPS}")
+    lr_rule: str = setting("steepest", "which range-test pick max_lr 'auto' takes (helpers.lr_finder)", "str",
+                           choices=LR_RULES)
+    adapt_small_runs: bool = setting(True, "fit the batch and the weight averaging to a small training set "
+                                     "(helpers.run.adapt_to_data)", "bool")
 
     def __post_init__(self):
-        if self.model not in RECIPES:
-            raise ConfigError(f"unknown model {self.model!r}: choose one of {', '.join(RECIPES)}")
-        self.recipe = self.recipe or DEFAULT_RECIPE[self.model]
+        set_ = lambda name, value: object.__setattr__(self, name, value)  # frozen: only while checking itself
+        _check(self, fields(self)[:2])  # model and recipe first: the recipe table depends on them
+        set_("recipe", self.recipe or DEFAULT_RECIPE[self.model])
         if self.recipe not in RECIPES[self.model]:
             raise ConfigError(f"{self.model} has no recipe {self.recipe!r}: choose one of "
                               f"{', '.join(RECIPES[self.model])}")
         recipe = RECIPES[self.model][self.recipe]
         filled = [key for key in RECIPE_KEYS if getattr(self, key) is None]
         for key in filled:
-            setattr(self, key, recipe.get(key, RECIPE_OPTIONAL.get(key)))
-        if "ema_epochs" in filled and isinstance(self.epochs, int) and self.epochs > 0:
-            self.ema_epochs = min(self.ema_epochs, self.epochs)  # the recipe's averaging fits a shorter run
+            set_(key, recipe.get(key, RECIPE_OPTIONAL.get(key)))
+        if "ema_epochs" in filled and _is_int(self.epochs) and self.epochs > 0:
+            set_("ema_epochs", min(self.ema_epochs, self.epochs))  # the recipe's averaging fits a shorter run
         if isinstance(self.tta, bool):
-            self.tta = "flip" if self.tta else "none"
-        self.validate()
+            set_("tta", "flip" if self.tta else "none")
+        for f in fields(self):
+            set_(f.name, _checked(f, getattr(self, f.name)))
+        if self.ema_epochs > self.epochs:
+            raise ConfigError(f"ema_epochs must be between 0 and epochs ({self.epochs}), got {self.ema_epochs!r}")
 
     @classmethod
     def for_model(cls, model: str, **overrides) -> TrainConfig:
@@ -141,7 +203,9 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
-        """A config saved by asdict (checkpoints, metrics.json), including those of older versions."""
+        """A config saved by to_dict (checkpoints, metrics.json), including those of older versions."""
+        if not isinstance(saved, dict):
+            raise ConfigError(f"a saved config must be a dict of settings, got {type(saved).__name__}")
         saved = dict(saved)
         if saved.pop("compile", False):  # format 1 had compile: bool
             saved["mode"] = "compile"
@@ -165,52 +229,63 @@ class TrainConfig:
             return self.lr * 10
         raise ConfigError(
             f"max_lr must be a positive number here, got {self.max_lr!r}: run helpers.lr_finder.lr_range_test "
-            "(or `python -m helpers.train --max-lr auto`) and pass its suggestion"
+            "(or helpers.run.train_run, which runs it for max_lr='auto') and pass its suggestion"
         )
 
-    def validate(self) -> None:
-        """Raise ConfigError for the first setting out of range."""
-        from helpers.data import RECIPES as AUGMENTATIONS  # the augmentation recipes' names
 
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ConfigError(f"{name} must be {allowed}, got {getattr(self, name)!r}")
+def evolve(config: TrainConfig, **changes) -> TrainConfig:
+    """A new, checked config with `changes` (the recipe's values are not filled again)."""
+    unknown = set(changes) - {f.name for f in fields(config)}
+    if unknown:
+        raise ConfigError(f"unknown settings: {', '.join(sorted(unknown))}")
+    return replace(config, **changes)
 
-        def positive(name: str, kind=(int, float)) -> None:
-            value = getattr(self, name)
-            need(isinstance(value, kind) and not isinstance(value, bool) and value > 0, name, "> 0")
 
-        def non_negative(name: str) -> None:
-            value = getattr(self, name)
-            need(isinstance(value, (int, float)) and math.isfinite(value) and value >= 0, name, ">= 0")
+def _is_int(v) -> bool:
+    return isinstance(v, numbers.Integral) and not isinstance(v, bool)
 
-        positive("epochs", int)
-        positive("batch_size", int)
-        need(self.optimizer in OPTIMIZERS, "optimizer", " or ".join(OPTIMIZERS))
-        need(self.scheduler in SCHEDULERS, "scheduler", ", ".join(SCHEDULERS))
-        need(self.augment in AUGMENTATIONS, "augment", ", ".join(AUGMENTATIONS))
-        need(self.mode in MODES, "mode", ", ".join(MODES))
-        need(self.loader in LOADERS, "loader", ", ".join(LOADERS))
-        if self.lr is not None:
-            positive("lr")
-        need(self.max_lr == "auto" or (isinstance(self.max_lr, (int, float)) and self.max_lr > 0
-                                       and math.isfinite(self.max_lr)),
-             "max_lr", "a positive number or 'auto' (the LR range test)")
-        need(isinstance(self.pct_start, (int, float)) and 0 < self.pct_start < 1, "pct_start", "between 0 and 1")
-        for name in ("momentum", "weight_decay", "l1"):
-            non_negative(name)
-        need(isinstance(self.label_smoothing, (int, float)) and 0 <= self.label_smoothing < 1,
-             "label_smoothing", "in [0, 1)")
-        need(self.tta in TTA, "tta", ", ".join(TTA))
-        need(isinstance(self.ema, (int, float)) and 0 <= self.ema < 1, "ema", "in [0, 1) (0: off)")
-        need(isinstance(self.ema_epochs, int) and 0 <= self.ema_epochs <= self.epochs, "ema_epochs",
-             f"between 0 and epochs ({self.epochs})")
-        positive("bias_lr_scale")
-        for name in ("subset_train", "subset_test"):
-            value = getattr(self, name)
-            need(value is None or (isinstance(value, int) and value >= 10), name,
-                 "at least 10 (one image per class)")
-        need(self.workers is None or (isinstance(self.workers, int) and self.workers >= 0), "workers", ">= 0")
+
+def _checked(f, value):
+    """`value` for field `f`, normalised (ints for int fields, floats for float fields, str paths), or a
+    ConfigError naming the field and what it allows."""
+    meta = f.metadata
+    kind, allowed = meta["kind"], meta["allowed"]
+
+    def fail(what: str):
+        raise ConfigError(f"{f.name} must be {what}, got {value!r}")
+
+    if value is None:
+        if meta["nullable"] and not meta["recipe"]:
+            return None
+        if meta["recipe"] and f.name == "lr":  # a recipe without a start LR: max_lr / 10
+            return None
+        fail(allowed or kind)
+    if kind == "bool":
+        return value if isinstance(value, bool) else fail("True or False")
+    if kind == "path":
+        return str(Path(os.fspath(value)).expanduser()) if isinstance(value, (str, os.PathLike)) and str(value) \
+            else fail("a folder path")
+    if kind == "str" or (kind == "peak" and isinstance(value, str)):
+        choices = meta["choices"] or (("auto",) if kind == "peak" else None)
+        if not isinstance(value, str) or (choices and value not in choices):
+            fail(allowed or ("one of " + ", ".join(choices)))
+        return value
+    if kind == "int":
+        if not _is_int(value):
+            fail(f"an integer ({allowed})" if allowed else "an integer")
+        value = int(value)
+    else:  # float, peak
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value):
+            fail(f"a finite number ({allowed})" if allowed else "a finite number")
+        value = float(value)
+    if meta["ok"] is not None and not meta["ok"](value):
+        fail(allowed)
+    return value
+
+
+def _check(config: TrainConfig, some) -> None:
+    for f in some:
+        _checked(f, getattr(config, f.name))
 
 
 def recipe_table() -> str:
@@ -222,45 +297,3 @@ def recipe_table() -> str:
             lines.append(f"{model} {name}{default}: {r['epochs']} epochs, batch {r['batch_size']}, {r['optimizer']}"
                          f"{' nesterov' if r['nesterov'] else ''}, peak LR {r['max_lr']}, augment {r['augment']}")
     return "\n".join(lines)
-
-
-# ---------------------------------------------------------------------------------------------------------
-# Small runs
-
-MIN_STEPS = 20  # training steps per epoch below which a run without a given batch size gets a smaller batch
-
-
-def adapt_small_run(config: TrainConfig, images: int, given: dict) -> str | None:
-    """A recipe's batch on a small training set gives a handful of steps: one-cycle then barely leaves its start
-    LR and the run learns nothing. Unless the batch size was given (a key of `given`: the settings the user set),
-    halve the batch (to 16 at least) until an epoch has MIN_STEPS steps, scaling SGD's learning rates with it
-    (the linear scaling rule). Changes `config` in place; returns what was chosen, for the user to read."""
-    if "batch_size" in given or steps_per_epoch(images, config.batch_size) >= MIN_STEPS:
-        return None
-    old_batch, batch = config.batch_size, config.batch_size
-    while batch > 16 and steps_per_epoch(images, batch) < MIN_STEPS:
-        batch //= 2
-    config.batch_size = batch
-    note = (f"small run: {images:,} training images at the recipe's batch {old_batch} would be "
-            f"{steps_per_epoch(images, old_batch)} step(s) per epoch; using batch {batch} "
-            f"({steps_per_epoch(images, batch)} steps)")
-    if config.optimizer == "sgd" and isinstance(config.max_lr, float) and not {"lr", "max_lr"} & set(given):
-        scale = batch / old_batch
-        config.max_lr *= scale
-        config.lr = config.lr * scale if config.lr is not None else None
-        note += f" and peak LR {config.max_lr:.3g} (scaled with the batch)"
-    return note + ". Set the batch size (--batch-size) to choose yourself."
-
-
-def steps_per_epoch(images: int, batch: int) -> int:
-    """Training steps per epoch: full batches only (drop_last), or one batch when the set is smaller."""
-    return images // batch if images >= batch else 1
-
-
-def too_few_steps(config: TrainConfig, images: int) -> str | None:
-    steps = steps_per_epoch(images, config.batch_size)
-    if steps * config.epochs >= 2 * MIN_STEPS:
-        return None
-    return (f"warning: only {steps * config.epochs} training step(s) in all ({images:,} images, batch "
-            f"{config.batch_size}, {config.epochs} epoch(s)): too few to learn much; use a smaller --batch-size or "
-            "more data")

@@ -7,7 +7,8 @@ Two loaders hand out the same (images, labels) batches:
 - `make_loader`: albumentations recipes through a torch DataLoader (any recipe, CPU workers).
 - `GpuLoader`: the whole uint8 set on the device, the same recipes on whole batches with tensor ops (crop, flip,
   affine, gray, cutout); no workers, no per-image Python.
-Both read the recipes from one table, `AUGMENTATIONS`.
+Both read the recipes from one table, `AUGMENTATIONS`, and share one small protocol (`Loader`): `batch_size`,
+`num_images` and `rng`, the generator of their order and augmentation (a checkpoint saves its state).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import tarfile
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -36,6 +38,17 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
+
+
+def default_data_dir() -> str:
+    """Where CIFAR-10 lives unless a run says otherwise, as an absolute path (the same folder from any working
+    directory): $CIFAR_DIR when set, else data/ in the clone this package runs from, else ~/.cache/cifar10."""
+    if os.environ.get("CIFAR_DIR"):
+        return str(Path(os.environ["CIFAR_DIR"]).expanduser().resolve())
+    clone = Path(__file__).resolve().parent.parent
+    if (clone / "pyproject.toml").is_file() and (clone / "helpers").is_dir():
+        return str(clone / "data")
+    return str(Path("~/.cache/cifar10").expanduser())
 
 
 class DataError(RuntimeError):
@@ -139,10 +152,10 @@ def _download(data_dir: Path, timeout: float) -> None:
         tar.extractall(data_dir, filter="data")
 
 
-def find_cifar10(data_dir: str | os.PathLike = "data", *, download: bool = True, timeout: float = 5.0) -> Path:
+def find_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = True, timeout: float = 5.0) -> Path:
     """The `cifar-10-batches-py` folder under `data_dir` (or `data_dir` itself when it is that folder),
-    downloading the official archive if it is missing."""
-    data_dir = Path(data_dir).expanduser()
+    downloading the official archive if it is missing. data_dir None: `default_data_dir()`."""
+    data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir} is a file: pass the folder that holds (or will hold) "
                         f"'{FOLDER}', or that folder itself")
@@ -171,7 +184,7 @@ def find_cifar10(data_dir: str | os.PathLike = "data", *, download: bool = True,
 
 
 def load_cifar10(
-    data_dir: str | os.PathLike = "data", *, train: bool = True, download: bool = True
+    data_dir: str | os.PathLike | None = None, *, train: bool = True, download: bool = True
 ) -> CifarArrays:
     """Read one split from `data_dir/cifar-10-batches-py` (downloading it if missing) into memory."""
     folder = find_cifar10(data_dir, download=download)
@@ -242,8 +255,6 @@ AUGMENTATIONS: dict[str, dict] = {
                       hole=(16, 0.5)),
     "none": {},  # evaluation: normalise only
 }
-RECIPES = tuple(AUGMENTATIONS)
-GPU_RECIPES = RECIPES  # recipes GpuLoader reproduces with batched tensor ops: all of them
 
 
 def build_transform(recipe: str = "none", *, mean=CIFAR10_MEAN, std=CIFAR10_STD):
@@ -261,7 +272,7 @@ def build_transform(recipe: str = "none", *, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     from albumentations.pytorch import ToTensorV2
 
     if recipe not in AUGMENTATIONS:
-        raise ValueError(f"unknown augmentation recipe {recipe!r}: choose one of {', '.join(RECIPES)}")
+        raise ValueError(f"unknown augmentation recipe {recipe!r}: choose one of {', '.join(AUGMENTATIONS)}")
     spec = AUGMENTATIONS[recipe]
     reflect = cv2.BORDER_REFLECT_101  # numpy/torch 'reflect': the edge pixel is not repeated
     steps = []
@@ -328,6 +339,30 @@ class SeededSampler(Sampler):
         return ((int(i), epoch_seed) for i in order)
 
 
+class Loader(Protocol):
+    """What fit, the engine and the LR range test know of a loader (both loaders of this module have it)."""
+
+    batch_size: int
+    num_images: int  # images per pass
+    rng: torch.Generator  # order and augmentation: restoring its state replays the next pass exactly
+
+    def __len__(self) -> int: ...
+
+    def __iter__(self): ...
+
+
+class TorchLoader(DataLoader):
+    """A DataLoader over `AugmentedCifar` with `SeededSampler`, speaking the `Loader` protocol."""
+
+    @property
+    def num_images(self) -> int:
+        return len(self.dataset)
+
+    @property
+    def rng(self) -> torch.Generator:
+        return self.sampler.generator
+
+
 def default_workers() -> int:
     """DataLoader workers: one per CPU core, leaving one for the training loop (0 on a single core)."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
@@ -342,18 +377,18 @@ def make_loader(
     workers: int | None = None,
     seed: int = 0,
     pin_memory: bool | None = None,
-) -> DataLoader:
+) -> TorchLoader:
     """A DataLoader of normalised (B, 3, 32, 32) float batches and (B,) int64 labels.
 
     Training loaders shuffle, augment with `recipe` and drop the last partial batch; test loaders keep the
     dataset order (so predictions line up with `arrays`) and never augment. The shuffling and augmentation
-    stream comes from `loader.generator`, seeded with `seed`.
+    stream comes from `loader.rng`, seeded with `seed`.
     """
     recipe = recipe if train else "none"
     recipe = recipe or "none"
     workers = default_workers() if workers is None else workers
     generator = torch.Generator().manual_seed(seed)  # the sampler's: order and augmentation, saved by checkpoints
-    loader = DataLoader(
+    loader = TorchLoader(
         AugmentedCifar(arrays, recipe),
         batch_size=batch_size,
         sampler=SeededSampler(len(arrays), shuffle=train, generator=generator),
@@ -368,11 +403,6 @@ def make_loader(
     return loader
 
 
-def sampling_generator(loader) -> torch.Generator:
-    """The generator that drives a loader's shuffling and augmentation (checkpoints save its state)."""
-    return loader.sampler.generator if isinstance(loader, DataLoader) else loader.generator
-
-
 # ---------------------------------------------------------------------------------------------------------
 # GpuLoader: the whole uint8 set on the device, augmentation on whole batches with tensor ops
 #
@@ -385,17 +415,9 @@ def sampling_generator(loader) -> torch.Generator:
 # centre in pixel-centre coordinates, R = [[cos, sin], [-sin, cos]] (y down), S = diag(sx, sy), t in whole px;
 # bilinear, BORDER_REFLECT_101. grid_sample wants the inverse map, output -> source, in normalised units.
 # align_corners=True puts -1 and 1 on the edge pixels' centres and its 'reflection' padding mirrors about them:
-# that is BORDER_REFLECT_101 exactly, and the centre 15.5 is 0, so u_in = S^-1 R^-1 (u_out - t / 15.5). With
-# align_corners=False -1 and 1 are the outer edges of the edge pixels and 'reflection' mirrors there, which is
-# BORDER_REFLECT (edge pixel repeated): right inside, off by up to a pixel in the border band. Measured against
-# albumentations 2.0.8 + OpenCV 5.0 on 400 random-noise images (the worst case for interpolation), parameters
-# forced to random values in the recipe's ranges: align_corners=True differs by 0.0001 levels on average (0.01%
-# of pixels off, by 1 level: float rounding), align_corners=False by 4.5 on average and up to 242, all in the
-# border band. OpenCV 4.x interpolates at 1/32 px steps: simulated, 0.8 levels on average there (at most 7) on
-# noise, 0.24 on smoothed noise.
-# torch rather than kornia: kornia's warp_affine (kornia/geometry/transform/imgwarp.py) builds a grid from the
-# matrices and samples with this same F.grid_sample, so it could only add work (and a dependency); on a GPU the
-# two were not timed against each other.
+# that is BORDER_REFLECT_101 exactly, and the centre 15.5 is 0, so u_in = S^-1 R^-1 (u_out - t / 15.5).
+# (align_corners=False would be BORDER_REFLECT; the measured comparison with OpenCV, and why torch's grid_sample
+# rather than kornia's warp_affine, are in BENCHMARKS.md, "GPU augmentation against albumentations".)
 #
 # Gray: ToGray's default is cv2.cvtColor(RGB2GRAY), for uint8 in fixed point: (w . rgb + 2^14) >> 15 with w =
 # GRAY_WEIGHTS (0.299, 0.587, 0.114 x 2^15). Equal to OpenCV 5.0's over all 2^24 colours; OpenCV 4.x's
@@ -516,8 +538,8 @@ class GpuLoader:
     def __init__(self, arrays: CifarArrays, *, batch_size: int = 512, train: bool = True, recipe: str | None = None,
                  device: str | torch.device = "cpu", seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD):
         recipe = (recipe or "none") if train else "none"
-        if recipe not in GPU_RECIPES:
-            raise ValueError(f"unknown augmentation recipe {recipe!r}: choose one of {', '.join(GPU_RECIPES)}")
+        if recipe not in AUGMENTATIONS:
+            raise ValueError(f"unknown augmentation recipe {recipe!r}: choose one of {', '.join(AUGMENTATIONS)}")
         self.device = torch.device(device)
         self.images = torch.as_tensor(np.ascontiguousarray(arrays.images)).to(self.device)  # (N, 32, 32, 3) uint8
         self.labels = torch.as_tensor(arrays.labels, dtype=torch.int64).to(self.device)
@@ -532,6 +554,14 @@ class GpuLoader:
     def __len__(self) -> int:
         n, b = len(self.labels), self.batch_size
         return n // b if self.drop_last else -(-n // b)
+
+    @property
+    def num_images(self) -> int:
+        return len(self.labels)
+
+    @property
+    def rng(self) -> torch.Generator:
+        return self.generator
 
     def __iter__(self):
         n = len(self.labels)
@@ -567,17 +597,24 @@ def make_loaders(train: CifarArrays, test: CifarArrays, *, kind: str, batch_size
     raise ValueError(f"unknown loader kind {kind!r}: choose gpu or torch")
 
 
-def full_batch_size(loader) -> int:
-    """The size of a loader's full batches: its batch size, or the whole set when that is smaller."""
-    images = len(loader.dataset) if isinstance(loader, DataLoader) else len(loader.labels)
-    return min(loader.batch_size, images)
-
-
 def load_run_data(config) -> tuple[CifarArrays, CifarArrays]:
     """The (train, test) arrays a helpers.config.TrainConfig asks for: its data folder, class-balanced subsets."""
     train = balanced_subset(load_cifar10(config.data_dir, train=True), config.subset_train, seed=config.seed)
     test = balanced_subset(load_cifar10(config.data_dir, train=False), config.subset_test, seed=config.seed)
     return train, test
+
+
+def fingerprint(arrays: CifarArrays) -> dict:
+    """What a checkpoint records of the images its run trained on, cheap to compute (~10 ms for 50,000):
+    the count, a digest of the labels in order and a digest of every 97th image's pixels. Equal data in
+    another folder gives the same fingerprint; another subset, split or file gives another."""
+    import hashlib
+
+    def digest(a: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+    return {"images": len(arrays), "labels": digest(arrays.labels.astype(np.int64)),
+            "pixels": digest(arrays.images[::97])}
 
 
 def subset_note(config, train: CifarArrays, test: CifarArrays) -> str | None:
@@ -596,7 +633,7 @@ def prepare_data(config, device: str | torch.device = "cpu", *, arrays=None):
     device = torch.device(device)
     train, test = arrays if arrays is not None else load_run_data(config)
     gpu = config.loader == "gpu" or (config.loader == "auto" and device.type == "cuda"
-                                     and config.augment in GPU_RECIPES)
+                                     and config.augment in AUGMENTATIONS)
     train_loader, test_loader = make_loaders(train, test, kind="gpu" if gpu else "torch",
                                              batch_size=config.batch_size, recipe=config.augment, device=device,
                                              workers=config.workers, seed=config.seed)

@@ -27,12 +27,11 @@ import torch
 from torch import nn
 
 from helpers.config import TrainConfig
-from helpers.utils import amp_dtype, preserved_modes
+from helpers.utils import BATCH_NORMS, amp_dtype, preserved_modes
 
 WARMUP_STEPS = 3  # steps on a zero batch before the clock: cuDNN autotuning, the allocator, CUDA-graph warm-up
-# auto picks compile over graphs from this many training steps on. H100, torch 2.11, commit 858b4af (steps.txt of
-# that run): compilation costs 14-20 s; it saves 1.5 ms a step over graphs for custom_resnet at batch 512 (5.4 ->
-# 3.9 ms) and 0.5 ms for resnet18 at batch 128 (3.2 -> 2.7 ms), so it pays after ~13,000 and ~32,000 steps. The
+# auto picks compile over graphs from this many training steps on: compilation costs 14-20 s and saves 0.5-1.5 ms
+# a step over graphs, so it pays after ~13,000-32,000 steps (measured: BENCHMARKS.md, "Execution modes"). The
 # write-up recipes run 2,328 (custom_resnet), 7,820 (resnet18) and 78,000 (depthwise_net) steps.
 COMPILE_MIN_STEPS = 15_000
 
@@ -61,7 +60,7 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
     if config.bias_lr_scale == 1:
         return [{"params": params}]
     scale = config.bias_lr_scale
-    norm = {id(p) for m in model.modules() if isinstance(m, nn.modules.batchnorm._NormBase) for p in m.parameters()}
+    norm = {id(p) for m in model.modules() if isinstance(m, BATCH_NORMS) for p in m.parameters()}
     return [{"params": [p for p in params if id(p) not in norm]},
             {"params": [p for p in params if id(p) in norm], "lr": config.start_lr * scale,
              "weight_decay": config.weight_decay / scale}]
@@ -120,7 +119,7 @@ class TrainStep:
         self.device, self.config = torch.device(device), config
         if config.freeze_bn_weight:  # scales stay at their value (1 at initialisation)
             for module in model.modules():
-                if isinstance(module, nn.modules.batchnorm._BatchNorm) and module.weight is not None:
+                if isinstance(module, BATCH_NORMS) and module.weight is not None:
                     module.weight.requires_grad_(False)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
@@ -155,8 +154,7 @@ class TrainStep:
         with self.autocast():
             out = self.forward(x)
             loss = self.criterion(out, y)  # mean cross-entropy (label-smoothed)
-        total = loss + self.config.l1 * torch.stack(torch._foreach_norm(self.params, 1)).sum() if self.config.l1 \
-            else loss
+        total = loss + self.config.l1 * sum(p.abs().sum() for p in self.params) if self.config.l1 else loss
         self.optimizer.zero_grad(set_to_none=True)
         self.scaler.scale(total).backward()
         self.scaler.step(self.optimizer)
@@ -194,16 +192,14 @@ class TrainStep:
         """Capture or compile, and autotune cuDNN, for the loaders' full-batch shapes, on zero batches; then
         restore every state the warm-up touched. Returns its seconds (0 for eager on the CPU, which has nothing to
         warm up). Runs once; later calls return the first one's seconds."""
-        from helpers.data import full_batch_size
-
         if self.warmup_seconds is not None:
             return self.warmup_seconds
         if self.mode == "eager" and self.device.type != "cuda":
             self.warmup_seconds = 0.0
             return 0.0
         t0 = clock(self.device)
-        train_batch = full_batch_size(train_loader)
-        eval_batch = full_batch_size(test_loader) if test_loader is not None else None
+        train_batch = min(train_loader.batch_size, train_loader.num_images)  # full batches (helpers.data.Loader)
+        eval_batch = min(test_loader.batch_size, test_loader.num_images) if test_loader is not None else None
         saved = self._save_state()
         x = torch.zeros(train_batch, 3, 32, 32, device=self.device).contiguous(memory_format=self.memory_format)
         y = torch.zeros(train_batch, dtype=torch.long, device=self.device)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.utils import preserved_modes
+from helpers.utils import preserved_modes, unwrap
 
 
 class LayerNotFound(ValueError):
@@ -63,11 +63,6 @@ def normalize_images(images: np.ndarray) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------------------------------
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The module that owns the weights: `torch.compile` wraps it as `_orig_mod` (hooks go on the original)."""
-    return getattr(model, "_orig_mod", model)
 
 
 def find_layer(model: nn.Module, name: str | None = None) -> nn.Module:

@@ -12,14 +12,8 @@ Suggestion rules (all are computed; `rule=` picks the one returned as `suggested
   the ResNet-18 write-up used (it found 1.71e-4), so its recipe's `--max-lr auto` reproduces it.
 - "decade_below_min": a tenth of the LR at the lowest smoothed loss (fastai's "minimum" suggestion).
 - "min_loss": the LR at the lowest smoothed loss (Smith takes the top of the falling region as one-cycle's peak).
-What is measured (100-step tests on a 2-core CPU and full runs on an H100 at commit 858b4af, CIFAR-10 JPEG copy;
-benchmarks/cpu_2026-11-24): with SGD the picks land below the peaks that train best. ResNet-9: steepest 0.138
-(90.50%), decade_below_min 0.079, min_loss 0.74, where 0.45 gave 90.93%. ResNet-18: steepest 0.0148 (86.93%),
-decade_below_min 0.004, min_loss 0.038, where 0.4 gave 90.23%: its loss blows up past 0.05 in the test, yet
-one-cycle's slow warm-up trains at 0.4 (a 300-step test shows the loss spiking past 0.05, then falling again to a
-second minimum at 1.2-1.5). With Adam (ResNet-18) steepest's 1.71e-4 gave 87.65% and 2e-3 87.26%.
-So no rule is trusted for SGD yet: the SGD recipes carry measured peaks, and the benchmark's `sweep` section
-scores every rule against a sweep of peaks.
+With SGD, measured picks land below the peaks that train best, so the SGD recipes carry measured peaks and the
+benchmark's `sweep` section scores every rule against a sweep of peaks (BENCHMARKS.md, "Which LR rule").
 """
 
 from __future__ import annotations
@@ -35,6 +29,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from helpers.config import LR_RULES as RULES
+
 SKIP_START, SKIP_END = 10, 5  # points trimmed before suggesting (the library's plot() defaults)
 MIN_POINTS = SKIP_START + SKIP_END + 2  # the fewest recorded iterations the library can suggest from
 
@@ -43,7 +39,6 @@ class LRRangeTestError(ValueError):
     """The sweep was too short (or diverged too soon) to suggest a learning rate; the message says what to change."""
 
 
-RULES = ("steepest", "decade_below_min", "min_loss")
 DEFAULT_RULE = "steepest"
 
 
@@ -293,49 +288,3 @@ def _result(history: dict, num_iter: int, rule: str, settings: dict) -> LRFinder
         diverged=len(lrs) < num_iter,  # also when cut at a NaN
         num_iter=num_iter, rule=rule, settings=settings,
     )
-
-
-# ---------------------------------------------------------------------------------------------------------
-# The check on the rules: train to the end at a range of peaks
-
-SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
-
-
-def at_peak(config, peak: float):
-    """`config` with one-cycle peak `peak`. Its start follows as the recipe has it: a recipe with a numeric peak
-    keeps its start/peak ratio; one whose peak is found ('auto') keeps its start LR, as `--max-lr auto` does."""
-    if config.max_lr == "auto" or config.lr is None:  # lr None: the start is peak / 10 anyway
-        return dataclasses.replace(config, max_lr=peak)
-    return dataclasses.replace(config, max_lr=peak, lr=peak * config.lr / config.peak_lr)
-
-
-def peak_sweep(config, train_loader, test_loader, *, peaks=None, found: LRFinderResult | None = None,
-               device=None, progress: bool = True) -> dict:
-    """Train `config` to the end at each one-cycle peak (default SWEEP_PEAKS[config.optimizer]) and at each rule's
-    pick of `found` (an lr_range_test result), each from the same seed on a fresh model; returns the row
-    helpers.plots.plot_lr_sweep draws: final accuracy per run, the best swept peak's, and each rule's gap to it
-    (how far `--max-lr auto` lands from the best peak). A pick equal to a peak already trained is not trained
-    again. progress: a line per run."""
-    from helpers.models import build_model
-    from helpers.train import fit
-    from helpers.utils import resolve_device, seed_everything
-
-    device = resolve_device(device)
-    peaks = SWEEP_PEAKS[config.optimizer] if peaks is None else peaks
-    picks = found.suggestions if found is not None else {}
-    runs, trained = {}, {}  # a pick equal to a peak already trained reuses its run (same seed: same result)
-    for label, peak in {**{f"{p:g}": p for p in peaks}, **picks}.items():
-        if peak not in trained:
-            seed_everything(config.seed)
-            history = fit(build_model(config.model), train_loader, test_loader, at_peak(config, peak),
-                          device=device, quiet=True)
-            trained[peak] = {"max_lr": peak, "final_acc": history.test_acc[-1], "train_s": sum(history.seconds)}
-        runs[label] = dict(trained[peak])
-        if progress:
-            print(f"peak {peak:<9.3g} {label:<17} {runs[label]['final_acc']:6.2f}%  ({runs[label]['train_s']:.0f} s)",
-                  flush=True)
-    best = max(r["final_acc"] for label, r in runs.items() if label not in picks)
-    return {"model": config.model, "recipe": config.recipe, "optimizer": config.optimizer,
-            "batch_size": config.batch_size, "epochs": config.epochs, "runs": runs, "best_swept_acc": best,
-            "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]}
-                      for rule, lr in picks.items()}}

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.utils import preserved_modes
+from helpers.utils import preserved_modes, unwrap
 
 
 def conv_bn(c_in: int, c_out: int, **conv) -> list[nn.Module]:
@@ -227,7 +227,7 @@ def export_onnx(model: nn.Module, path, *, input_size=(3, 32, 32), dynamic_batch
             f"export_onnx needs the optional packages onnx and onnxscript ({err.name} is missing): "
             "pip install onnx onnxscript (and onnxruntime to run the exported file)"
         ) from None
-    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: export the original module
+    model = unwrap(model)  # torch.compile's wrapper: export the original module
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     device = next(model.parameters()).device

@@ -1,5 +1,5 @@
-"""Training and evaluation: `fit`, `evaluate`, `History`. The command line is helpers.cli
-(`python -m helpers.train ...` runs it).
+"""Training and evaluation: `fit`, `evaluate`, `History`. A whole run (data, the LR range test, outputs) is
+helpers.run; the command line is helpers.cli (`python -m helpers.train ...` runs it).
 
 `fit` runs helpers.engine.TrainStep over the loader: one loop for fp32 and mixed precision, eager, CUDA graphs or
 compiled. Per step it adds only device work to the bare step (an argmax kept for the epoch's accuracy): the loss
@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,19 +21,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.checkpoints import (
-    CHECKPOINT_FORMAT,
-    CheckpointError,
-    CheckpointWriter,
-    load_checkpoint,
-    resumable,
-)
+from helpers.checkpoints import CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, check_weights, load_checkpoint
 from helpers.config import TrainConfig
 from helpers.engine import TrainStep, clock
-from helpers.utils import amp_dtype, atomic_write, atomic_write_text, preserved_modes, resolve_device, seed_everything
+from helpers.utils import (
+    amp_dtype,
+    atomic_write,
+    atomic_write_text,
+    preserved_modes,
+    resolve_device,
+    seed_everything,
+    unwrap,
+)
 
 __all__ = ["TrainConfig", "History", "EvalResult", "TrainingDiverged", "CheckpointError", "fit", "evaluate",
-           "load_checkpoint", "load_weights", "resumable", "resolve_device", "seed_everything", "amp_dtype"]
+           "load_checkpoint", "load_weights", "resolve_device", "seed_everything", "amp_dtype"]
 
 EPOCH_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
 
@@ -48,12 +49,14 @@ class History:
     records: list[dict] = field(default_factory=list)
     warmup_seconds: float = 0.0  # capture/compile/autotuning before epoch 1 (of the last process, when resumed)
     mode: str = "eager"
+    # the last epoch's evaluation by this process (not saved): a run's final evaluation, kept rather than redone
+    evaluation: EvalResult | None = field(default=None, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.records)
 
     def __getattr__(self, name: str) -> list:  # history.test_acc -> [per-epoch values]
-        if name in EPOCH_COLUMNS or name in ("lr_end", "test_acc_tta", "train_seconds"):
+        if name in EPOCH_COLUMNS or name in ("lr_end", "lr_max", "test_acc_tta", "test_acc_trained", "train_seconds"):
             return [r.get(name) for r in self.records]
         raise AttributeError(name)
 
@@ -153,7 +156,7 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
         model.eval()
         for x, y in loader:
             x, y = x.to(device, non_blocking=True, memory_format=fmt), y.to(device, non_blocking=True)
-            net = model if not targets or len(y) == len(targets[0]) else getattr(model, "_orig_mod", model)
+            net = model if not targets or len(y) == len(targets[0]) else unwrap(model)
             logits.append(_logits(net, x))
             if tta != "none":
                 augmented.append(tta_logits(net, x, tta))
@@ -181,7 +184,9 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str |
     """Load a checkpoint's evaluated weights (the weight average, for recipes with `ema`) into `model`; returns
     the run's History."""
     state = load_checkpoint(path, model_name=model_name)
-    model.load_state_dict(state.get("eval_state") or state["model_state"])  # the weights the history evaluated
+    weights = state.get("eval_state") or state["model_state"]  # the weights the history evaluated
+    check_weights(model, weights, path)
+    model.load_state_dict(weights)
     return History(state["history"], state.get("warmup_seconds", 0.0), state.get("mode", "eager"))
 
 
@@ -191,20 +196,21 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str |
 
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
         device: str | torch.device | None = "auto", checkpoint: str | os.PathLike | None = None,
-        resume: str | os.PathLike | None = None, quiet: bool = False) -> History:
-    """Train `model` per `config`; returns the History (one record per epoch).
+        resume: str | os.PathLike | None = None, quiet: bool = False, checkpoint_extra: dict | None = None) -> History:
+    """Train `model` per `config`; returns the History (one record per epoch; `history.evaluation` is the last
+    epoch's evaluation). With weight averaging the model ends as evaluated: the average; the last epoch's record
+    also holds the trained weights' accuracy (`test_acc_trained`).
 
-    checkpoint: path written (atomically, in the background) after every epoch. resume: a checkpoint to continue
+    checkpoint: path written (atomically, in the background) after every epoch, with `checkpoint_extra`'s entries
+    (helpers.run adds the class names, normalisation and data fingerprint). resume: a checkpoint to continue
     from; the run then continues exactly where it stopped (same History on the CPU as an uninterrupted run).
     """
-    from helpers.data import sampling_generator
-
     device = resolve_device(device)
     steps = len(train_loader)
     if steps == 0:
         raise ValueError("the training loader yields no batches: use a smaller batch size or more data")
     step = TrainStep(model, config, device=device, steps_per_epoch=steps)
-    generator = sampling_generator(train_loader)
+    generator = train_loader.rng  # order and augmentation (helpers.data.Loader)
     warmup = step.prepare(train_loader, test_loader)
     history = History(warmup_seconds=warmup, mode=step.mode)
     if resume is not None:
@@ -227,11 +233,15 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
             record.update(test_loss=result.loss, test_acc=result.accuracy, seconds=clock(device) - t0)
             if result.tta_accuracy is not None:
                 record["test_acc_tta"] = result.tta_accuracy
+            if step.ema is not None and epoch == config.epochs:  # what averaging gained (or lost) over training
+                record["test_acc_trained"] = evaluate(step.forward, test_loader, device=device, amp=config.amp,
+                                                      channels_last=config.channels_last).accuracy
             history.append(**record)
+            history.evaluation = result
             if not quiet:
                 print_table_row(record)
             if checkpoint is not None:
-                writer.save(checkpoint, _checkpoint_state(step, generator, config, history))
+                writer.save(checkpoint, _checkpoint_state(step, generator, config, history) | (checkpoint_extra or {}))
     finally:
         writer.wait()  # also when stopped (NaN, Ctrl-C): the last finished epoch's checkpoint is complete on disk
     if step.ema is not None:  # leave the model as it was evaluated: the weight average
@@ -280,7 +290,8 @@ def _stop_if_diverged(losses, epoch: int, lrs: list[float], checkpoint, *, offse
     if not bad.any():
         return
     index = offset + int(bad.float().argmax())
-    kept = f"the last good checkpoint is kept at {checkpoint}" if checkpoint else "no checkpoint was being written"
+    kept = (f"the last good checkpoint is kept at {checkpoint}" if checkpoint and Path(checkpoint).is_file() else
+            "no epoch finished, so no checkpoint was written" if checkpoint else "no checkpoint was being written")
     raise TrainingDiverged(
         f"loss became NaN/inf at epoch {epoch}, step {index + 1} (learning rate {lrs[index]:.4g}); {kept}. "
         "Lower --max-lr (try the LR range test: --max-lr auto) or turn off --amp."
@@ -306,6 +317,7 @@ def _checkpoint_state(step: TrainStep, generator: torch.Generator, config: Train
 def _resume(step: TrainStep, generator: torch.Generator, path, config: TrainConfig) -> list[dict]:
     """Load a checkpoint into the step and the loader's generator; returns the finished epochs' records."""
     state = load_checkpoint(path, model_name=config.model)
+    check_weights(step.model, state["model_state"], path)
     step.load_weights_in_place(state["model_state"])
     step.load_state_dict(state.get("step_state") or {  # format 1 kept them at the top level
         "optimizer": state["optimizer_state"], "scheduler": state["scheduler_state"], "scaler": state["scaler_state"]})
@@ -342,7 +354,7 @@ def print_table_row(r: dict) -> None:
     print("| " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS)) + " |", flush=True)
 
 
-if __name__ == "__main__":  # python -m helpers.train: the command line lives in helpers.cli
-    from helpers.cli import main
+if __name__ == "__main__":  # python -m helpers.train: the command line lives in helpers.cli (no import of it here)
+    import runpy
 
-    sys.exit(main())
+    runpy.run_module("helpers.cli", run_name="__main__", alter_sys=True)

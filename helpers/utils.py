@@ -27,8 +27,12 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     device = torch.device(device)
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("--device cuda was asked for, but this machine has no CUDA GPU: use --device cpu")
+        raise DeviceError("--device cuda was asked for, but this machine has no CUDA GPU: use --device cpu")
     return device
+
+
+class DeviceError(RuntimeError):
+    """The device asked for is not on this machine."""
 
 
 def amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
@@ -66,18 +70,48 @@ def preserved_modes(model: nn.Module, *, grads: bool = False) -> Iterator[nn.Mod
                 param.grad = grad
 
 
+# every batch-norm type torch has, by its public names (the lazy ones subclass these)
+BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """The module that owns the weights: torch.compile wraps a model in an OptimizedModule whose original is
+    `_orig_mod` (torch has no public accessor; this is the one place that reads it)."""
+    return getattr(model, "_orig_mod", model)
+
+
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a temporary file beside `path`, then move it over `path` in one step: a crash or a
-    full disk mid-write leaves the previous file intact (and never a half-written one)."""
+    full disk mid-write leaves the previous file intact (and never a half-written one). The temporary name is
+    unique to this writer, so two writers never share one."""
+    import tempfile
+
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
+    try:
+        fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as err:
+        raise WriteError(f"could not write {path} ({err.strerror or err})") from None
+    os.close(fd)
+    tmp = Path(name)
     try:
         write(tmp)
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as err:
         tmp.unlink(missing_ok=True)
+        if isinstance(err, Exception) and not isinstance(err, WriteError):  # disk full, permissions, torch.save's
+            raise WriteError(f"could not write {path} ({type(err).__name__}: {_first_line(err)}); "
+                             "any earlier version of it is kept") from err
         raise
     return path
+
+
+class WriteError(OSError):
+    """A file could not be written (disk full, permissions, ...): the message names the path and the cause."""
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip().splitlines()
+    return text[0][:200] if text else "no detail"
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:

@@ -113,7 +113,7 @@ def test_balanced_subset(tiny_arrays):
     assert data.balanced_subset(tiny_arrays[0], None) is tiny_arrays[0]
 
 
-@pytest.mark.parametrize("recipe", data.RECIPES)
+@pytest.mark.parametrize("recipe", tuple(data.AUGMENTATIONS))
 def test_recipes_give_normalised_tensors(recipe, tiny_arrays):
     out = data.build_transform(recipe)(image=tiny_arrays[0].images[0])["image"]
     assert out.shape == (3, 32, 32) and out.dtype == torch.float32

@@ -42,7 +42,7 @@ def test_test_batches_equal_make_loader(tiny_arrays):
         assert torch.equal(y, y_ref)
 
 
-@pytest.mark.parametrize("recipe", data.GPU_RECIPES)
+@pytest.mark.parametrize("recipe", tuple(data.AUGMENTATIONS))
 def test_train_batches_shapes_and_drop_last(tiny_arrays, recipe):
     train, _ = tiny_arrays
     loader = GpuLoader(train, batch_size=32, recipe=recipe, seed=1)
@@ -81,15 +81,15 @@ def test_generator_state_replays_the_next_epoch(tiny_arrays, recipe):
     train, _ = tiny_arrays
     loader = GpuLoader(train, batch_size=25, recipe=recipe, seed=5)
     collect(loader)
-    state = data.sampling_generator(loader).get_state()  # what fit's checkpoint stores
+    state = loader.rng.get_state()  # what fit's checkpoint stores
     expected = collect(loader)
     resumed = GpuLoader(train, batch_size=25, recipe=recipe, seed=123)
-    data.sampling_generator(resumed).set_state(state)
+    resumed.rng.set_state(state)
     assert all(torch.equal(a, b) for a, b in zip(collect(resumed), expected))
 
 
 def test_batches_every_recipe_and_rejects_unknown_ones(tiny_arrays):
-    assert data.GPU_RECIPES == data.RECIPES == tuple(data.AUGMENTATIONS)
+    assert tuple(data.AUGMENTATIONS) == ("davidnet", "resnet18", "depthwise", "none")
     with pytest.raises(ValueError, match="unknown augmentation recipe 'cutmix'"):
         GpuLoader(tiny_arrays[0], recipe="cutmix")
 

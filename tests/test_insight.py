@@ -150,7 +150,7 @@ def test_lr_range_test_with_config_builds_optimizer_and_suggests(model, loader):
 
 
 def test_at_peak_moves_the_start_as_the_recipe_has_it():
-    from helpers.lr_finder import at_peak
+    from helpers.sweep import at_peak
 
     numeric = TrainConfig.for_model("custom_resnet", recipe="writeup")  # 0.045 -> 0.45: the start stays a tenth
     assert (at_peak(numeric, 0.2).max_lr, at_peak(numeric, 0.2).start_lr) == pytest.approx((0.2, 0.02))
@@ -160,21 +160,17 @@ def test_at_peak_moves_the_start_as_the_recipe_has_it():
 
 
 def test_peak_sweep_trains_the_recipe_at_each_peak_and_scores_the_rules(tiny_arrays):
-    """Each run is fit of the recipe at that peak from the config's seed; the rules' gaps are to the best swept."""
-    from helpers.data import make_loaders
-    from helpers.lr_finder import at_peak, peak_sweep
-    from helpers.train import fit
-    from helpers.utils import seed_everything
+    """Each run is the run layer's run of the recipe at that peak; the rules' gaps are to the best swept."""
+    from helpers.run import train_run
+    from helpers.sweep import at_peak, peak_sweep
 
-    config = TrainConfig.for_model(MODEL, epochs=1, batch_size=16, augment="none", amp=False, seed=3)
-    train_loader, test_loader = make_loaders(*tiny_arrays, kind="gpu", batch_size=16, recipe="none", device="cpu")
+    config = TrainConfig.for_model(MODEL, epochs=1, batch_size=16, augment="none", amp=False, seed=3, loader="gpu")
     found = SimpleNamespace(suggestions={"steepest": 0.01, "decade_below_min": 0.03})
-    row = peak_sweep(config, train_loader, test_loader, peaks=(0.01, 0.1), found=found, device="cpu", progress=False)
+    row = peak_sweep(config, arrays=tiny_arrays, peaks=(0.01, 0.1), found=found, device="cpu", progress=False)
 
     assert list(row["runs"]) == ["0.01", "0.1", "steepest", "decade_below_min"]
-    seed_everything(3)
-    alone = fit(build_model(MODEL), train_loader, test_loader, at_peak(config, 0.1), device="cpu", quiet=True)
-    assert row["runs"]["0.1"]["final_acc"] == alone.test_acc[-1]
+    alone = train_run(at_peak(config, 0.1), device="cpu", quiet=True, arrays=tiny_arrays)
+    assert row["runs"]["0.1"]["final_acc"] == alone.accuracy
     assert row["runs"]["steepest"]["final_acc"] == row["runs"]["0.01"]["final_acc"]  # same peak, same run
     assert row["best_swept_acc"] == max(row["runs"][k]["final_acc"] for k in ("0.01", "0.1"))
     for rule, lr in found.suggestions.items():
