@@ -70,6 +70,7 @@ else
   cp "$work/gpu-check.tar.gz" "$out/"
 fi
 for f in SUMMARY.md summary.json; do [ -f "$work/check/$f" ] && cp "$work/check/$f" "$out/"; done
+cp "$log" "$out/"
 count=$(find "$out" -maxdepth 1 -type f | wc -l)
 say "$count files in $out"
 [ "$count" -le 8 ] || say "warning: more than 8 files in $out: only 8 come back"
