@@ -1,28 +1,40 @@
-"""The GPU check in one command: `python -m benchmarks.gpu_check --data-dir DIR --out OUT`.
+"""The GPU check in one command: `python -m benchmarks.gpu_check --data-dir DIR --out OUT [--budget SECONDS]`.
 
-For anyone with a CUDA machine (no network needed once the wheels are installed). Runs, each part in its own
-process with its log kept:
+For anyone with a CUDA machine (no network needed once the wheels are installed).
+
+With --budget (a machine lent for minutes): runs the measurements in a fixed priority order, most informative first
+(ITEMS), and starts one only when its estimate (ESTIMATES, scaled by how this run's finished items compared with
+theirs) fits in what is left of the budget; the rest are listed as skipped, with why. OUT/SUMMARY.md and
+OUT/summary.json are rewritten after every item, and a check killed by SIGTERM, SIGINT or its budget still leaves them
+saying what ran, what was cut and what was never started. --items picks some.
+
+Without --budget, the full check (--parts picks some), each part in its own process with its log kept:
   tests      the test suite's fast part (CUDA-only tests run instead of skipping)
   benchmark  every benchmark section but the sweep, the epochs section in every mode (eager, graphs, compile)
   sweep      the benchmark's peak-LR sweep (a dozen full runs: ~10 minutes on an H100)
   cli        the command line's default run of each model (`python -m helpers.train --model M`)
   notebooks  all five notebooks with papermill and their default parameters
-and writes OUT/SUMMARY.md: one table of what ran, its status and seconds, and the headline numbers, next to the
-JSON, the logs and the figures. A part that fails is reported and the others still run. --parts picks some;
---quick is a smoke run on any machine (tiny settings: it checks the plumbing, not the GPU).
 
-    python -m benchmarks.gpu_check --data-dir data --data-name "CIFAR-10" --out gpu-check
+Either way OUT holds one table of what ran, its status, seconds and headline numbers (SUMMARY.md), beside the JSON,
+the logs and the figures; a run that fails is reported and the others still run. --quick is a smoke run on any
+machine (tiny settings: it checks the plumbing, not the GPU).
+
+    python -m benchmarks.gpu_check --data-dir data --data-name "CIFAR-10" --out gpu-check --budget 500
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.metadata
+import importlib.util
 import json
 import os
 import shlex
+import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,9 +45,48 @@ SECTIONS = "loaders,epochs,airbench,accuracy,overhead"  # the benchmark part's (
 ACCURACY_RUNS = "custom_resnet:writeup,custom_resnet:fast,resnet18:fast"  # each recipe against airbench94
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 
+# ---------------------------------------------------------------------------------------------------------
+# The budgeted check: its items, in priority order, and the one table of their estimates
+
+# Seconds each item takes on the lent GPU (an H200: Hopper, as the H100), its process start, data load and warm-ups
+# included. From the last measured figures: the H100 run at commit 858b4af, 2026-11-23 (BENCHMARKS.md, "GPU
+# results"; its JSON and logs: h100_acc.json, h100_epochs.json, airbench10.json, steps.txt, notebook logs). That
+# version had no execution modes, so these are upper-ish guesses; a run scales them by its own finished items.
+# Replace them with a GPU run's measured seconds (its summary.json, "seconds") when there is one.
+ESTIMATES = {
+    # name: (seconds, where the number comes from)
+    "cuda_tests": (60, "not measured; 2 compiles of custom_resnet at 10-22 s each (steps.txt) + pytest start"),
+    "airbench_fast": (75, "airbench94 2.1-2.5 s/run + warm-up (airbench10.json); ResNet-9 0.8 s/epoch warm "
+                          "(h100_acc.json): 3 x 10 epochs + warm-ups + process start ~15 s"),
+    "writeup": (40, "ResNet-9 writeup 18-20 s per warm 24-epoch run, 6 s warm-up (h100_acc.json) + start"),
+    "resnet18_fast": (75, "ResNet-18 fast-recipe CLI run 25.8 s for 20 epochs (BENCHMARKS.md) x 2 + start"),
+    "modes": (110, "6 epoch timings: compile warm-ups 10-22 s each (steps.txt), epochs 0.5-1.6 s "
+                   "(h100_epochs.log), graphs capture ~1 s; + overhead section 3 x 2 epochs; + start"),
+    "sweep": (90, "<= 6 runs of 10 ResNet-9 epochs at ~0.8 s (h100_acc.json) + warm-ups + 100-step range test"),
+    "depthwise": (40, "depthwise_net 8 s/epoch on the DataLoader, first epoch 27 s (858b4af CLI); GPU loader new"),
+    "nb02": (30, "notebook 02 cells 12.2 s (02_lr_range_test.log) + kernel start"),
+    "nb04": (55, "notebook 04 cells 41.2 s (04_custom_resnet_mixed_precision.log) + kernel start"),
+}
+ITEMS = {  # name -> what it measures, in priority order (the order runs follow)
+    "cuda_tests": "the CUDA-only tests (graphs and compile train like eager, GpuLoader on CUDA)",
+    "airbench_fast": "airbench94 x 3 beside custom_resnet `fast` x 3 seeds: accuracy, time, ratio",
+    "writeup": "custom_resnet `writeup` x 1 seed against the same airbench94 run (the default recipe's numbers)",
+    "resnet18_fast": "resnet18 `fast` x 2 seeds against airbench94",
+    "modes": "s/epoch in eager, graphs and compile (warm-up apart), both models, mixed precision; fit's overhead",
+    "sweep": "a reduced LR sweep: custom_resnet `fast` at peaks 0.2, 0.4, 0.8 and at each LR rule's pick",
+    "depthwise": "depthwise_net's epoch on the GpuLoader (its GPU augmentation)",
+    "nb02": "notebook 02 (LR range test), default parameters",
+    "nb04": "notebook 04 (ResNet-9, mixed precision), default parameters",
+}
+SCALE_RANGE = (0.5, 3.0)  # how far a run's own timings may move the table's estimates
+
+
+class Killed(Exception):
+    """SIGTERM or SIGINT reached the check."""
+
 
 def commands(args) -> list[tuple[str, str, list[str], dict]]:
-    """(part, name, argv, extra environment) of every run, in order."""
+    """(part, name, argv, extra environment) of every run of the full check, in order."""
     py, out, data = sys.executable, Path(args.out), ["--data-dir", args.data_dir]
     quick = args.quick
     runs = [("tests", "pytest", [py, "-m", "pytest", "-q", "-rs", "-m", "not slow", "tests"], {})]
@@ -54,11 +105,73 @@ def commands(args) -> list[tuple[str, str, list[str], dict]]:
                                              args.device, "--out", str(out / f"cli_{model}"), "--overwrite",
                                              "--tta", *tiny], {}))
     for path in NOTEBOOKS:
-        params = ["-p", "DATA_DIR", args.data_dir, "-p", "OUT_DIR", str(out / "notebooks" / path.stem)]
-        runs.append(("notebooks", path.stem, [py, "-m", "papermill", str(path), str(out / "notebooks" / path.name),
-                                              *params, "--cwd", str(REPO), "--no-progress-bar"],
-                     {"SMOKE": "1"} if quick else {}))
+        runs.append(("notebooks", path.stem, notebook_command(path, args, out), {"SMOKE": "1"} if quick else {}))
     return [r for r in runs if r[0] in args.parts]
+
+
+def notebook_command(path: Path, args, out: Path) -> list[str]:
+    (out / "notebooks").mkdir(parents=True, exist_ok=True)  # papermill writes into an existing folder only
+    params = ["-p", "DATA_DIR", args.data_dir, "-p", "OUT_DIR", str(out / "notebooks" / path.stem)]
+    return [sys.executable, "-m", "papermill", str(path), str(out / "notebooks" / path.name), *params,
+            "--cwd", str(REPO), "--no-progress-bar"]
+
+
+def item_command(name: str, args, out: Path) -> tuple[list[str], dict] | str:
+    """(argv, extra environment) of a budgeted item, built when it starts (the accuracy items take airbench94's
+    accuracy measured by an earlier one as their target), or why it cannot run here."""
+    py = sys.executable
+    bench = [py, "-m", "benchmarks.benchmark", "--data-dir", args.data_dir, "--data-name", args.data_name,
+             "--device", args.device, "--out", str(out / f"{name}.json"), *(["--quick"] if args.quick else [])]
+    accuracy = [*bench, "--sections", "accuracy", *airbench_targets(out)]
+    argv = {
+        "cuda_tests": [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda", "tests"],
+        "airbench_fast": [*bench, "--sections", "airbench,accuracy", "--seeds", "3",
+                          "--accuracy-runs", "custom_resnet:fast"],
+        "writeup": [*accuracy, "--seeds", "1", "--accuracy-runs", "custom_resnet:writeup"],
+        "resnet18_fast": [*accuracy, "--seeds", "2", "--accuracy-runs", "resnet18:fast"],
+        "modes": [*bench, "--sections", "epochs,overhead", "--models", "custom_resnet,resnet18", "--precisions",
+                  "amp", "--loaders", "gpu", "--modes", "eager" if args.quick else "eager,graphs,compile"],
+        "sweep": [*bench, "--sections", "sweep", "--sweep-runs", "custom_resnet:fast", "--sweep-peaks-sgd",
+                  "0.2,0.4,0.8"],
+        "depthwise": [*bench, "--sections", "epochs", "--models", "depthwise_net", "--precisions", "amp",
+                      "--loaders", "gpu"],
+    }
+    if name in argv:
+        return argv[name], {}
+    if importlib.util.find_spec("papermill") is None:
+        return "papermill is not installed (it travels in .device/whl)"
+    path = next(p for p in NOTEBOOKS if p.stem.startswith(name[2:] + "_"))
+    return notebook_command(path, args, out), {"SMOKE": "1"} if args.quick else {}
+
+
+def airbench_targets(out: Path) -> list[str]:
+    """--target and --target-tta from airbench94's accuracy in this check's airbench_fast item, if it measured it."""
+    try:
+        bench = json.loads((out / "airbench_fast.json").read_text())["results"]["airbench"]
+        return ["--target", f"{bench['acc_tta0_mean']:.4f}", "--target-tta", f"{bench['acc_tta2_mean']:.4f}"]
+    except (OSError, KeyError, ValueError, TypeError):
+        return []
+
+
+def attach_airbench(out: Path, name: str) -> None:
+    """An accuracy item run apart from airbench94: its JSON gets the airbench_fast item's time and the ratios."""
+    path = out / f"{name}.json"
+    try:
+        report = json.loads(path.read_text())
+        theirs = json.loads((out / "airbench_fast.json").read_text())["results"]["airbench"]
+    except (OSError, KeyError, ValueError):
+        return
+    if "accuracy" not in report["results"] or "airbench" in report["results"] or "seconds_mean" not in theirs:
+        return
+    from benchmarks.benchmark import add_airbench_ratios
+
+    report["results"]["airbench"] = {**theirs, "from": "airbench_fast.json (the same check, an earlier process)"}
+    add_airbench_ratios(report["results"])
+    atomic_write(path, json.dumps(report, indent=1))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Running: one process per run, its log kept; a SIGTERM or timeout ends its whole process group
 
 
 def run_one(name: str, argv: list[str], env: dict, out: Path, timeout: float) -> dict:
@@ -68,98 +181,271 @@ def run_one(name: str, argv: list[str], env: dict, out: Path, timeout: float) ->
     with open(log, "w") as f:
         f.write(f"$ {shlex.join(argv)}\n")
         f.flush()
+        proc = subprocess.Popen(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, start_new_session=True,
+                                env={**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg", **env})
         try:
-            code = subprocess.run(argv, cwd=REPO, stdout=f, stderr=subprocess.STDOUT, timeout=timeout,
-                                  env={**os.environ, "TQDM_DISABLE": "1", "MPLBACKEND": "Agg", **env}).returncode
+            code = proc.wait(timeout=max(timeout, 1))
         except subprocess.TimeoutExpired:
             code = "timeout"
+        finally:  # a timeout, or Killed raised in the wait: end the run and whatever it started
+            if proc.poll() is None:
+                stop(proc)
     return {"name": name, "command": shlex.join(argv), "status": "ok" if code == 0 else f"failed ({code})",
             "seconds": time.perf_counter() - t0, "log": str(log.relative_to(out))}
 
 
+def stop(proc: subprocess.Popen) -> None:
+    try:
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.wait(timeout=5)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    except ProcessLookupError:
+        pass
+
+
+def _raise_killed(signum, frame):
+    raise Killed(signal.Signals(signum).name)
+
+
+def scale_factor(results: list[dict], estimates: dict) -> float:
+    """How this run's finished items compared with the table: their measured seconds over their estimates (failed
+    runs left out: a crash says nothing about speed), clamped to SCALE_RANGE; 1 before any has finished."""
+    done = [r for r in results if r["status"] == "ok" or "timeout" in r["status"]]
+    estimated = sum(estimates[r["name"]][0] for r in done)
+    if not estimated:
+        return 1.0
+    return min(max(sum(r["seconds"] for r in done) / estimated, SCALE_RANGE[0]), SCALE_RANGE[1])
+
+
+def fits(name: str, estimates: dict, scale: float, left: float) -> str | None:
+    """None when `name`'s scaled estimate fits in the `left` seconds, else why it is skipped."""
+    need = estimates[name][0] * scale
+    if need <= left:
+        return None
+    return f"estimate {need:.0f} s ({estimates[name][0]} s x {scale:.2f}) > {max(left, 0):.0f} s left"
+
+
+def run_budget(args, out: Path, estimates: dict = ESTIMATES, runner=run_one, clock=time.monotonic) -> dict:
+    """Each of args.items in priority order, started only when its scaled estimate fits in what is left of
+    args.budget; the summary is rewritten before and after each, and when a signal ends the check."""
+    t0 = clock()
+    state = {"budget_s": args.budget, "state": "running", "results": [], "skipped": [], "running": None}
+    pending = [name for name in ITEMS if name in args.items]
+    try:
+        while pending:
+            name = pending.pop(0)
+            scale, left = scale_factor(state["results"], estimates), args.budget - (clock() - t0)
+            why = fits(name, estimates, scale, left)
+            command = item_command(name, args, out) if why is None else why
+            if isinstance(command, str):
+                state["skipped"].append({"name": name, "why": command})
+                print(f"-- {name}: skipped ({command})", flush=True)
+                continue
+            state["running"] = {"name": name, "estimate_s": estimates[name][0] * scale, "since": time.time()}
+            write_summary(out, args, state)
+            print(f"-- {name}: {ITEMS[name]} (estimate {estimates[name][0] * scale:.0f} s, {left:.0f} s left)",
+                  flush=True)
+            result = runner(name, *command, out, timeout=left)
+            attach_airbench(out, name)
+            state["results"].append({"part": "budget", **result, "estimate_s": estimates[name][0] * scale})
+            state["running"] = None
+            print(f"   {result['status']} in {result['seconds']:.0f} s", flush=True)
+            write_summary(out, args, state)
+        state["state"] = "done"
+    except Killed as signal_name:
+        running = state.pop("running") or {}
+        if running:
+            state["results"].append({"part": "budget", "name": running["name"], "status": f"killed ({signal_name})",
+                                     "seconds": time.time() - running["since"], "estimate_s": running["estimate_s"],
+                                     "log": f"logs/{running['name']}.log", "command": ""})
+        state["skipped"] += [{"name": n, "why": f"not started: the check was killed ({signal_name})"}
+                             for n in pending]
+        state["state"] = f"killed ({signal_name}) after {clock() - t0:.0f} s"
+    state["running"], state["scale"] = None, scale_factor(state["results"], estimates)
+    state["elapsed_s"] = clock() - t0
+    write_summary(out, args, state)
+    return state
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Summary: SUMMARY.md and summary.json, written whole (a reader never sees half a file)
+
+
 def headline(name: str, out: Path) -> str:
-    """The one number worth a glance for a run, read from what it wrote."""
+    """The numbers worth a glance for a run, read from what it wrote."""
     try:
         if name.startswith("cli_"):
             m = json.loads((out / name / "metrics.json").read_text())
             tta = f", flip TTA {m['test_acc_tta']:.2f}%" if m.get("test_acc_tta") is not None else ""
             return (f"{m['test_acc']:.2f}%{tta} in {m['epochs']} epochs, {m['total_seconds']:.1f} s "
                     f"(+{m['warmup_seconds']:.1f} s warm-up, {m['mode']}, {m['precision']})")
-        if name == "benchmark":
-            res = json.loads((out / "benchmark.json").read_text())["results"]
-            over = res.get("overhead", {}).get("overhead_pct", float("nan"))
-
-            def ratio(v):
-                return f"{v:.2f}x" if v is not None else "-"
-
-            return "; ".join([*(
-                f"{a['model']} {a['recipe']} {a['final_acc_mean']:.2f}%"
-                + (f" (TTA {a['final_acc_tta_mean']:.2f}%)" if a["final_acc_tta_mean"] is not None else "")
-                + f" in {a['train_only_s_mean']:.1f} s, airbench94's time x {ratio(a.get('vs_airbench'))}"
-                + f" (TTA {ratio(a.get('vs_airbench_tta'))})" for a in res.get("accuracy", [])),
-                f"fit overhead {over:+.1f}%"])
-        if name == "sweep":
-            rows = json.loads((out / "sweep.json").read_text())["results"]["sweep"]
-            return "; ".join(f"{r['model']} {r['recipe']}: " + ", ".join(
-                f"{rule} {v['gap_to_best']:+.2f}" for rule, v in r["rules"].items()) for r in rows)
-    except (OSError, KeyError, ValueError, TypeError):
+        if (out / f"{name}.json").exists():
+            return bench_headline(json.loads((out / f"{name}.json").read_text())["results"])
+        if name in ("pytest", "cuda_tests"):  # pytest's last line: "5 passed, 2 skipped in 12.3s"
+            lines = [line for line in (out / "logs" / f"{name}.log").read_text().splitlines() if line.strip()]
+            return lines[-1].strip("= ") if lines else ""
+    except (OSError, KeyError, ValueError, TypeError, IndexError):
         return ""
     return ""
 
 
-def write_summary(out: Path, args, results: list[dict]) -> Path:
-    import torch
+def bench_headline(res: dict) -> str:
+    def ratio(v):
+        return f"{v:.2f}x" if v is not None else "-"
 
-    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "no CUDA GPU"
+    parts = []
+    b = res.get("airbench", {})
+    if "seconds_mean" in b:
+        parts.append(f"airbench94 x {len(b['runs'])}: {b['seconds_mean']:.2f} s, {b['acc_tta0_mean']:.2f}% "
+                     f"({b['acc_tta2_mean']:.2f}% TTA)")
+    elif "skipped" in b:
+        parts.append(f"airbench94 skipped: {b['skipped']}")
+    parts += [f"{a['model']} {a['recipe']} x {len(a['runs'])}: {a['final_acc_mean']:.2f}%"
+              + (f" (TTA {a['final_acc_tta_mean']:.2f}%)" if a["final_acc_tta_mean"] is not None else "")
+              + f" in {a['train_only_s_mean']:.1f} s (+{a['warmup_s_mean']:.1f} s warm-up), airbench94's time x "
+              f"{ratio(a.get('vs_airbench'))} (TTA {ratio(a.get('vs_airbench_tta'))}, whole run "
+              f"{ratio(a.get('full_run_vs_airbench'))})" for a in res.get("accuracy", [])]
+    parts += [f"{r['model']} {r['precision']} {r['loader']} {r['mode']} {r['seconds_per_epoch']:.2f} s/epoch "
+              f"(warm-up {r['warmup_s']:.1f} s)" for r in res.get("epochs", [])]
+    if "overhead" in res:
+        parts.append(f"fit overhead {res['overhead']['overhead_pct']:+.1f}% ({res['overhead']['mode']})")
+    parts += [f"sweep {r['model']} {r['recipe']}: best swept {r['best_swept_acc']:.2f}%; " + ", ".join(
+        f"{rule} {v['max_lr']:.3g} {-v['gap_to_best']:+.2f}" for rule, v in r["rules"].items())
+        for r in res.get("sweep", [])]
+    return "; ".join(parts)
+
+
+def machine_line(args) -> str:
+    """GPU, torch and commit, without importing torch or starting CUDA in this process (the runs need the GPU)."""
+    try:
+        gpu = subprocess.run(["nvidia-smi", "--query-gpu=name", "--format=csv,noheader"], capture_output=True,
+                             text=True, timeout=20).stdout.strip().replace("\n", ", ") or "no CUDA GPU"
+    except (OSError, subprocess.SubprocessError):
+        gpu = "no CUDA GPU (no nvidia-smi)"
+    try:
+        torch_version = importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        torch_version = "?"
     commit = os.environ.get("GIT_COMMIT", "")  # a copy of the tree without .git (or without git) can say it
     try:
         commit = commit or subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
-                                          text=True).stdout.strip()
-    except OSError:
+                                          text=True, timeout=20).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
         pass
-    lines = [f"# GPU check, {datetime.date.today()}", "",
-             f"{gpu}, torch {torch.__version__}, commit {commit or 'unknown (set GIT_COMMIT)'}, "
-             f"data: {args.data_name} ({args.data_dir})"
+    return (f"{gpu}, torch {torch_version}, Python {sys.version.split()[0]}, commit "
+            f"{commit or 'unknown (set GIT_COMMIT)'}, data: {args.data_name} ({args.data_dir})")
+
+
+def write_summary(out: Path, args, state: dict) -> Path:
+    if not hasattr(args, "machine"):
+        args.machine = machine_line(args)
+    budget = f"budget {args.budget:.0f} s, " if args.budget else ""
+    lines = [f"# GPU check, {datetime.date.today()}", "", args.machine
              + (" -- QUICK smoke run: tiny settings, not a measurement" if args.quick else ""), "",
-             f"Command: `{shlex.join([Path(sys.executable).name, '-m', 'benchmarks.gpu_check', *sys.argv[1:]])}`",
-             "", "| part | run | status | seconds | headline | log |", "| --- | --- | --- | ---: | --- | --- |"]
-    lines += [f"| {r['part']} | {r['name']} | {r['status']} | {r['seconds']:.0f} | {headline(r['name'], out)} | "
-              f"{r['log']} |" for r in results]
-    path = out / "SUMMARY.md"
-    path.write_text("\n".join(lines) + "\n")
-    (out / "summary.json").write_text(json.dumps(results, indent=1))
-    return path
+             f"Command: `{shlex.join([Path(sys.executable).name, '-m', 'benchmarks.gpu_check', *args.argv])}`", "",
+             f"State: {budget}{state['state']}"
+             + (f", {state['elapsed_s']:.0f} s in all" if "elapsed_s" in state else ""), "",
+             "| part | run | status | seconds | estimate | headline | log |",
+             "| --- | --- | --- | ---: | ---: | --- | --- |"]
+    for r in state["results"]:
+        estimate = f"{r['estimate_s']:.0f}" if "estimate_s" in r else "-"
+        lines.append(f"| {r['part']} | {r['name']} | {r['status']} | {r['seconds']:.0f} | {estimate} | "
+                     f"{headline(r['name'], out)} | {r['log']} |")
+    if state.get("running"):
+        lines.append(f"| budget | {state['running']['name']} | running | - | {state['running']['estimate_s']:.0f} "
+                     f"| | logs/{state['running']['name']}.log |")
+    if state.get("skipped"):
+        lines += ["", "Skipped:", ""] + [f"- {s['name']} ({ITEMS.get(s['name'], '')}): {s['why']}"
+                                         for s in state["skipped"]]
+    if args.budget:
+        lines += ["", f"Estimates: ESTIMATES in benchmarks/gpu_check.py, scaled by this run's measured/estimated "
+                      f"seconds ({scale_factor(state['results'], ESTIMATES):.2f} now)."]
+    text = "\n".join(lines) + "\n"
+    payload = json.dumps({"machine": args.machine, "command": args.argv, "quick": args.quick, **state}, indent=1)
+    for folder in [out, *([Path(args.summary_to)] if args.summary_to else [])]:
+        folder.mkdir(parents=True, exist_ok=True)
+        atomic_write(folder / "summary.json", payload)
+        atomic_write(folder / "SUMMARY.md", text)
+    return out / "SUMMARY.md"
 
 
-def main(argv: list[str] | None = None) -> int:
+def atomic_write(path: Path, text: str) -> None:
+    """Write to a temporary file beside `path`, then rename it over `path` (atomic on POSIX)."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.chmod(tmp, 0o644)  # mkstemp's 0600 would keep the summary from other readers
+    os.replace(tmp, path)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Command line
+
+
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m benchmarks.gpu_check", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", required=True, help="folder holding cifar-10-batches-py")
     p.add_argument("--data-name", default="CIFAR-10", help="what the data is, for the reports")
     p.add_argument("--out", default="gpu-check", help="folder for the summary, JSON, logs and figures")
+    p.add_argument("--budget", type=float, help="seconds: run the budgeted check (ITEMS, in priority order)")
+    p.add_argument("--items", default=",".join(ITEMS), help=f"--budget: some of {', '.join(ITEMS)}")
+    p.add_argument("--summary-to", help="a second folder that gets SUMMARY.md and summary.json on every write")
     p.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, from {', '.join(PARTS)}")
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
-    p.add_argument("--timeout", type=float, default=3600, help="seconds per run")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per run (without --budget)")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run of the plumbing")
     p.add_argument("--accuracy-runs", default=ACCURACY_RUNS,
                    help="benchmark part: the model:recipe pairs of its accuracy section (3 seeds each)")
     p.add_argument("--sections", default=SECTIONS, help="benchmark part: the benchmark's sections")
     p.add_argument("--sweep-runs", help="sweep part: model:recipe pairs (default: the benchmark's)")
     p.add_argument("--models", default=",".join(MODELS), help="cli part: the models whose default run it makes")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = build_parser()
     args = p.parse_args(argv)
-    args.parts, args.models = args.parts.split(","), args.models.split(",")
-    if set(args.parts) - set(PARTS):
-        p.error(f"unknown parts {', '.join(sorted(set(args.parts) - set(PARTS)))}: choose from {', '.join(PARTS)}")
-    out = Path(args.out).resolve()
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    args.parts, args.models, args.items = args.parts.split(","), args.models.split(","), args.items.split(",")
+    for kind, asked, known in (("parts", args.parts, PARTS), ("items", args.items, ITEMS)):
+        if set(asked) - set(known):
+            p.error(f"unknown {kind} {', '.join(sorted(set(asked) - set(known)))}: choose from {', '.join(known)}")
+    args.out = str(Path(args.out).resolve())
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    args.out = str(out)
-    results = []
-    for part, name, command, env in commands(args):
-        print(f"-- {part}: {name}", flush=True)
-        results.append({"part": part, **run_one(name, command, env, out, args.timeout)})
-        print(f"   {results[-1]['status']} in {results[-1]['seconds']:.0f} s", flush=True)
-        write_summary(out, args, results)  # after every run: an interrupted check keeps what it measured
-    print(write_summary(out, args, results).read_text())
-    return 0 if all(r["status"] == "ok" for r in results) else 1
+    handlers = {s: signal.signal(s, _raise_killed) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        state = run_budget(args, out) if args.budget else run_parts(args, out)
+    finally:
+        for s, handler in handlers.items():
+            signal.signal(s, handler)
+    print((out / "SUMMARY.md").read_text())
+    if state["state"] != "done":
+        return 128 + signal.SIGTERM
+    return 0 if all(r["status"] == "ok" for r in state["results"]) else 1
+
+
+def run_parts(args, out: Path) -> dict:
+    """The full check (no budget): every run of --parts in order, the summary after each."""
+    state = {"state": "running", "results": []}
+    try:
+        for part, name, command, env in commands(args):
+            print(f"-- {part}: {name}", flush=True)
+            state["results"].append({"part": part, **run_one(name, command, env, out, args.timeout)})
+            print(f"   {state['results'][-1]['status']} in {state['results'][-1]['seconds']:.0f} s", flush=True)
+            write_summary(out, args, state)  # after every run: an interrupted check keeps what it measured
+        state["state"] = "done"
+    except Killed as signal_name:
+        state["state"] = f"killed ({signal_name})"
+    write_summary(out, args, state)
+    return state
 
 
 if __name__ == "__main__":

@@ -4,7 +4,8 @@
 # Installs what the machine lacks from a folder of wheels when WHEELS (default .device/whl) holds them
 # (albumentations, grad-cam, torch-lr-finder, torchinfo, airbench, papermill, a Jupyter kernel), else from the
 # package index, then runs `python -m benchmarks.gpu_check` (tests, benchmark in every mode, the peak sweep, the
-# command line's default run of each model, all five notebooks) and prints OUT/SUMMARY.md.
+# command line's default run of each model, all five notebooks) and prints OUT/SUMMARY.md. Pass `-- --budget S` for
+# the budgeted check; on a machine lent for one call, benchmarks/device_check.sh does all of it (BENCHMARKS.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 data=${1:?usage: bash benchmarks/gpu_check.sh DATA_DIR [OUT] [-- flags]}

@@ -1,19 +1,30 @@
-"""benchmarks/gpu_check.py: the one-command GPU check runs its parts and writes a summary (plumbing, on the CPU)."""
+"""benchmarks/gpu_check.py and benchmarks/device_check.sh: the GPU check's plumbing, on the CPU.
+
+The budget's logic runs with a fake estimate table, a fake clock and a fake runner (no training); the kill test
+sends a real SIGTERM to a check whose item sleeps; the slow tests run the real items in --quick sizes."""
 
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
+import tarfile
+import textwrap
+import time
+import zipfile
+from pathlib import Path
 
 import pytest
 
 from benchmarks import gpu_check
 
+REPO = Path(__file__).resolve().parents[1]
+
 
 def test_every_part_has_its_commands():
-    args = gpu_check.argparse.Namespace(out="/tmp/o", data_dir="d", data_name="n", device="cuda", quick=False,
-                                        parts=list(gpu_check.PARTS), accuracy_runs=gpu_check.ACCURACY_RUNS,
-                                        sweep_runs="resnet18:writeup", models=list(gpu_check.MODELS),
-                                        sections=gpu_check.SECTIONS)
+    args = gpu_check.parse_args(["--data-dir", "d", "--out", "/tmp/o", "--sweep-runs", "resnet18:writeup"])
     runs = gpu_check.commands(args)
     names = [name for _, name, _, _ in runs]
     assert {part for part, *_ in runs} == set(gpu_check.PARTS)
@@ -26,14 +37,211 @@ def test_every_part_has_its_commands():
     assert sweep[sweep.index("--sweep-runs") + 1] == "resnet18:writeup"  # a device session can split the sweep
 
 
+def test_every_item_has_an_estimate_with_its_source_and_a_command(tmp_path):
+    assert list(gpu_check.ESTIMATES) == list(gpu_check.ITEMS)
+    assert all(seconds > 0 and source for seconds, source in gpu_check.ESTIMATES.values())
+    args = gpu_check.parse_args(["--data-dir", "d", "--out", str(tmp_path), "--budget", "500"])
+    for name in gpu_check.ITEMS:
+        command = gpu_check.item_command(name, args, tmp_path)
+        assert isinstance(command, tuple) or "papermill" in command, name
+    argv, _ = gpu_check.item_command("airbench_fast", args, tmp_path)
+    assert argv[argv.index("--sections") + 1] == "airbench,accuracy" and argv[argv.index("--seeds") + 1] == "3"
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "airbench_fast.json")
+
+
+def test_accuracy_items_take_airbench94s_accuracy_and_get_its_ratios(tmp_path):
+    args = gpu_check.parse_args(["--data-dir", "d", "--out", str(tmp_path), "--budget", "500"])
+    assert "--target" not in gpu_check.item_command("writeup", args, tmp_path)[0]  # no airbench94 measured yet
+    airbench = {"seconds_mean": 2.0, "acc_tta0_mean": 89.75, "acc_tta2_mean": 90.5, "runs": [{}, {}, {}]}
+    (tmp_path / "airbench_fast.json").write_text(json.dumps({"results": {"airbench": airbench}}))
+    argv, _ = gpu_check.item_command("writeup", args, tmp_path)
+    assert argv[argv.index("--target") + 1] == "89.7500" and argv[argv.index("--target-tta") + 1] == "90.5000"
+    row = {"train_time_to_target_mean_s": 10.0, "train_time_to_target_tta_mean_s": None, "train_only_s_mean": 16.0}
+    (tmp_path / "writeup.json").write_text(json.dumps({"results": {"accuracy": [row]}}))
+    gpu_check.attach_airbench(tmp_path, "writeup")
+    res = json.loads((tmp_path / "writeup.json").read_text())["results"]
+    assert res["accuracy"][0]["vs_airbench"] == pytest.approx(5.0)
+    assert res["accuracy"][0]["full_run_vs_airbench"] == pytest.approx(8.0)
+    assert res["accuracy"][0]["vs_airbench_tta"] is None and "airbench_fast.json" in res["airbench"]["from"]
+
+
+def test_scale_factor_is_measured_over_estimated_clamped_and_ignores_failures():
+    table = {"a": (10, ""), "b": (20, ""), "c": (30, "")}
+    assert gpu_check.scale_factor([], table) == 1.0
+    ok = [{"name": "a", "status": "ok", "seconds": 15}, {"name": "b", "status": "failed (timeout)", "seconds": 30}]
+    assert gpu_check.scale_factor(ok, table) == pytest.approx(45 / 30)
+    crashed = [*ok, {"name": "c", "status": "failed (1)", "seconds": 1}]
+    assert gpu_check.scale_factor(crashed, table) == pytest.approx(45 / 30)  # a crash says nothing about speed
+    assert gpu_check.scale_factor([{"name": "a", "status": "ok", "seconds": 1000}], table) == gpu_check.SCALE_RANGE[1]
+    assert gpu_check.scale_factor([{"name": "a", "status": "ok", "seconds": 0}], table) == gpu_check.SCALE_RANGE[0]
+
+
+class FakeMachine:
+    """A clock and a runner: each item takes `factor` times its estimate, or raises `kill_at`'s exception."""
+
+    def __init__(self, table, factor=2.0, kill_at=None):
+        self.now, self.table, self.factor, self.kill_at, self.ran = 0.0, table, factor, kill_at, []
+
+    def clock(self):
+        return self.now
+
+    def run(self, name, argv, env, out, timeout):
+        self.ran.append((name, timeout))
+        if name == self.kill_at:
+            self.now += 5
+            raise gpu_check.Killed("SIGTERM")
+        seconds = self.table[name][0] * self.factor
+        self.now += seconds
+        (out / "logs").mkdir(exist_ok=True)
+        (out / "logs" / f"{name}.log").write_text("$ fake\n")
+        return {"name": name, "command": "fake", "status": "ok", "seconds": seconds, "log": f"logs/{name}.log"}
+
+
+def fake_table(**seconds):
+    return {name: (seconds.get(name, 1000), "fake") for name in gpu_check.ITEMS}
+
+
+@pytest.fixture
+def budget_args(tmp_path, monkeypatch):
+    monkeypatch.setattr(gpu_check, "item_command", lambda name, args, out: (["true"], {}))
+    return gpu_check.parse_args(["--data-dir", "d", "--out", str(tmp_path), "--budget", "100"])
+
+
+def test_budget_runs_in_priority_order_what_its_scaled_estimate_says_fits(budget_args, tmp_path):
+    table = fake_table(cuda_tests=10, airbench_fast=50, writeup=30, resnet18_fast=30, modes=5)
+    fake = FakeMachine(table, factor=2.0)  # every item takes twice its estimate: the run learns it after the first
+    state = gpu_check.run_budget(budget_args, tmp_path, estimates=table, runner=fake.run, clock=fake.clock)
+    # cuda_tests: 10 s estimated, 20 s taken (scale 2); airbench_fast 100 > 80 left; writeup 60 fits (20 left);
+    # resnet18_fast 60 > 20; modes 10 fits; the rest (1000 s each) never
+    assert [name for name, _ in fake.ran] == ["cuda_tests", "writeup", "modes"]
+    assert [timeout for _, timeout in fake.ran] == [100, 80, 20]  # no item may run past the budget
+    skipped = {s["name"]: s["why"] for s in state["skipped"]}
+    assert list(skipped) == ["airbench_fast", "resnet18_fast", "sweep", "depthwise", "nb02", "nb04"]
+    assert skipped["airbench_fast"] == "estimate 100 s (50 s x 2.00) > 80 s left"
+    assert state["state"] == "done" and state["elapsed_s"] == 90
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "| budget | writeup | ok | 60 | 60 |" in summary
+    assert "- airbench_fast (airbench94 x 3" in summary and "> 80 s left" in summary
+    assert json.loads((tmp_path / "summary.json").read_text())["skipped"] == state["skipped"]
+
+
+def test_budget_skips_nothing_when_everything_fits(budget_args, tmp_path):
+    budget_args.budget = 10**6
+    table = fake_table()
+    fake = FakeMachine(table, factor=0.5)
+    state = gpu_check.run_budget(budget_args, tmp_path, estimates=table, runner=fake.run, clock=fake.clock)
+    assert [name for name, _ in fake.ran] == list(gpu_check.ITEMS) and state["skipped"] == []
+
+
+def test_a_kill_mid_item_leaves_a_summary_of_what_ran_and_what_never_started(budget_args, tmp_path):
+    budget_args.budget = 10**4
+    table = fake_table(cuda_tests=10, airbench_fast=20)
+    fake = FakeMachine(table, factor=1.0, kill_at="writeup")
+    state = gpu_check.run_budget(budget_args, tmp_path, estimates=table, runner=fake.run, clock=fake.clock)
+    assert state["state"].startswith("killed (SIGTERM)")
+    assert [(r["name"], r["status"]) for r in state["results"]] == [
+        ("cuda_tests", "ok"), ("airbench_fast", "ok"), ("writeup", "killed (SIGTERM)")]
+    assert [s["name"] for s in state["skipped"]] == list(gpu_check.ITEMS)[3:]
+    assert all("not started: the check was killed" in s["why"] for s in state["skipped"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["state"] == state["state"] and summary["running"] is None
+
+
+def test_a_run_past_its_time_is_stopped(tmp_path):
+    t0 = time.perf_counter()
+    result = gpu_check.run_one("sleepy", [sys.executable, "-c", "import time; time.sleep(60)"], {}, tmp_path, 1)
+    assert result["status"] == "failed (timeout)" and time.perf_counter() - t0 < 30
+    assert (tmp_path / "logs" / "sleepy.log").read_text().startswith("$ ")
+
+
+KILLED_CHECK = """
+import sys
+from benchmarks import gpu_check
+sleep = "import os, pathlib, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); time.sleep(120)"
+gpu_check.item_command = lambda name, args, out: ([sys.executable, "-c", "import sys; " + sleep, {pid!r}], {{}})
+sys.exit(gpu_check.main(["--data-dir", "d", "--out", {out!r}, "--budget", "1000", "--items", "cuda_tests,writeup"]))
+"""
+
+
+def test_sigterm_ends_the_running_item_and_leaves_a_readable_summary(tmp_path):
+    out, pid_file = tmp_path / "check", tmp_path / "item.pid"
+    script = KILLED_CHECK.format(pid=str(pid_file), out=str(out))
+    check = subprocess.Popen([sys.executable, "-c", script], cwd=REPO, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 60
+    while not pid_file.exists() or not pid_file.read_text():  # the item has started (and the summary says so)
+        assert time.monotonic() < deadline and check.poll() is None, check.stdout.read()
+        time.sleep(0.1)
+    running = json.loads((out / "summary.json").read_text())
+    assert running["state"] == "running" and running["running"]["name"] == "cuda_tests"
+    check.send_signal(signal.SIGTERM)
+    output = check.communicate(timeout=30)[0]
+    assert check.returncode == 128 + signal.SIGTERM, output
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["state"].startswith("killed (SIGTERM)")
+    assert [(r["name"], r["status"]) for r in summary["results"]] == [("cuda_tests", "killed (SIGTERM)")]
+    assert summary["skipped"][0]["name"] == "writeup"
+    assert "cuda_tests | killed (SIGTERM)" in (out / "SUMMARY.md").read_text()
+    with pytest.raises(ProcessLookupError):  # the item's process went with the check
+        os.kill(int(pid_file.read_text()), 0)
+
+
 @pytest.mark.slow
 def test_quick_cli_part_writes_a_summary(tiny_data, tmp_path):
     out = tmp_path / "check"
     code = gpu_check.main(["--data-dir", str(tiny_data), "--out", str(out), "--parts", "cli", "--device", "cpu",
                            "--quick"])
     summary = (out / "SUMMARY.md").read_text()
-    results = json.loads((out / "summary.json").read_text())
+    results = json.loads((out / "summary.json").read_text())["results"]
     assert code == 0, summary
     assert [r["name"] for r in results] == ["cli_custom_resnet", "cli_resnet18", "cli_depthwise_net"]
     assert "QUICK smoke run" in summary and "cli_resnet18 | ok" in summary
     assert "% in 1 epochs" in summary  # the headline read from metrics.json
+
+
+def probe_wheel(folder: Path) -> Path:
+    """A minimal pure-Python wheel, to see the device script install what .device/whl holds."""
+    path = folder / "gpucheckprobe-0.1-py3-none-any.whl"
+    info = "gpucheckprobe-0.1.dist-info"
+    with zipfile.ZipFile(path, "w") as z:
+        z.writestr("gpucheckprobe/__init__.py", "VALUE = 42\n")
+        z.writestr(f"{info}/METADATA", "Metadata-Version: 2.1\nName: gpucheckprobe\nVersion: 0.1\n")
+        z.writestr(f"{info}/WHEEL", "Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+        z.writestr(f"{info}/RECORD", "")
+    return path
+
+
+@pytest.mark.slow
+def test_device_script_makes_the_data_installs_the_wheels_and_packs_at_most_8_files(tiny_data, tmp_path):
+    """The one device command, in --quick sizes on the CPU, with two of the items (a minute or so on 2 cores; the
+    notebooks' SMOKE runs alone take 2-10 minutes there, and test_notebooks runs them)."""
+    dev = tmp_path / "device"
+    (dev / "whl").mkdir(parents=True)
+    probe_wheel(dev / "whl")
+    (dev / "data").mkdir()
+    (dev / "data" / "make_cifar10.py").write_text(textwrap.dedent(f"""
+        import shutil, sys
+        shutil.copytree({str(tiny_data / 'cifar-10-batches-py')!r}, sys.argv[1] + "/cifar-10-batches-py")
+    """))
+    out = tmp_path / "OUT"
+    env = {**os.environ, "OUT": str(out), "DEVICE_DIR": str(dev), "DATA": str(tmp_path / "cifar"),
+           "SITE": str(tmp_path / "site"), "WORK": str(tmp_path / "work"), "GIT_COMMIT": "abc1234",
+           "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "BUDGET": "3000"}
+    flags = ["--quick", "--device", "cpu", "--items", "writeup,modes"]
+    done = subprocess.run(["bash", "benchmarks/device_check.sh", *flags], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    files = sorted(p.name for p in out.iterdir())
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert files == ["SUMMARY.md", "device_check.log", "gpu-check.tar.gz", "summary.json"]
+    assert (tmp_path / "cifar" / "cifar-10-batches-py").is_dir()  # made by the carried script
+    assert (tmp_path / "site" / "gpucheckprobe" / "__init__.py").is_file()
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["state"] == "done" and "commit abc1234" in summary["machine"]
+    assert "CIFAR-10 (JPEG copy)" in summary["machine"] and summary["quick"]
+    assert [(r["name"], r["status"]) for r in summary["results"]] == [("writeup", "ok"), ("modes", "ok")]
+    assert summary["skipped"] == [] and summary["command"][-2:] == ["--items", "writeup,modes"]
+    with tarfile.open(out / "gpu-check.tar.gz") as tar:
+        names = tar.getnames()
+    assert "check/logs/writeup.log" in names and "check/modes.json" in names and "check/SUMMARY.md" in names
+    assert not [n for n in names if n.endswith(".pt")]
+    assert "budget 3000 s" in (out / "device_check.log").read_text()
