@@ -46,8 +46,8 @@ DISPLAY = 256  # side of the centre square kept for display and overlays, px
 BACKGROUND = (255, 255, 255)  # what transparent pixels become
 
 
-class ImageError(ValueError):
-    """An input that is not a readable image; the message says which and what to do."""
+class InputError(ValueError):
+    """A bad input (not a readable image, a wrong class name or flag); the message says which and what to do."""
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -58,22 +58,22 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     """Decode an image file fully (a truncated file fails here, not later), upright by its EXIF orientation."""
     path = Path(path).expanduser()
     if path.is_dir():
-        raise ImageError(f"{path} is a folder, not an image: pass image files (PNG, JPEG, WebP, ...)")
+        raise InputError(f"{path} is a folder, not an image: pass image files (PNG, JPEG, WebP, ...)")
     if not path.exists():
-        raise ImageError(f"no such file: {path}")
+        raise InputError(f"no such file: {path}")
     try:
         with Image.open(path) as img:
             img.load()
             return ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
-        raise ImageError(f"{path} is not an image Pillow can read: pass a PNG, JPEG, WebP, GIF, BMP or TIFF "
+        raise InputError(f"{path} is not an image Pillow can read: pass a PNG, JPEG, WebP, GIF, BMP or TIFF "
                          "file") from None
     except Image.DecompressionBombError:
-        raise ImageError(f"{path} has too many pixels to read safely: shrink it first") from None
+        raise InputError(f"{path} has too many pixels to read safely: shrink it first") from None
     except PermissionError:
-        raise ImageError(f"cannot read {path}: permission denied") from None
+        raise InputError(f"cannot read {path}: permission denied") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise ImageError(f"{path} could not be decoded ({err}): the file is damaged or cut short; use "
+        raise InputError(f"{path} could not be decoded ({err}): the file is damaged or cut short; use "
                          "another copy") from None
 
 
@@ -83,14 +83,14 @@ def image_from_array(array) -> Image.Image:
     if a.ndim == 3 and a.shape[-1] == 1:
         a = a[..., 0]
     if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[-1] not in (3, 4)) or a.size == 0:
-        raise ImageError(f"an image array is (H, W), (H, W, 3) or (H, W, 4), channels last; got shape {a.shape}")
+        raise InputError(f"an image array is (H, W), (H, W, 3) or (H, W, 4), channels last; got shape {a.shape}")
     if np.issubdtype(a.dtype, np.floating):
         if not np.isfinite(a).all() or a.min() < 0 or a.max() > 1:
-            raise ImageError("a float image array must hold values in [0, 1] (de-normalise it first, e.g. with "
+            raise InputError("a float image array must hold values in [0, 1] (de-normalise it first, e.g. with "
                              "helpers.data.denormalize), or pass uint8")
         a = np.rint(a * 255)
     elif a.dtype != np.uint8:
-        raise ImageError(f"an image array is uint8, or float in [0, 1]; got {a.dtype}")
+        raise InputError(f"an image array is uint8, or float in [0, 1]; got {a.dtype}")
     return Image.fromarray(np.ascontiguousarray(a.astype(np.uint8)))
 
 
@@ -99,10 +99,13 @@ def as_pil(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         return open_image(image)
     if isinstance(image, Image.Image):
-        return image
+        try:
+            return ImageOps.exif_transpose(image)  # upright, as a file would be; a copy
+        except (OSError, SyntaxError, ValueError) as err:
+            raise InputError(f"the image could not be decoded ({err}): it is damaged or cut short") from None
     if isinstance(image, (np.ndarray, list, tuple)):
         return image_from_array(image)
-    raise ImageError(f"expected an image path, a PIL image or a numpy array, got {type(image).__name__}")
+    raise InputError(f"expected an image path, a PIL image or a numpy array, got {type(image).__name__}")
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -170,6 +173,7 @@ class Predictor:
     source: Path  # the checkpoint
     epoch: int  # epochs trained
     epochs: int  # epochs planned
+    config: dict  # the run's settings (helpers.config.TrainConfig.to_dict())
 
     @property
     def device(self) -> torch.device:
@@ -182,7 +186,7 @@ class Predictor:
         """The index of a class name (any case); a wrong name lists the valid ones."""
         lowered = [c.lower() for c in self.classes]
         if name.lower() not in lowered:
-            raise ImageError(f"no class {name!r}: choose one of {', '.join(self.classes)}")
+            raise InputError(f"no class {name!r}: choose one of {', '.join(self.classes)}")
         return lowered.index(name.lower())
 
     def normalize(self, seen: np.ndarray) -> torch.Tensor:
@@ -233,7 +237,7 @@ def load_predictor(path: str | os.PathLike, *, device: str | torch.device = "aut
     load_weights(model, source)
     model.to(resolve_device(device)).eval()
     return Predictor(model, classes, tuple(norm["mean"]), tuple(norm["std"]), name, source,
-                     int(state.get("epoch", 0)), int(state["config"].get("epochs", 0)))
+                     int(state.get("epoch", 0)), int(state["config"].get("epochs", 0)), dict(state["config"]))
 
 
 def predict(run_or_predictor, image, *, top: int = 3) -> list[tuple[str, float]]:
@@ -314,21 +318,29 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def new_figure_path(path: str, overwrite: bool) -> Path:
-    """--gradcam's file, checked before any work: a file name matplotlib can write, not a folder, not an
-    existing file unless `overwrite`."""
-    import matplotlib.pyplot as plt
+FIGURE_TYPES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
+
+def new_figure_path(path: str, *, overwrite: bool, flag: str = "--gradcam") -> Path:
+    """A figure file named on the command line, checked before any work: a name matplotlib writes, not a folder,
+    not an existing file unless `overwrite` (nothing of the user's is replaced unasked)."""
     out = Path(path).expanduser()
-    kinds = plt.figure().canvas.get_supported_filetypes()
-    plt.close("all")
     if out.is_dir():
-        raise ImageError(f"--gradcam {out} is a folder: give a file name, e.g. {out / 'gradcam.png'}")
-    if out.suffix.lower().lstrip(".") not in kinds:
-        raise ImageError(f"--gradcam {out}: end the name in .png (or .jpg, .pdf, .svg)")
+        raise InputError(f"{flag} {out} is a folder: give a file name, e.g. {out / 'figure.png'}")
+    if out.suffix.lower() not in FIGURE_TYPES:
+        raise InputError(f"{flag} {out}: end the name in .png (or .jpg, .pdf, .svg)")
     if out.exists() and not overwrite:
-        raise ImageError(f"--gradcam {out} exists: choose another name, or pass --overwrite to replace it")
+        raise InputError(f"{flag} {out} exists: choose another name, or pass --overwrite to replace it")
     return out
+
+
+def save_figure(fig, out: Path) -> Path:
+    """Write `fig` atomically (a crash leaves no half file), creating the folder."""
+    from helpers.utils import atomic_write
+
+    out.parent.mkdir(parents=True, exist_ok=True)
+    kind = out.suffix.lower().lstrip(".").replace("jpg", "jpeg")
+    return atomic_write(out, lambda tmp: fig.savefig(tmp, format=kind, dpi=120, bbox_inches="tight"))
 
 
 def format_prediction(p: Prediction, top: int, target: int | None = None) -> str:
@@ -340,17 +352,15 @@ def format_prediction(p: Prediction, top: int, target: int | None = None) -> str
 
 
 def main(argv: list[str] | None = None) -> int:
-    from helpers.utils import atomic_write
-
     args = build_parser().parse_args(argv)
     try:
-        out = new_figure_path(args.gradcam, args.overwrite) if args.gradcam else None
+        out = new_figure_path(args.gradcam, overwrite=args.overwrite) if args.gradcam else None
         predictor = load_predictor(args.checkpoint, device=args.device)
         if not 1 <= args.top <= len(predictor.classes):
-            raise ImageError(f"--top {args.top}: choose 1 to {len(predictor.classes)}")
+            raise InputError(f"--top {args.top}: choose 1 to {len(predictor.classes)}")
         target = predictor.class_index(args.target) if args.target else None
         images = [(Path(path).name, open_image(path)) for path in args.images]  # all read before any output
-    except (ImageError, CheckpointError, RuntimeError) as err:  # RuntimeError: --device cuda without a GPU
+    except (InputError, CheckpointError, RuntimeError) as err:  # RuntimeError: --device cuda without a GPU
         print(f"error: {err}", file=sys.stderr)
         return 2
     print(f"{predictor.describe()}")
@@ -358,10 +368,7 @@ def main(argv: list[str] | None = None) -> int:
     for p in predictions:
         print(format_prediction(p, args.top, target))
     if out is not None:
-        fig = plot_predictions(predictor, predictions, target=target, top=args.top)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(out, lambda tmp: fig.savefig(tmp, format=out.suffix.lower().lstrip("."), dpi=120,
-                                                  bbox_inches="tight"))
+        save_figure(plot_predictions(predictor, predictions, target=target, top=args.top), out)
         print(f"GradCAM figure: {out}")
     return 0
 
