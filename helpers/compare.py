@@ -120,7 +120,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, histories = [r for r, _ in read], [h for _, h in read]
     print(format_table(rows))
-    if len({r["test_images"] for r in rows}) > 1:
+    if len({r["test_images"] for r in rows} - {None}) > 1:
         print("note: these runs were tested on different numbers of images: their accuracies are not comparable")
     if out is None:
         print("add --out compare.png for their test accuracy and loss curves")

@@ -204,7 +204,9 @@ class Predictor:
         rgb = to_rgb(img)
         box = centre_square(*rgb.size)
         seen = np.asarray(rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS, box=box))
-        square = np.asarray(rgb.resize((DISPLAY, DISPLAY), Image.Resampling.LANCZOS, box=box))
+        enlarge = box[2] - box[0] < DISPLAY  # a small image is shown with its pixels as squares, not blurred
+        square = np.asarray(rgb.resize((DISPLAY, DISPLAY), Image.Resampling.NEAREST if enlarge else
+                                       Image.Resampling.LANCZOS, box=box))
         with torch.inference_mode():
             probabilities = self.model(self.normalize(seen[None])).float().softmax(1)[0].cpu().numpy()
         return Prediction(name, size, mode, square, seen, probabilities, list(self.classes))
