@@ -29,7 +29,9 @@ from helpers.checkpoints import CheckpointError
 from helpers.predict import DISPLAY, InputError, Predictor, load_predictor, overlay_on_square
 
 HOST = "127.0.0.1"  # loopback: the page is reachable from this machine only, unless --host says otherwise
-CSS = ".seen img { image-rendering: pixelated; }"  # show the 32x32's pixels as squares, not a blur
+# small images (the 32x32s) fill their box with square pixels, not a blur
+CSS = (".pixels img { image-rendering: pixelated; width: 100% !important; height: 100% !important; "
+       "object-fit: contain; }")
 
 
 def import_gradio():
@@ -59,7 +61,7 @@ def classify(predictor: Predictor, path: str | None):
 
 
 def example_images(predictor: Predictor, folder: Path, *, data_dir: str | None = None) -> tuple[list, list]:
-    """(paths, labels): the first test image of each class, written as PNGs into `folder`; none when the run's
+    """(paths, class names): the first test image of each class, written as PNGs into `folder`; none when the run's
     CIFAR-10 folder (or `data_dir`) is not on this machine."""
     from helpers.data import DataError, load_cifar10
 
@@ -73,7 +75,7 @@ def example_images(predictor: Predictor, folder: Path, *, data_dir: str | None =
         path = folder / f"test_{index:05d}_{name}.png"
         Image.fromarray(test.images[index]).save(path)
         paths.append([str(path)])
-        labels.append(f"test image {index}: {name}")
+        labels.append(name)
     return paths, labels
 
 
@@ -81,43 +83,49 @@ def headline(predictor: Predictor) -> str:
     """The page's heading: the model, its epochs and, when the run folder has metrics.json, its test accuracy."""
     metrics = predictor.source.parent / "metrics.json"
     try:
-        acc = json.loads(metrics.read_text()).get("test_acc")
-    except (OSError, json.JSONDecodeError):
-        acc = None
-    score = f", {acc:.2f}% on its test images" if isinstance(acc, (int, float)) else ""
+        m = json.loads(metrics.read_text())
+        score = f", {m['test_acc']:.2f}% right on its {m['test_images']:,} test images"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        score = ""
     return (f"## What does my CIFAR-10 model see?\n**{predictor.model_name}**, {predictor.config.get('recipe')} "
-            f"recipe, {predictor.epoch} of {predictor.epochs} epochs{score}. It knows 10 classes "
+            f"recipe, trained {predictor.epoch} of {predictor.epochs} epochs{score}. It knows 10 classes "
             f"({', '.join(predictor.classes)}): anything else gets the closest of them. Your image is cut to its "
             "centre square and shrunk to 32x32 pixels, the size the model was trained on.")
 
 
 def build_demo(predictor: Predictor, *, examples: tuple[list, list] = ([], [])):
-    """The Gradio Blocks page: an image input with example test images, a top-3 label, the GradCAM overlay and
-    the 32x32 the model saw. Its one API endpoint is /predict (image file -> label, overlay, 32x32)."""
+    """The Gradio Blocks page: an image input with example test images (the first shown, classified, when the
+    page opens), a top-3 label, the GradCAM overlay and the 32x32 the model saw. Its one API endpoint is /predict
+    (image file -> label, overlay, 32x32)."""
     gr = import_gradio()
     with gr.Blocks(title=f"CIFAR-10 demo: {predictor.model_name}") as page:
         gr.Markdown(headline(predictor))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
-                image = gr.Image(type="filepath", image_mode=None, label="Your image", sources=["upload", "clipboard"],
-                                 height=320)
+                first = examples[0][0][0] if examples[0] else None  # the page opens with it classified
+                image = gr.Image(first, type="filepath", image_mode=None, label="Your image",
+                                 sources=["upload", "clipboard"], height=320, elem_classes="pixels")
                 button = gr.Button("Classify", variant="primary")
                 if examples[0]:
-                    gr.Examples(examples[0], inputs=image, example_labels=examples[1], examples_per_page=10,
-                                label="Or pick a test image (the first of each class)")
+                    gr.Examples(examples[0], inputs=image, examples_per_page=10,
+                                label="Or pick a test image: " + ", ".join(examples[1]))
             with gr.Column(scale=1):
                 label = gr.Label(num_top_classes=3, label="Top 3 classes")
                 with gr.Row():
-                    cam = gr.Image(type="numpy", format="png", label="GradCAM: where it looked for its top class",
+                    cam = gr.Image(type="numpy", format="png", label="GradCAM, top class",
                                    interactive=False, height=256)
-                    seen = gr.Image(type="numpy", format="png", label="What the model saw (32x32)",
-                                    interactive=False, height=256, elem_classes="seen")
+                    seen = gr.Image(type="numpy", format="png", label="What it saw (32x32)",
+                                    interactive=False, height=256, elem_classes="pixels")
         # Gradio runs one call of an event at a time by default: GradCAM's hooks on the shared model never overlap
         for event in (button.click, image.upload):
             event(lambda path: classify(predictor, path), inputs=image, outputs=[label, cam, seen],
                   api_name="predict" if event == button.click else False)
-        gr.Markdown("GradCAM (Selvaraju et al., 2017) colours the evidence *for* the top class, red strongest; "
-                    "each map is scaled to its own maximum, so compare where, not how hot.")
+        if first is not None:
+            page.load(lambda path: classify(predictor, path), inputs=image, outputs=[label, cam, seen],
+                      api_name=False)
+        gr.Markdown("**GradCAM** (Selvaraju et al., 2017) colours where the model found evidence *for* its top "
+                    "class, red strongest; each map is scaled to its own maximum, so compare where, not how hot. "
+                    "**What it saw** is your image as the model's input: its centre square at 32x32 pixels.")
     return page
 
 
