@@ -82,3 +82,15 @@ def shared_cifar(tmp_path_factory) -> Path:
 def without_time(history) -> list[dict]:
     """A History's records without their timings (seconds, train_seconds): what equal runs must share."""
     return [{k: v for k, v in r.items() if k not in ("seconds", "train_seconds")} for r in history.records]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_data, tmp_path_factory) -> Path:
+    """A finished 2-epoch depthwise_net run folder on tiny_data (checkpoint.pt, metrics.json, history.json)."""
+    from helpers import cli
+
+    out = tmp_path_factory.mktemp("trained") / "run"
+    assert cli.main(["--model", "depthwise_net", "--epochs", "2", "--batch-size", "20", "--max-lr", "0.05",
+                     "--device", "cpu", "--workers", "0", "--no-figures", "--quiet", "--data-dir", str(tiny_data),
+                     "--out", str(out)]) == 0
+    return out

@@ -1,0 +1,134 @@
+"""Compare training runs side by side.
+
+    python -m helpers.compare RUN [RUN ...] [--out FILE.png]
+
+prints one row per run (model, recipe, epochs, final and test-time-augmented test accuracy, training seconds,
+test images, device) and, with --out, draws their test accuracy and test loss per epoch on shared axes. A RUN is
+a folder written by `python -m helpers.train` (metrics.json and history.json; for a run stopped before its end,
+its checkpoint.pt), or any file inside it. From Python: `rows, fig = compare_runs(["runs/a", "runs/b"])`.
+
+Accuracies are comparable only on the same test images: the table shows how many each run was tested on.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from helpers.checkpoints import CheckpointError, load_checkpoint
+from helpers.predict import InputError, new_figure_path, save_figure
+
+COLUMNS = {  # row key: (header, format)
+    "run": ("run", "{}"), "model": ("model", "{}"), "recipe": ("recipe", "{}"), "epochs": ("epochs", "{}"),
+    "test_acc": ("test acc %", "{:.2f}"), "test_acc_tta": ("TTA acc %", "{:.2f}"),
+    "train_seconds": ("train s", "{:.1f}"), "test_images": ("test images", "{:,}"), "device": ("device", "{}"),
+}
+
+
+class RunError(ValueError):
+    """A path that is not a readable run; the message says what to pass instead."""
+
+
+def read_run(path: str | os.PathLike):
+    """(row, History) of one run folder: the row has COLUMNS' keys (None where the run did not record it)."""
+    from helpers.train import History
+
+    folder = Path(path).expanduser()
+    folder = folder.parent if folder.is_file() else folder
+    label = str(path).rstrip("/\\") or str(folder)
+    if not folder.is_dir():
+        raise RunError(f"no run at {path}: pass run folders written by python -m helpers.train (their --out)")
+    metrics, history = folder / "metrics.json", folder / "history.json"
+    if metrics.is_file() and history.is_file():
+        try:
+            m = json.loads(metrics.read_text())
+            hist = History.from_json(history)
+        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
+            raise RunError(f"{folder}'s metrics.json or history.json is damaged ({type(err).__name__}): "
+                           "re-run it or leave it out") from None
+        row = {k: m.get(k) for k in COLUMNS} | {"run": label, "epochs": m.get("epochs", len(hist))}
+        return row, hist
+    try:  # stopped before the end: the checkpoint holds its history so far
+        state = load_checkpoint(folder)
+    except CheckpointError:
+        raise RunError(f"{folder} holds no metrics.json and history.json, nor a readable checkpoint.pt: pass run "
+                       "folders written by python -m helpers.train") from None
+    hist = History(state["history"])
+    last = hist.records[-1] if hist.records else {}
+    seconds = hist.train_seconds
+    return {"run": label, "model": state["config"]["model"], "recipe": state["config"].get("recipe"),
+            "epochs": f"{state['epoch']}/{state['config']['epochs']} (unfinished)",
+            "test_acc": last.get("test_acc"), "test_acc_tta": last.get("test_acc_tta"),
+            "train_seconds": sum(seconds) if seconds and None not in seconds else None,
+            "test_images": None, "device": None}, hist
+
+
+def format_table(rows: list[dict]) -> str:
+    """The rows as an aligned text table ('-' where a run did not record a value)."""
+    cells = [[h for h, _ in COLUMNS.values()]]
+    cells += [["-" if row.get(k) is None else fmt.format(row[k]) for k, (_, fmt) in COLUMNS.items()] for row in rows]
+    widths = [max(len(r[c]) for r in cells) for c in range(len(COLUMNS))]
+    numeric = {"test_acc", "test_acc_tta", "train_seconds", "test_images"}
+    lines = ["  ".join(cell.rjust(w) if key in numeric else cell.ljust(w)
+                       for cell, w, key in zip(r, widths, COLUMNS)).rstrip() for r in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def plot_runs(rows: list[dict], histories: list, *, save=None):
+    """Test accuracy (%) and test loss per epoch of each run, on two panels that share the epoch axis."""
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
+
+    from helpers.plots import _finish
+
+    fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True)
+    for row, hist in zip(rows, histories):
+        label = f"{row['run']} ({row['model']}, {row['recipe']})"
+        ax_acc.plot(hist.epoch, hist.test_acc, "o-", ms=3, label=label)
+        ax_loss.plot(hist.epoch, hist.test_loss, "o-", ms=3, label=label)
+    ax_acc.set(title="Test accuracy", ylabel="%")
+    ax_loss.set(title="Test loss", ylabel="cross-entropy")
+    for ax in (ax_acc, ax_loss):
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
+    ax_acc.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def compare_runs(runs: list[str | os.PathLike], *, save=None):
+    """(rows, figure) for these run folders: the table's rows (dicts with COLUMNS' keys) and plot_runs' figure."""
+    rows, histories = zip(*(read_run(r) for r in runs)) if runs else ((), ())
+    return list(rows), plot_runs(list(rows), list(histories), save=save)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m helpers.compare", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", metavar="RUN", nargs="+", help="run folders written by python -m helpers.train")
+    p.add_argument("--out", metavar="FILE.png", help="draw test accuracy and loss per epoch into this new file")
+    p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
+    args = p.parse_args(argv)
+    try:
+        out = new_figure_path(args.out, overwrite=args.overwrite, flag="--out") if args.out else None
+        read = [read_run(r) for r in args.runs]
+    except (RunError, InputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    rows, histories = [r for r, _ in read], [h for _, h in read]
+    print(format_table(rows))
+    if len({r["test_images"] for r in rows} - {None}) > 1:
+        print("note: these runs were tested on different numbers of images: their accuracies are not comparable")
+    if out is None:
+        print("add --out compare.png for their test accuracy and loss curves")
+        return 0
+    save_figure(plot_runs(rows, histories), out)
+    print(f"curves: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,172 @@
+"""A demo page for a trained model, served by Gradio.
+
+    python -m helpers.demo RUN_OR_CHECKPOINT [--port P] [--share] [--host ADDRESS]
+
+Serves http://127.0.0.1:P (this machine only; P: 7860 or the next free port) where you upload an image, or pick
+one test image per class, and see the top-3 classes, the 32x32 the model saw and the GradCAM of its top class.
+Images are read as `python -m helpers.predict` reads them (helpers.predict: centre square, Lanczos to 32x32), so
+the page and the command line give the same answer. --share asks Gradio for a temporary public link (through
+Gradio's share servers); in Colab, where the notebook's machine is not yours to browse, Gradio makes one by itself.
+Gradio's usage reports are switched off (GRADIO_ANALYTICS_ENABLED=False) and the page uses the browser's own
+fonts: nothing is fetched from the internet unless you ask for a share link.
+
+Gradio is an optional extra: pip install -e ".[demo]" (or pip install gradio).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from helpers.checkpoints import CheckpointError
+from helpers.predict import DISPLAY, InputError, Predictor, load_predictor, overlay_on_square
+
+HOST = "127.0.0.1"  # loopback: the page is reachable from this machine only, unless --host says otherwise
+# small images (the 32x32s) fill their box with square pixels, not a blur
+CSS = (".pixels img { image-rendering: pixelated; width: 100% !important; height: 100% !important; "
+       "object-fit: contain; }")
+
+
+def import_gradio():
+    """gradio, with its usage reports off; a clear InputError when it is not installed."""
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no reports or version checks to gradio.app
+    try:
+        import gradio
+    except ImportError:
+        raise InputError('the demo page needs Gradio, which is not installed: pip install -e ".[demo]" in the '
+                         "repository (or pip install gradio)") from None
+    return gradio
+
+
+def classify(predictor: Predictor, path: str | None):
+    """The page's answer for one image file: ({class: probability} of all classes, GradCAM overlay of the top
+    class uint8 (DISPLAY, DISPLAY, 3), the 32x32 the model saw enlarged to DISPLAY with square pixels)."""
+    gr = import_gradio()
+    if path is None:
+        raise gr.Error("upload an image, or pick a test image below, first")
+    try:
+        p = predictor.predict(path)
+    except InputError as err:
+        raise gr.Error(str(err)) from None
+    cam = overlay_on_square(p, predictor.gradcam(p))
+    seen = np.asarray(Image.fromarray(p.seen).resize((DISPLAY, DISPLAY), Image.Resampling.NEAREST))
+    return {c: float(v) for c, v in zip(p.classes, p.probabilities)}, cam, seen
+
+
+def example_images(predictor: Predictor, folder: Path, *, data_dir: str | None = None) -> tuple[list, list]:
+    """(paths, class names): the first test image of each class, written as PNGs into `folder`; none when the run's
+    CIFAR-10 folder (or `data_dir`) is not on this machine."""
+    from helpers.data import DataError, load_cifar10
+
+    try:
+        test = load_cifar10(data_dir or predictor.config.get("data_dir", "data"), train=False, download=False)
+    except DataError:
+        return [], []
+    paths, labels = [], []
+    for c, name in enumerate(test.classes):
+        index = int(np.flatnonzero(test.labels == c)[0])
+        path = folder / f"test_{index:05d}_{name}.png"
+        Image.fromarray(test.images[index]).save(path)
+        paths.append([str(path)])
+        labels.append(name)
+    return paths, labels
+
+
+def headline(predictor: Predictor) -> str:
+    """The page's heading: the model, its epochs and, when the run folder has metrics.json, its test accuracy."""
+    metrics = predictor.source.parent / "metrics.json"
+    try:
+        m = json.loads(metrics.read_text())
+        score = f", {m['test_acc']:.2f}% right on its {m['test_images']:,} test images"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        score = ""
+    return (f"## What does my CIFAR-10 model see?\n**{predictor.model_name}**, {predictor.config.get('recipe')} "
+            f"recipe, trained {predictor.epoch} of {predictor.epochs} epochs{score}. It knows 10 classes "
+            f"({', '.join(predictor.classes)}): anything else gets the closest of them. Your image is cut to its "
+            "centre square and shrunk to 32x32 pixels, the size the model was trained on.")
+
+
+def build_demo(predictor: Predictor, *, examples: tuple[list, list] = ([], [])):
+    """The Gradio Blocks page: an image input with example test images (the first shown, classified, when the
+    page opens), a top-3 label, the GradCAM overlay and the 32x32 the model saw. Its one API endpoint is /predict
+    (image file -> label, overlay, 32x32)."""
+    gr = import_gradio()
+    with gr.Blocks(title=f"CIFAR-10 demo: {predictor.model_name}") as page:
+        gr.Markdown(headline(predictor))
+        with gr.Row(equal_height=False):
+            with gr.Column(scale=1):
+                first = examples[0][0][0] if examples[0] else None  # the page opens with it classified
+                image = gr.Image(first, type="filepath", image_mode=None, label="Your image",
+                                 sources=["upload", "clipboard"], height=320, elem_classes="pixels")
+                button = gr.Button("Classify", variant="primary")
+                if examples[0]:
+                    gr.Examples(examples[0], inputs=image, examples_per_page=10,
+                                label="Or pick a test image: " + ", ".join(examples[1]))
+            with gr.Column(scale=1):
+                label = gr.Label(num_top_classes=3, label="Top 3 classes")
+                with gr.Row():
+                    cam = gr.Image(type="numpy", format="png", label="GradCAM, top class",
+                                   interactive=False, height=256)
+                    seen = gr.Image(type="numpy", format="png", label="What it saw (32x32)",
+                                    interactive=False, height=256, elem_classes="pixels")
+        # Gradio runs one call of an event at a time by default: GradCAM's hooks on the shared model never overlap
+        for event in (button.click, image.upload):
+            event(lambda path: classify(predictor, path), inputs=image, outputs=[label, cam, seen],
+                  api_name="predict" if event == button.click else False)
+        if first is not None:
+            page.load(lambda path: classify(predictor, path), inputs=image, outputs=[label, cam, seen],
+                      api_name=False)
+        gr.Markdown("**GradCAM** (Selvaraju et al., 2017) colours where the model found evidence *for* its top "
+                    "class, red strongest; each map is scaled to its own maximum, so compare where, not how hot. "
+                    "**What it saw** is your image as the model's input: its centre square at 32x32 pixels.")
+    return page
+
+
+def serve(run: str | os.PathLike, *, port: int | None = None, share: bool | None = None, host: str = HOST,
+          data_dir: str | None = None, block: bool = True, quiet: bool = False, device: str = "auto"):
+    """Start the page for `run` (a run folder or checkpoint) and return the Gradio Blocks (`.local_url`,
+    `.share_url`; `.close()` stops it). block=False returns at once, the server running in the background."""
+    gr = import_gradio()
+    predictor = load_predictor(run, device=device)
+    folder = Path(tempfile.mkdtemp(prefix="cifar10-demo-"))  # the example PNGs; nothing written beside the run
+    page = build_demo(predictor, examples=example_images(predictor, folder, data_dir=data_dir))
+    theme = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
+                           font_mono=["ui-monospace", "monospace"])  # system fonts: no Google Fonts download
+    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
+                theme=theme, css=CSS, allowed_paths=[str(folder)], ssr_mode=False, footer_links=["api"])
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m helpers.demo", description=__doc__.split("\n\n")[0])
+    p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder (holding checkpoint.pt) or a checkpoint")
+    p.add_argument("--port", type=int, help="(default: 7860, or the next free port)")
+    p.add_argument("--share", action="store_true", default=None, help="also a temporary public link, through "
+                   "Gradio's share servers (Colab makes one anyway)")
+    p.add_argument("--host", default=HOST, help=f"address to listen on (default: {HOST}, this machine only; "
+                   "0.0.0.0: every network this machine is on)")
+    p.add_argument("--data-dir", help="where the test images for the examples are (default: the run's own)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
+    args = p.parse_args(argv)
+    try:
+        serve(args.run, port=args.port, share=args.share, host=args.host, data_dir=args.data_dir,
+              device=args.device)
+    except (InputError, CheckpointError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        print(f"error: cannot serve on {args.host}:{args.port or 'default port'} ({err}): choose another --port",
+              file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
