@@ -106,12 +106,16 @@ def compare_runs(runs: list[str | os.PathLike], *, save=None):
     return list(rows), plot_runs(list(rows), list(histories), save=save)
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m helpers.compare", description=__doc__.split("\n\n")[0])
     p.add_argument("runs", metavar="RUN", nargs="+", help="run folders written by python -m helpers.train")
     p.add_argument("--out", metavar="FILE.png", help="draw test accuracy and loss per epoch into this new file")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         out = new_figure_path(args.out, overwrite=args.overwrite, flag="--out") if args.out else None
         read = [read_run(r) for r in args.runs]

@@ -144,7 +144,7 @@ def serve(run: str | os.PathLike, *, port: int | None = None, share: bool | None
     return page
 
 
-def main(argv: list[str] | None = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m helpers.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder (holding checkpoint.pt) or a checkpoint")
     p.add_argument("--port", type=int, help="(default: 7860, or the next free port)")
@@ -154,7 +154,11 @@ def main(argv: list[str] | None = None) -> int:
                    "0.0.0.0: every network this machine is on)")
     p.add_argument("--data-dir", help="where the test images for the examples are (default: the run's own)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
     try:
         serve(args.run, port=args.port, share=args.share, host=args.host, data_dir=args.data_dir,
               device=args.device)

@@ -22,6 +22,7 @@ import contextlib
 import dataclasses
 import io
 import os
+import warnings
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -84,9 +85,21 @@ class LRFinderResult:
 # The library, adapted: any iterable of (x, y) batches, a clear error for an empty one, and a switchable bar
 
 
+def _library():
+    """torch_lr_finder.lr_finder, imported without its TqdmExperimentalWarning.
+
+    The library imports `tqdm.autonotebook`, which warns "Using `tqdm.autonotebook.tqdm` in notebook mode" in every
+    Jupyter or Colab kernel: a warning about the library's choice, not about anything the user did.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Using `tqdm\.autonotebook\.tqdm` in notebook mode")
+        import torch_lr_finder.lr_finder as library
+    return library
+
+
 def _batch_iter(loader):
     """The library's TrainDataLoaderIter (restarts the loader when it runs out) for any iterable of (x, y)."""
-    from torch_lr_finder import TrainDataLoaderIter
+    TrainDataLoaderIter = _library().TrainDataLoaderIter
 
     class _Iter(TrainDataLoaderIter):
         def __next__(self):
@@ -108,8 +121,7 @@ def _library_output(progress: bool):
     tqdm reads TQDM_DISABLE once, when it is first imported, so setting it later does nothing: the bar is switched
     set here on the tqdm the library calls.
     """
-    import torch_lr_finder.lr_finder as library
-
+    library = _library()
     original = library.tqdm
     library.tqdm = partial(original, disable=not progress)
     try:
@@ -180,7 +192,7 @@ def _step_finder(step):
     first (weights) group, as in the run (bias_lr_scale: batch-norm biases at 64x), so the LR recorded is the
     weights' LR, the number max_lr means.
     """
-    from torch_lr_finder import LRFinder
+    LRFinder = _library().LRFinder
 
     groups = step.optimizer.param_groups
     ratios = [g["lr"] / groups[0]["lr"] for g in groups]

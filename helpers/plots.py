@@ -99,13 +99,17 @@ def plot_augmentations(image: np.ndarray, recipe: str, *, n: int = 15, cols: int
     from helpers.data import build_transform, denormalize
 
     transform = build_transform(recipe)
+    if recipe == "none":  # n identical copies say nothing: one image and the reason
+        return _finish(_image_grid([image], ["original = every draw"], cols=1, size=2.2,
+                                   suptitle="Recipe 'none':\nno augmentation"), save)
     draws = []
     for k in range(n):
         transform.set_random_seed(seed + k)  # albumentations keeps its randomness in the Compose
         draws.append(denormalize(transform(image=image)["image"]))
     images = [image, *draws]
     titles = ["original", *[f"draw {k + 1}" for k in range(n)]]
-    return _finish(_image_grid(images, titles, cols=cols, suptitle=f"Augmentation recipe '{recipe}'"), save)
+    return _finish(_image_grid(images, titles, cols=min(cols, len(images)),  # no empty columns for small n
+                               suptitle=f"Augmentation recipe '{recipe}'"), save)
 
 
 def plot_dataset_stats(arrays, *, save=None):
@@ -266,22 +270,24 @@ def plot_gradcam(model, items, *, layer: str | None = None, title: str = "GradCA
     pred_over, true_over = overlay(shown, pred_maps), overlay(shown, true_maps)
     layer_name = layer or getattr(unwrap(model), "cam_layer", "?")
     headers = ("image", "CAM: predicted", "overlay: predicted", "CAM: true", "overlay: true")
-    fig, axes = plt.subplots(len(items), 5, figsize=(5 * 1.9, len(items) * 2.05), squeeze=False)
+    fig, axes = plt.subplots(len(items), 5, figsize=(5 * 1.9, len(items) * 2.05 + 0.9), squeeze=False,
+                             layout="constrained")
     for r, m in enumerate(items):
         panels = (shown[r], pred_maps[r], pred_over[r], true_maps[r], true_over[r])
+        captions = (f"{m.target_name} -> {m.prediction_name} ({m.confidence:.0%})", m.prediction_name, "",
+                    m.target_name, "")
         for c, (ax, panel) in enumerate(zip(axes[r], panels)):
-            ax.imshow(panel, cmap="jet" if panel.ndim == 2 else None, vmin=0, vmax=1)
+            shown_map = ax.imshow(panel, cmap="jet" if panel.ndim == 2 else None, vmin=0, vmax=1)
             ax.axis("off")
-            if r == 0:
-                ax.set_title(headers[c], fontsize=9, fontweight="bold", pad=14)
-        axes[r, 0].text(0.5, 1.02, f"{m.target_name} -> {m.prediction_name} ({m.confidence:.0%})", fontsize=8,
-                        color="firebrick", ha="center", va="bottom", transform=axes[r, 0].transAxes)
-        axes[r, 1].text(0.5, 1.02, m.prediction_name, fontsize=8, ha="center", va="bottom",
-                        transform=axes[r, 1].transAxes)
-        axes[r, 3].text(0.5, 1.02, m.target_name, fontsize=8, ha="center", va="bottom",
-                        transform=axes[r, 3].transAxes)
+            ax.set_title(captions[c], fontsize=8, pad=3, color="firebrick" if c == 0 else "black")
+            if r == 0:  # the column header sits a caption's height above the caption, never on it
+                ax.annotate(headers[c], (0.5, 1), xycoords="axes fraction", xytext=(0, 16),
+                            textcoords="offset points", ha="center", va="bottom", fontsize=9, fontweight="bold")
+            if c == 1:
+                cam_image = shown_map
+    fig.colorbar(cam_image, ax=axes[:, 1:], location="bottom", shrink=0.5, aspect=40, pad=0.01,
+                 label="GradCAM weight (each map scaled to 0-1)")
     fig.suptitle(f"{title} (layer '{layer_name}')")
-    fig.tight_layout()
     return _finish(fig, save)
 
 
@@ -318,9 +324,11 @@ def plot_per_class_accuracy(result, classes, *, save=None):
     counts = confusion_matrix(result.targets, result.predictions, len(classes))
     acc = 100 * np.diag(counts) / np.maximum(counts.sum(1), 1)
     fig, ax = plt.subplots(figsize=(9, 4))
-    bars = ax.bar(classes, acc, color="tab:blue")
-    ax.bar_label(bars, fmt="%.1f", fontsize=8)
-    ax.axhline(result.accuracy, color="red", linestyle="--", label=f"overall {result.accuracy:.2f}%")
+    bars = ax.bar(classes, acc, color="tab:blue", zorder=2)
+    # the overall line runs behind the bars, and each label has a white ground: the line never crosses a number
+    ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=3, zorder=4,
+                 bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
+    ax.axhline(result.accuracy, color="red", linestyle="--", zorder=1, label=f"overall {result.accuracy:.2f}%")
     ax.set_ylim(0, 105)
     ax.set_ylabel("accuracy (%)")
     ax.set_title("Accuracy per class")

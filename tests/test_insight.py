@@ -6,6 +6,7 @@ Each test of a library trap (LIBRARIES.md) is named after it. Runs on the tiny f
 
 from __future__ import annotations
 
+import os
 from dataclasses import replace
 from types import SimpleNamespace
 
@@ -17,6 +18,8 @@ from torch import nn
 from helpers.data import make_loader
 from helpers.models import MODELS, build_model, count_parameters, summary
 from helpers.train import TrainConfig
+
+from .conftest import REPO
 
 MODEL = "depthwise_net"
 
@@ -252,6 +255,32 @@ def test_progress_bar_switch(model, loader, capsys, progress):
     captured = capsys.readouterr()
     assert ("17/17" in captured.err) == progress
     assert "Learning rate search finished" not in captured.out  # the library's prints are kept out
+
+
+def test_lr_finder_import_is_quiet_in_a_notebook_kernel():
+    """torch-lr-finder imports tqdm.autonotebook, which warns in every Jupyter/Colab kernel; ours keeps it quiet.
+
+    A fresh interpreter that looks like a Jupyter kernel to tqdm (ipykernel.zmqshell loaded, a ZMQ shell running),
+    with warnings turned into errors.
+    """
+    import subprocess
+    import sys
+
+    pytest.importorskip("IPython")
+    code = "\n".join([
+        "import sys, types, warnings, IPython",
+        "sys.modules['ipykernel.zmqshell'] = types.ModuleType('ipykernel.zmqshell')",
+        "IPython.get_ipython = lambda: type('ZMQInteractiveShell', (), {})()",
+        "warnings.simplefilter('error')",
+        "from helpers.lr_finder import _library",
+        "library = _library()",
+        "assert 'notebook' in library.tqdm.__module__, library.tqdm.__module__",  # it did take the notebook path
+    ])
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO,
+                         env={**os.environ, "TQDM_DISABLE": ""})
+    if "IProgress" in run.stderr:
+        pytest.skip("ipywidgets missing: tqdm takes its console path (requirements-dev.txt installs it)")
+    assert run.returncode == 0, run.stderr[-2000:]
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import json
 import os
 import re
@@ -31,7 +32,14 @@ def test_notebook_is_committed_stripped_with_one_parameters_cell(path):
     code = [c for c in nb.cells if c.cell_type == "code"]
     assert all(not c.outputs and c.execution_count is None for c in code), "strip outputs: nbstripout"
     tagged = [c for c in code if "parameters" in c.metadata.get("tags", [])]
-    assert len(tagged) == 1 and "SMOKE" in tagged[0].source
+    assert len(tagged) == 1
+    for node in ast.parse(tagged[0].source).body:  # papermill reads literal assignments only
+        assert isinstance(node, ast.Assign), f"parameters cell: only NAME = value lines, got {ast.unparse(node)}"
+        ast.literal_eval(node.value)  # raises on `os.environ...`, `x if SMOKE else y`, names
+    assert not [line for line in tagged[0].source.splitlines() if "=" in line.partition("  # ")[2]], (
+        "papermill cannot parse a parameter whose comment holds '='")
+    after = code[code.index(tagged[0]) + 1].source
+    assert 'SMOKE = os.environ.get("SMOKE") == "1"' in after, "read SMOKE in the cell after the parameters"
     assert "colab-badge.svg" in nb.cells[0].source
     for cell in code:  # logic lives in helpers
         assert not any(line.lstrip().startswith(("def ", "class ")) for line in cell.source.splitlines())

@@ -1,0 +1,106 @@
+"""The README's promises hold: every command it shows parses, every file it links exists, its test command is CI's.
+
+Fast: nothing trains; each `python -m helpers.X ...` line goes through that module's argparse parser.
+"""
+
+from __future__ import annotations
+
+import importlib
+import re
+import shlex
+
+import nbformat
+import pytest
+
+from .conftest import REPO
+
+README = (REPO / "README.md").read_text()
+OURS = ("helpers", "benchmarks")
+# modules whose command line lives elsewhere (`python -m helpers.train` runs helpers.cli)
+PARSER_HOME = {"helpers.train": "helpers.cli"}
+
+
+def _fenced_blocks(text: str) -> list[tuple[str, str]]:
+    return re.findall(r"^```(\w*)\n(.*?)^```", text, flags=re.MULTILINE | re.DOTALL)
+
+
+def _shell_commands() -> list[str]:
+    """Every command in the README: the bash blocks' lines and inline code, split at `&&`."""
+    lines = [line for lang, body in _fenced_blocks(README) if lang in ("bash", "sh") for line in body.splitlines()]
+    prose = re.sub(r"^```.*?^```", "", README, flags=re.MULTILINE | re.DOTALL)
+    lines += re.findall(r"`([^`\n]+)`", prose)
+    commands = [part.strip() for line in lines for part in line.split("&&")]
+    return [c for c in commands if c.startswith(("python ", "python3 ", "bash ", "papermill "))]
+
+
+def _module_commands() -> list[list[str]]:
+    argvs = [shlex.split(c, comments=True) for c in _shell_commands()]
+    return [a for a in argvs if a[0].startswith("python") and a[1] == "-m" and a[2].startswith(OURS)]
+
+
+def _parser(module: str):
+    home = importlib.import_module(PARSER_HOME.get(module, module))
+    assert hasattr(home, "build_parser"), f"{module}: no build_parser() to check the README's command against"
+    return home.build_parser()
+
+
+def test_the_readme_shows_the_training_commands():
+    shown = [" ".join(a) for a in _module_commands()]
+    assert "python -m helpers.train --epochs 2 --subset-train 2000 --subset-test 1000" in shown  # the CPU run
+    assert any(c.startswith("python -m helpers.train --model custom_resnet") for c in shown)  # the GPU run
+
+
+@pytest.mark.parametrize("argv", _module_commands(), ids=lambda a: " ".join(a[2:])[:60])
+def test_every_python_m_command_parses(argv):
+    parser = _parser(argv[2])
+    try:
+        parser.parse_args(argv[3:])
+    except SystemExit as stop:  # --help exits 0; a bad flag exits 2 after printing the reason
+        assert stop.code == 0, f"{' '.join(argv)} does not parse"
+
+
+def test_every_script_and_notebook_command_names_what_exists():
+    for command in _shell_commands():
+        argv = shlex.split(command, comments=True)
+        if argv[0] == "bash":
+            assert (REPO / argv[1]).is_file(), command
+        elif argv[0] == "papermill":
+            notebook = nbformat.read(REPO / argv[1], as_version=4)
+            parameters = next(c.source for c in notebook.cells if "parameters" in c.metadata.get("tags", []))
+            for name in argv[argv.index("-p") + 1::3] if "-p" in argv else []:
+                assert re.search(rf"^{name}\s*=", parameters, flags=re.MULTILINE), f"{command}: no {name}"
+
+
+def _slug(heading: str) -> str:  # GitHub's anchor for a heading
+    return re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
+
+
+def test_every_linked_file_image_and_anchor_exists():
+    targets = re.findall(r"\]\(([^)\s]+)\)", README) + re.findall(r'<img [^>]*src="([^"]+)"', README)
+    anchors = {_slug(h) for h in re.findall(r"^#+ (.+)$", README, flags=re.MULTILINE)}
+    local = [t for t in targets if not t.startswith(("http://", "https://"))]
+    assert any(t.startswith("assets/") and t.endswith(".png") for t in local), "the first screen shows a figure"
+    for target in local:
+        if target.startswith("#"):
+            assert target[1:] in anchors, f"README links to a missing section: {target}"
+        else:
+            assert (REPO / target.split("#")[0]).exists(), f"README links to a missing file: {target}"
+    assert "../shared" not in README
+
+
+def test_the_readme_test_command_is_the_one_ci_runs():
+    ci = (REPO / ".ci" / "run").read_text().splitlines()
+    marker = next(i for i, line in enumerate(ci) if line.startswith("# ---") and "README's test command" in line)
+    ci_command = ci[marker + 1].strip()
+    blocks = [body for lang, body in _fenced_blocks(README) if lang == "bash"]
+    assert any(ci_command in body.splitlines() for body in blocks), f"README lacks .ci/run's line: {ci_command}"
+
+
+def test_install_lines_pin_the_tested_torch_and_give_a_cpu_build():
+    pins = dict(re.findall(r"^(torch|torchvision)==(\S+)", (REPO / "requirements-dev.txt").read_text(), re.M))
+    installs = [c for c in _shell_commands() + [line for _, b in _fenced_blocks(README) for line in b.splitlines()]
+                if "pip install" in c and "torch==" in c]
+    assert installs
+    for line in installs:
+        assert f"torch=={pins['torch']}" in line and f"torchvision=={pins['torchvision']}" in line, line
+    assert any("--index-url https://download.pytorch.org/whl/cpu" in line for line in installs), "a CPU-only install"
