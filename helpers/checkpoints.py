@@ -89,7 +89,7 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -
     except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean the same to the user
         raise CheckpointError(
             f"{path} is not a readable checkpoint: it is damaged (a copy cut short?) or not from helpers.train "
-            f"({type(err).__name__}). Use another checkpoint, or start afresh with --overwrite."
+            f"({type(err).__name__}): use another checkpoint"
         ) from None
     _check_contents(path, state)
     if model_name is not None and state["config"]["model"] != model_name:
@@ -111,13 +111,13 @@ def _check_contents(path: Path, state) -> None:
                               "helpers.train, or its run folder")
     wrong = [k for k, kind in REQUIRED.items() if not isinstance(state.get(k), kind) or isinstance(state.get(k), bool)]
     if wrong:
-        raise CheckpointError(f"{path} is damaged: {', '.join(wrong)} missing or of the wrong type. Use another "
-                              "checkpoint, or start afresh with --overwrite.")
+        raise CheckpointError(f"{path} is damaged: {', '.join(wrong)} missing or of the wrong type; use another "
+                              "checkpoint")
     try:
         config = TrainConfig.from_dict(state["config"])
     except (ConfigError, TypeError) as err:
-        raise CheckpointError(f"{path} holds settings that are not valid ({err}): it was edited or damaged. Use "
-                              "another checkpoint, or start afresh with --overwrite.") from None
+        raise CheckpointError(f"{path} holds settings that are not valid ({err}): it was edited or damaged; use "
+                              "another checkpoint") from None
     if not 0 <= state["epoch"] <= config.epochs or len(state["history"]) != state["epoch"]:
         raise CheckpointError(f"{path} is damaged: it claims {state['epoch']} of {config.epochs} epochs with "
                               f"{len(state['history'])} in its history. Use another checkpoint.")

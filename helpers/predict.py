@@ -228,10 +228,7 @@ def load_predictor(path: str | os.PathLike, *, device: str | torch.device = "aut
     from helpers.utils import resolve_device
 
     source = checkpoint_path(path)
-    try:
-        state = load_checkpoint(source)
-    except CheckpointError as err:  # its hint about training's --overwrite means something else here
-        raise CheckpointError(str(err).replace(" or start afresh with --overwrite", "")) from None
+    state = load_checkpoint(source)
     classes = list(state.get("classes") or CIFAR10_CLASSES)
     norm = state.get("normalization") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
     name = state["config"]["model"]

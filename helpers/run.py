@@ -392,8 +392,8 @@ def _compare_average(result: RunResult, say) -> None:
             "epoch(s)); the average is what the checkpoint's eval_state and these results hold. Try ema=0 (--ema 0)")
 
 
-def _finished(result: RunResult, ckpt: Path, test_loader, say) -> RunResult:
-    """A run with nothing left to train: its evaluated weights, evaluated once; nothing is written."""
+def _evaluate_saved(result: RunResult, ckpt: Path, test_loader) -> RunResult:
+    """`result` with the checkpoint's evaluated weights, its history, and one evaluation over `test_loader`."""
     from helpers.train import load_weights
 
     result.status = "finished"
@@ -401,6 +401,29 @@ def _finished(result: RunResult, ckpt: Path, test_loader, say) -> RunResult:
     result.model.to(result.device)
     result.evaluation = evaluate(result.model, test_loader, device=result.device, amp=result.config.amp,
                                  channels_last=result.config.channels_last, tta=result.config.tta)
+    return result
+
+
+def load_run(path: str | os.PathLike, *, device: str | torch.device = "auto", **changes) -> RunResult:
+    """A trained run (a checkpoint or run folder), its evaluated weights evaluated once on its test set; nothing is
+    written. changes: settings to evaluate it under instead (data_dir, subset_test, tta, ...)."""
+    from helpers.models import build_model
+
+    state = load_checkpoint(path)
+    config = evolve(TrainConfig.from_dict(state["config"]), **changes)
+    device = resolve_device(device)
+    try:
+        arrays = data.load_run_data(config)
+    except data.DataError as err:
+        raise RunError(str(err)) from None
+    _, test_loader, _, _ = data.prepare_data(config, device, arrays=arrays)
+    result = RunResult(config, build_model(config.model), History(), None, *arrays, device, None, "finished")
+    return _evaluate_saved(result, checkpoint_path(path), test_loader)
+
+
+def _finished(result: RunResult, ckpt: Path, test_loader, say) -> RunResult:
+    """A run with nothing left to train: its evaluated weights, evaluated once; nothing is written."""
+    _evaluate_saved(result, ckpt, test_loader)
     say(f"{ckpt} is a finished run ({len(result.history)}/{result.config.epochs} epochs): nothing left to train, "
         "nothing rewritten. To train on, start a new run from its weights (init_from, --init-from RUN --out NEW); "
         "to redo it, overwrite=True (--overwrite)")

@@ -329,7 +329,7 @@ def _resume(step: TrainStep, generator: torch.Generator, path, config: TrainConf
 # ---------------------------------------------------------------------------------------------------------
 # The console table (the custom-ResNet write-up's)
 
-_WIDTHS = (7, 10, 9, 11, 10, 10, 9)
+_WIDTHS = (7, 19, 8, 11, 10, 10, 9)
 
 
 def print_table_rule() -> None:
@@ -338,18 +338,17 @@ def print_table_rule() -> None:
 
 def print_table_header() -> None:
     print_table_rule()
-    names = ("Epoch", "LR", "Time", "TrainLoss", "TrainAcc", "TestLoss", "TestAcc")
+    names = ("Epoch", "LR start -> end", "Time", "TrainLoss", "TrainAcc", "TestLoss", "TestAcc")
     print("| " + " | ".join(f"{n:>{w}}" for n, w in zip(names, _WIDTHS)) + " |")
     print_table_rule()
 
 
 def print_table_row(r: dict) -> None:
-    """| Epoch | LR | Time | TrainLoss | TrainAcc | TestLoss | TestAcc |; Time has tenths below a minute."""
-    seconds = r["seconds"]
-    time_text = f"{seconds:.1f}s" if seconds < 59.95 else "{:02d}m {:02d}s".format(*divmod(int(round(seconds)), 60))
+    """| Epoch | LR start -> end | Time | TrainLoss | TrainAcc | TestLoss | TestAcc |: the LR at the epoch's first
+    and last step (one-cycle's peak ends the last rising epoch); Time in seconds, one format."""
     cells = (
-        f"{r['epoch']}", f"{r['lr']:.6f}", time_text, f"{r['train_loss']:.4f}", f"{r['train_acc']:.2f}%",
-        f"{r['test_loss']:.4f}", f"{r['test_acc']:.2f}%",
+        f"{r['epoch']}", f"{r['lr']:.3g} -> {r.get('lr_end', r['lr']):.3g}", f"{r['seconds']:.1f}s",
+        f"{r['train_loss']:.4f}", f"{r['train_acc']:.2f}%", f"{r['test_loss']:.4f}", f"{r['test_acc']:.2f}%",
     )
     print("| " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS)) + " |", flush=True)
 

@@ -312,3 +312,77 @@ def test_python_m_helpers_runs_the_command_line():
                          text=True)
     assert bad.returncode == 2 and bad.stderr.count("\n") == 1 and bad.stderr.startswith("error:")
     assert Path(REPO / "helpers" / "__main__.py").is_file()
+
+
+# --- faults: full disks, shared temporary names, interruptions anywhere
+
+
+def test_a_torch_save_failure_of_any_type_is_one_line_and_keeps_the_last_checkpoint(tiny_data, tmp_path, monkeypatch,
+                                                                                    capsys):
+    real, calls = torch.save, []
+
+    def fail_second(obj, f, *args, **kwargs):
+        calls.append(f)
+        if len(calls) == 2:  # epoch 2's checkpoint: what torch.save raises on a full disk
+            raise RuntimeError("[enforce fail at inline_container.cc:664] . unexpected pos 4416 vs 4308")
+        return real(obj, f, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "save", fail_second)
+    out = tmp_path / "run"
+    assert cli.main(cli_args(tiny_data, out) + ["--epochs", "2"]) == 1
+    err = capsys.readouterr().err
+    assert "could not write" in err and str(out / "checkpoint.pt") in err and "unexpected pos" in err
+    assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error")]) == 1
+    assert load_checkpoint(out)["epoch"] == 1  # the complete one is kept
+    assert not list(out.glob(".*.tmp"))
+
+
+def test_a_history_write_failure_is_one_line(tiny_data, tmp_path, monkeypatch, capsys):
+    import errno
+
+    real = Path.write_text
+
+    def full(self, *args, **kwargs):
+        if "history.json" in self.name:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "write_text", full)
+    assert cli.main(cli_args(tiny_data, tmp_path / "run")) == 1
+    err = capsys.readouterr().err
+    assert "could not write" in err and "history.json" in err and "No space left" in err and "Traceback" not in err
+
+
+def test_two_writers_to_one_path_never_share_a_temporary_file(tmp_path):
+    from helpers.utils import atomic_write_text
+
+    target, errors = tmp_path / "checkpoint.pt", []
+
+    def write(who: str):
+        for i in range(40):
+            try:
+                atomic_write_text(target, f"{who} {i} " + "x" * 10_000)
+            except Exception as err:  # noqa: BLE001 - counted below
+                errors.append(err)
+
+    writers = [threading.Thread(target=write, args=(w,)) for w in "ab"]
+    for w in writers:
+        w.start()
+    for w in writers:
+        w.join()
+    assert not errors and target.read_text().endswith("x" * 10_000)  # complete, from one writer
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def test_ctrl_c_in_the_lr_range_test_leaves_no_empty_folder(tiny_data, tmp_path, monkeypatch):
+    from helpers import lr_finder
+    from helpers import run as run_module
+
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(lr_finder, "lr_range_test", interrupt)
+    out = tmp_path / "run"
+    with pytest.raises(run_module.RunInterrupted, match="before the first epoch"):
+        train_run(tiny(tiny_data, max_lr="auto"), out, device="cpu", quiet=True)
+    assert not out.exists()
