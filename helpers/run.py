@@ -309,8 +309,10 @@ def _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays, 
         for note in changed:
             say(note)
     try:
+        if config.sync_bn and distributed.world().distributed:
+            distributed.convert_sync_bn(nn.BatchNorm2d(1), device)  # the CPU's refusal, before anything runs
         train_loader, test_loader, _, _ = data.prepare_data(config, device, arrays=(train_arrays, test_arrays))
-    except ValueError as err:  # a global batch that does not divide among the processes, or shards too small
+    except ValueError as err:  # a global batch N does not divide, shards too small, sync_bn on the CPU
         raise RunError(str(err)) from None
     seed_everything(config.seed)
     model = _build_model(config, init_from if state is None else None, say)
