@@ -17,6 +17,7 @@ from pathlib import Path
 
 from helpers.checkpoints import CheckpointError, checkpoint_path, load_checkpoint
 from helpers.config import ConfigError, TrainConfig, recipe_table
+from helpers.distributed import world
 from helpers.run import RunError, RunInterrupted, interrupted_message, train_run
 from helpers.train import TrainingDiverged
 from helpers.utils import DeviceError, WriteError, resolve_device
@@ -145,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"\n{interrupted_message(out)}", file=sys.stderr)
         return 130
+    if not world().is_main:  # under torchrun rank 0 alone reports
+        return 0
     figures = [str(p) for k, p in result.paths.items() if k not in ("checkpoint", "history", "metrics")]
     if figures and result.status != "finished":
         print("figures: " + ", ".join(figures))

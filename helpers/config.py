@@ -154,6 +154,8 @@ class TrainConfig:
     channels_last: bool = setting(True, "channels-last memory format", "bool")
     mode: str = setting("auto", "how the step runs: auto (eager on the CPU, CUDA graphs or compile on a GPU), "
                         "eager, graphs, compile", "str", choices=MODES)
+    sync_bn: bool = setting(False, "under torchrun: batch-norm statistics over the global batch (SyncBatchNorm, "
+                            "CUDA only) instead of each process's slice", "bool")
     seed: int = setting(0, "seed of weights, data order, augmentation and subsets", "int",
                         ok=lambda v: 0 <= v <= SEED_MAX, allowed=f"between 0 and {SEED_MAX}")
     data_dir: str = setting(default_data_dir, "folder holding cifar-10-batches-py, or that folder itself; "

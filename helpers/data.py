@@ -165,12 +165,18 @@ def find_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = 
         return data_dir  # the batches folder itself
     folder = data_dir / FOLDER
     if not folder.is_dir() and download:
+        from filelock import FileLock  # a dependency of torch
+
         created = not data_dir.exists()
+        lock = data_dir / ".download.lock"
         try:
             data_dir.mkdir(parents=True, exist_ok=True)
-            _download(data_dir, timeout)
+            with FileLock(str(lock)):  # one download for the processes of a run or the trials of a sweep
+                if not folder.is_dir():
+                    _download(data_dir, timeout)
         except Exception as err:  # noqa: BLE001 - any failure means the same advice
-            if created and data_dir.is_dir() and not any(data_dir.iterdir()):
+            if created and data_dir.is_dir() and {p.name for p in data_dir.iterdir()} <= {lock.name}:
+                lock.unlink(missing_ok=True)
                 data_dir.rmdir()  # leave nothing behind
             raise DataError(
                 f"No CIFAR-10 in {folder} and the download failed ({type(err).__name__}: {err}). "
@@ -327,17 +333,28 @@ class AugmentedCifar(Dataset):
 
 
 class SeededSampler(Sampler):
-    """Yields (index, epoch_seed): a fresh permutation and augmentation seed per pass, from one generator."""
+    """Yields (index, epoch_seed): a fresh permutation and augmentation seed per pass, from one generator.
 
-    def __init__(self, n: int, *, shuffle: bool, generator: torch.Generator):
+    Sharded (world_size > 1, `batch` images per process): every process draws the same order from the same
+    generator and keeps its slice of each global batch of batch x world_size, whole global batches only, so the N
+    slices of a step are one process's batch at the global size. DistributedSampler needs set_epoch to reshuffle;
+    this one advances its generator every pass (the same on every process), and a checkpoint saves its state."""
+
+    def __init__(self, n: int, *, shuffle: bool, generator: torch.Generator, rank: int = 0, world_size: int = 1,
+                 batch: int = 1):
         self.n, self.shuffle, self.generator = n, shuffle, generator
+        self.rank, self.world_size, self.batch = rank, world_size, batch
 
     def __len__(self) -> int:
-        return self.n
+        if self.world_size == 1:
+            return self.n
+        return self.n // (self.batch * self.world_size) * self.batch
 
     def __iter__(self):
         epoch_seed = int(torch.randint(0, 2**31 - 1, (), generator=self.generator)) if self.shuffle else 0
         order = torch.randperm(self.n, generator=self.generator) if self.shuffle else torch.arange(self.n)
+        if self.world_size > 1:  # (steps, world, batch): this process's column of every global batch
+            order = order[:len(self) * self.world_size].view(-1, self.world_size, self.batch)[:, self.rank].flatten()
         return ((int(i), epoch_seed) for i in order)
 
 
@@ -365,6 +382,14 @@ class TorchLoader(DataLoader):
         return self.sampler.generator
 
 
+def _check_shard(images: int, batch: int, world_size: int, train: bool) -> None:
+    if world_size > 1 and not train:
+        raise ValueError("a test loader is not sharded: every process evaluates the whole test set")
+    if world_size > 1 and images < batch * world_size:
+        raise ValueError(f"{images:,} training images are fewer than one global batch of {batch * world_size} "
+                         f"({world_size} processes x {batch}): use a smaller --batch-size or more data")
+
+
 def default_workers() -> int:
     """DataLoader workers: one per CPU core, leaving one for the training loop (0 on a single core)."""
     return max(0, min(8, (os.cpu_count() or 1) - 1))
@@ -379,21 +404,26 @@ def make_loader(
     workers: int | None = None,
     seed: int = 0,
     pin_memory: bool | None = None,
+    rank: int = 0,
+    world_size: int = 1,
 ) -> TorchLoader:
     """A DataLoader of normalised (B, 3, 32, 32) float batches and (B,) int64 labels.
 
     Training loaders shuffle, augment with `recipe` and drop the last partial batch; test loaders keep the
     dataset order (so predictions line up with `arrays`) and never augment. The shuffling and augmentation
-    stream comes from `loader.rng`, seeded with `seed`.
+    stream comes from `loader.rng`, seeded with `seed`. rank/world_size: one process's shard of a training set
+    (batch_size per process; see `SeededSampler`).
     """
     recipe = recipe if train else "none"
     recipe = recipe or "none"
     workers = default_workers() if workers is None else workers
+    _check_shard(len(arrays), batch_size, world_size, train)
     generator = torch.Generator().manual_seed(seed)  # the sampler's: order and augmentation, saved by checkpoints
     loader = TorchLoader(
         AugmentedCifar(arrays, recipe),
         batch_size=batch_size,
-        sampler=SeededSampler(len(arrays), shuffle=train, generator=generator),
+        sampler=SeededSampler(len(arrays), shuffle=train, generator=generator, rank=rank, world_size=world_size,
+                              batch=batch_size),
         num_workers=workers,
         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
         persistent_workers=workers > 0,
@@ -534,19 +564,23 @@ class GpuLoader:
     The uint8 set (N, 32, 32, 3) is copied to the device once. Training: a new permutation and new augmentation
     parameters per pass (any recipe of `AUGMENTATIONS`, as `build_transform`), drop_last unless the set is
     smaller than one batch. Test: dataset order, no augmentation. All randomness comes from `self.generator`
-    (CPU), drawn at the start of each pass: restoring its state replays the next epoch exactly.
+    (CPU), drawn at the start of each pass: restoring its state replays the next epoch exactly. rank/world_size:
+    one process's shard, batch_size images of each global batch of batch_size x world_size (as `SeededSampler`).
     """
 
     def __init__(self, arrays: CifarArrays, *, batch_size: int = 512, train: bool = True, recipe: str | None = None,
-                 device: str | torch.device = "cpu", seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD):
+                 device: str | torch.device = "cpu", seed: int = 0, mean=CIFAR10_MEAN, std=CIFAR10_STD,
+                 rank: int = 0, world_size: int = 1):
         recipe = (recipe or "none") if train else "none"
         if recipe not in AUGMENTATIONS:
             raise ValueError(f"unknown augmentation recipe {recipe!r}: choose one of {', '.join(AUGMENTATIONS)}")
         self.device = torch.device(device)
         self.images = torch.as_tensor(np.ascontiguousarray(arrays.images)).to(self.device)  # (N, 32, 32, 3) uint8
         self.labels = torch.as_tensor(arrays.labels, dtype=torch.int64).to(self.device)
+        _check_shard(len(self.labels), batch_size, world_size, train)
         self.batch_size, self.train, self.recipe = batch_size, train, recipe
-        self.drop_last = train and len(self.labels) >= batch_size
+        self.rank, self.world_size = rank, world_size
+        self.drop_last = train and len(self.labels) >= batch_size * world_size
         self.generator = torch.Generator().manual_seed(seed)  # order and augmentation; checkpoints save its state
         fill = [round(255 * m) for m in mean]  # the uint8 mean pixel, as build_transform fills its holes
         self.fill = torch.tensor(fill, dtype=torch.uint8, device=self.device)
@@ -554,7 +588,7 @@ class GpuLoader:
         self.scale = 1 / (torch.tensor(std, device=self.device) * 255)
 
     def __len__(self) -> int:
-        n, b = len(self.labels), self.batch_size
+        n, b = len(self.labels), self.batch_size * self.world_size  # the global batch
         return n // b if self.drop_last else -(-n // b)
 
     @property
@@ -577,6 +611,9 @@ class GpuLoader:
             if not self.train:
                 yield self.normalize(self.images[window]), self.labels[window]
                 continue
+            if self.world_size > 1:  # this process's slice of the global batch at this step
+                start = step * self.batch_size * self.world_size + self.rank * self.batch_size
+                window = slice(start, start + self.batch_size)
             index = order[window]
             batch = {k: (v if v.ndim == 0 else v[window]) for k, v in params.items()}
             yield self.normalize(augment_batch(self.images[index], batch, self.fill)), self.labels[index]
@@ -587,14 +624,17 @@ class GpuLoader:
 
 
 def make_loaders(train: CifarArrays, test: CifarArrays, *, kind: str, batch_size: int, recipe: str,
-                 device: str | torch.device = "cpu", workers: int | None = None, seed: int = 0):
+                 device: str | torch.device = "cpu", workers: int | None = None, seed: int = 0, rank: int = 0,
+                 world_size: int = 1):
     """(train_loader, test_loader) of one kind: 'gpu' (GpuLoader on `device`) or 'torch' (albumentations
-    DataLoader). Test batches of 1000 divide the 10,000 test images: no ragged last batch for torch.compile."""
+    DataLoader). Test batches of 1000 divide the 10,000 test images: no ragged last batch for torch.compile.
+    rank/world_size shard the training loader (batch_size per process); the test loader is the whole set."""
+    shard = dict(rank=rank, world_size=world_size)
     if kind == "gpu":
-        return (GpuLoader(train, batch_size=batch_size, recipe=recipe, device=device, seed=seed),
+        return (GpuLoader(train, batch_size=batch_size, recipe=recipe, device=device, seed=seed, **shard),
                 GpuLoader(test, batch_size=1000, train=False, device=device))
     if kind == "torch":
-        return (make_loader(train, batch_size=batch_size, recipe=recipe, workers=workers, seed=seed),
+        return (make_loader(train, batch_size=batch_size, recipe=recipe, workers=workers, seed=seed, **shard),
                 make_loader(test, batch_size=1000, train=False, workers=workers))
     raise ValueError(f"unknown loader kind {kind!r}: choose gpu or torch")
 
@@ -631,12 +671,17 @@ def subset_note(config, train: CifarArrays, test: CifarArrays) -> str | None:
 def prepare_data(config, device: str | torch.device = "cpu", *, arrays=None):
     """(train_loader, test_loader, train_arrays, test_arrays) for a helpers.config.TrainConfig, on the loader it
     asks for (auto: GpuLoader on CUDA, the albumentations DataLoader on the CPU). arrays: (train, test) already
-    loaded with `load_run_data`."""
+    loaded with `load_run_data`. Under torchrun the training loader is this process's shard of the global batch
+    config.batch_size (helpers.distributed)."""
+    from helpers.distributed import local_batch, world
+
     device = torch.device(device)
+    w = world()
     train, test = arrays if arrays is not None else load_run_data(config)
     gpu = config.loader == "gpu" or (config.loader == "auto" and device.type == "cuda"
                                      and config.augment in AUGMENTATIONS)
     train_loader, test_loader = make_loaders(train, test, kind="gpu" if gpu else "torch",
-                                             batch_size=config.batch_size, recipe=config.augment, device=device,
-                                             workers=config.workers, seed=config.seed)
+                                             batch_size=local_batch(config.batch_size, w), recipe=config.augment,
+                                             device=device, workers=config.workers, seed=config.seed, rank=w.rank,
+                                             world_size=w.world_size)
     return train_loader, test_loader, train, test

@@ -12,6 +12,12 @@ the scheduler steps, channels_last, the L1 term, and how the model's forward and
 - auto:    eager on the CPU; on CUDA, graphs, or compile when the run is long enough to repay the compilation
            (see `choose_mode`).
 
+Under torchrun (several processes, helpers.distributed) the forward runs in DistributedDataParallel, whose
+gradient all-reduce runs in hooks during the backward. eager works; compile compiles the DDP model in Inductor's
+default mode (DDP's bucketed communication splits the graph; reduce-overhead's CUDA graphs around it need care);
+graphs falls back to eager with a message (make_graphed_callables does not capture DDP's hooks), and auto picks
+compile for long runs, else eager (`ddp_mode`).
+
 `prepare()` does the one-time work (cuDNN autotuning, capture or compilation) on a zero batch before any clock
 starts, then puts the model, optimizer, scheduler, scaler and RNGs back exactly as they were.
 """
@@ -26,6 +32,7 @@ import warnings
 import torch
 from torch import nn
 
+from helpers import distributed
 from helpers.config import TrainConfig
 from helpers.utils import BATCH_NORMS, amp_dtype, preserved_modes
 
@@ -50,6 +57,16 @@ def choose_mode(requested: str, device: torch.device, total_steps: int) -> tuple
     if requested not in ("eager", "graphs", "compile"):
         raise ValueError(f"unknown mode {requested!r}: choose auto, eager, graphs or compile")
     return requested, requested
+
+
+def ddp_mode(requested: str, mode: str, reason: str) -> tuple[str, str]:
+    """(mode, description) under DistributedDataParallel, from `choose_mode`'s: graphs becomes eager."""
+    if mode == "graphs":
+        why = "auto" if requested == "auto" else "graphs asked for"
+        return "eager", f"eager ({why}, but CUDA graphs do not capture DDP's gradient all-reduce)"
+    if mode == "compile":
+        return "compile", reason + " (under DDP: Inductor's default mode, no CUDA graphs)"
+    return mode, reason
 
 
 def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
@@ -117,6 +134,10 @@ class TrainStep:
     def __init__(self, model: nn.Module, config: TrainConfig, *, device: torch.device, steps_per_epoch: int,
                  mode: str | None = None):
         self.device, self.config = torch.device(device), config
+        self.ddp = distributed.world().distributed  # several processes: the forward runs in DDP
+        self.sync_bn_note = None
+        if config.sync_bn:
+            model, self.sync_bn_note = distributed.convert_sync_bn(model, self.device)
         if config.freeze_bn_weight:  # scales stay at their value (1 at initialisation)
             for module in model.modules():
                 if isinstance(module, BATCH_NORMS) and module.weight is not None:
@@ -131,8 +152,12 @@ class TrainStep:
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=self.dtype == torch.float16)
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.mode, self.mode_reason = choose_mode(mode or config.mode, self.device, config.epochs * steps_per_epoch)
-        self.forward: nn.Module = model  # what runs the forward: the model, or its compiled form
+        requested = mode or config.mode
+        self.mode, self.mode_reason = choose_mode(requested, self.device, config.epochs * steps_per_epoch)
+        if self.ddp:
+            self.mode, self.mode_reason = ddp_mode(requested, self.mode, self.mode_reason)
+        # what runs the training forward: the model, in DDP under torchrun, or its compiled form
+        self.forward: nn.Module = distributed.wrap(self.model, self.device)
         self.ema: torch.optim.swa_utils.AveragedModel | None = None  # made by start_epoch when averaging starts
         self.warmup_seconds: float | None = None  # set by prepare()
 
@@ -178,8 +203,11 @@ class TrainStep:
 
     @property
     def eval_model(self) -> nn.Module:
-        """What evaluation runs: the weight average when there is one, else the (compiled) model."""
-        return self.ema.module if self.ema is not None else self.forward
+        """What evaluation runs: the weight average when there is one, else the (compiled) model; under DDP the
+        model itself (every process evaluates alone)."""
+        if self.ema is not None:
+            return self.ema.module
+        return self.model if self.ddp else self.forward
 
     def end_epoch(self, test_loss: float) -> None:
         """Per-epoch scheduling: ReduceLROnPlateau steps on the test loss."""
@@ -207,7 +235,7 @@ class TrainStep:
             if self.mode == "graphs":
                 self._capture(x)
             elif self.mode == "compile":
-                self.forward = torch.compile(self.model, mode="reduce-overhead")
+                self.forward = torch.compile(self.forward, mode="default" if self.ddp else "reduce-overhead")
             for _ in range(WARMUP_STEPS):
                 self(x, y)
             if eval_batch:

@@ -2,7 +2,7 @@
 (PNG, dpi 120, tight bounding box). Nothing here calls plt.show() or closes a figure it returns.
 
 Data:      plot_samples, plot_class_grid, plot_channels, plot_augmentations, plot_dataset_stats
-Training:  plot_lr_finder, plot_lr_sweep, plot_history
+Training:  plot_lr_finder, plot_lr_sweep, plot_history, plot_sweep (helpers.sweep's results)
 Results:   plot_misclassified, plot_gradcam, plot_confusion_matrix, plot_per_class_accuracy, plot_top_confusions
 A run:     save_run_figures(out, model=, history=, result=, test_arrays=) writes the results figures of a run.
 """
@@ -192,6 +192,41 @@ def plot_lr_sweep(row: dict, *, ax=None, save=None):
                  f"{row['epochs']} epoch{'s' if row['epochs'] != 1 else ''}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    fig.tight_layout()
+    return _finish(fig, save)
+
+
+def plot_sweep(rows: list[dict], varied: list[str], *, save=None):
+    """Final test accuracy (%) against each varied setting of a sweep (helpers.sweep's results rows): per value the
+    mean over seeds (a line per combination of the other varied settings) and the seeds' min-max as a bar. With
+    nothing varied but the seed, the seeds' accuracies and their mean."""
+    rows = [r for r in rows if r.get("test_acc") not in (None, "")]
+    panels = varied or ["seed"]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
+    for ax, key in zip(axes[0], panels):
+        others = [k for k in varied if k != key]
+        groups: dict[tuple, dict] = {}
+        for r in rows:
+            groups.setdefault(tuple(r[k] for k in others), {}).setdefault(r[key], []).append(float(r["test_acc"]))
+        for label, by_value in sorted(groups.items(), key=lambda g: str(g[0])):
+            xs = sorted(by_value, key=lambda v: (isinstance(v, str), v))
+            accs = [np.array(by_value[x]) for x in xs]
+            mean = [a.mean() for a in accs]
+            spread = np.array([[m - a.min() for m, a in zip(mean, accs)], [a.max() - m for m, a in zip(mean, accs)]])
+            pos = xs if all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in xs) else range(len(xs))
+            name = ", ".join(f"{k}={v}" for k, v in zip(others, label)) or None
+            ax.errorbar(list(pos), mean, yerr=spread if key != "seed" else None, marker="o", capsize=3, label=name)
+            if pos is not xs:
+                ax.set_xticks(list(pos), [str(x) for x in xs])
+            numeric = [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool)]
+            if key != "seed" and len(numeric) == len(xs) and min(numeric) > 0 and max(numeric) / min(numeric) >= 4:
+                ax.set_xscale("log")
+        n_seeds = len({r["seed"] for r in rows})
+        ax.set(xlabel=key, ylabel="final test accuracy (%)",
+               title=f"{key}: mean and min-max over {n_seeds} seed(s)" if key != "seed" else "accuracy per seed")
+        ax.grid(alpha=0.3)
+        if len(groups) > 1:
+            ax.legend(fontsize=7)
     fig.tight_layout()
     return _finish(fig, save)
 

@@ -25,14 +25,14 @@ import os
 import socket
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import torch
 from torch import nn
 
-from helpers import data
+from helpers import data, distributed
 from helpers.checkpoints import CheckpointError, check_weights, checkpoint_path, keep_aside, load_checkpoint
 from helpers.config import RECIPES, TrainConfig, evolve
 from helpers.data import CifarArrays
@@ -242,6 +242,7 @@ def _existing_checkpoint(out: Path, config: TrainConfig, resume, overwrite: bool
         return None, None
     try:
         state = load_checkpoint(ckpt)
+        distributed.check_world(state, ckpt)
     except CheckpointError as err:
         raise RunError(str(err)) from None
     asked = TrainConfig.from_dict(state.get("requested") or state["config"])
@@ -264,7 +265,7 @@ def _existing_checkpoint(out: Path, config: TrainConfig, resume, overwrite: bool
 def train_run(config: TrainConfig, out: str | os.PathLike | None = None, *, device: str | torch.device = "auto",
               resume: bool | str | os.PathLike = False, init_from: str | os.PathLike | None = None,
               overwrite: bool = False, figures: bool = True, quiet: bool = False,
-              arrays: tuple[CifarArrays, CifarArrays] | None = None) -> RunResult:
+              arrays: tuple[CifarArrays, CifarArrays] | None = None, on_epoch=None) -> RunResult:
     """Train `config` into the folder `out` (None: nothing written) and evaluate it once; returns a RunResult.
 
     resume: True continues the run in `out` if it holds one of these settings (and starts afresh if it holds
@@ -272,20 +273,31 @@ def train_run(config: TrainConfig, out: str | os.PathLike | None = None, *, devi
     is. init_from: start this new run from another run's evaluated weights (a file or run folder). overwrite:
     set a checkpoint already in `out` aside (checkpoint-N.pt) instead of refusing. arrays: (train, test) already
     loaded with helpers.data.load_run_data(config), to skip loading. quiet: no progress bars or table.
+    on_epoch(record): called with each epoch's History record as it ends (helpers.sweep reports it to Ray Tune).
+
+    Under torchrun every process calls this (helpers.distributed): rank 0 holds the folder, decides what to do with
+    it and alone prints and writes; config.batch_size is the global batch.
     """
-    device = resolve_device(device)
+    device = distributed.setup(resolve_device(device))
+    quiet = quiet or not distributed.world().is_main
     if out is None:
-        return _train(config, None, device, None, None, init_from, figures, quiet, arrays)
+        return _train(config, None, device, None, None, init_from, figures, quiet, arrays, on_epoch)
     out = Path(out).expanduser()
-    with hold_run_folder(out):
-        ckpt, state = _existing_checkpoint(out, config, resume, overwrite)
-        return _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays)
+    with ExitStack() as held:
+        def decide() -> Path | None:  # rank 0 only: the folder and what it holds are its to judge
+            held.enter_context(hold_run_folder(out))
+            return _existing_checkpoint(out, config, resume, overwrite)[0]
+
+        ckpt = distributed.agree(decide)
+        state = load_checkpoint(ckpt) if ckpt is not None else None
+        return _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays, on_epoch)
 
 
-def _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays) -> RunResult:
+def _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays, on_epoch) -> RunResult:
     requested = config
     notes: list[str] = []
-    say = lambda note: (notes.append(note), print(note, file=sys.stderr, flush=True))  # noqa: E731
+    main = distributed.world().is_main
+    say = lambda note: (notes.append(note), main and print(note, file=sys.stderr, flush=True))  # noqa: E731
     if state is not None:
         config = TrainConfig.from_dict(state["config"] | {k: getattr(requested, k) for k in RESUME_FREE})
     try:
@@ -300,7 +312,12 @@ def _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays) 
         config, changed = adapt_to_data(config, len(train_arrays))
         for note in changed:
             say(note)
-    train_loader, test_loader, _, _ = data.prepare_data(config, device, arrays=(train_arrays, test_arrays))
+    try:
+        if config.sync_bn and distributed.world().distributed:
+            distributed.convert_sync_bn(nn.BatchNorm2d(1), device)  # the CPU's refusal, before anything runs
+        train_loader, test_loader, _, _ = data.prepare_data(config, device, arrays=(train_arrays, test_arrays))
+    except ValueError as err:  # a global batch N does not divide, shards too small, sync_bn on the CPU
+        raise RunError(str(err)) from None
     seed_everything(config.seed)
     model = _build_model(config, init_from if state is None else None, say)
     if not quiet:
@@ -317,14 +334,15 @@ def _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays) 
                  "data": {"train": data.fingerprint(train_arrays), "test": data.fingerprint(test_arrays)},
                  "init_from": str(init_from) if init_from and state is None else (state or {}).get("init_from")}
         result.history = fit(model, train_loader, test_loader, config, device=device, resume=ckpt, quiet=quiet,
-                             checkpoint=out / "checkpoint.pt" if out else None, checkpoint_extra=extra)
+                             checkpoint=out / "checkpoint.pt" if out else None, checkpoint_extra=extra,
+                             on_epoch=on_epoch)
     except KeyboardInterrupt:
         raise RunInterrupted(interrupted_message(out)) from None
     if out is not None:
         result.paths["checkpoint"] = out / "checkpoint.pt"
     result.evaluation = result.history.evaluation
     _compare_average(result, say)
-    if out is not None:
+    if out is not None and main:
         write_outputs(result, figures=figures, init_from=extra["init_from"])
     return result
 
@@ -351,7 +369,12 @@ def _header(model, config, device, train_arrays, test_arrays, train_loader) -> s
 
     return (f"{config.model} ({config.recipe} recipe): {count_parameters(model):,} parameters | device {device} | "
             f"{len(train_arrays):,} train / {len(test_arrays):,} test images | {type(train_loader).__name__} | "
-            f"{precision_name(amp_dtype(device, config.amp))} | batch {config.batch_size}")
+            f"{precision_name(amp_dtype(device, config.amp))} | batch {config.batch_size}{_processes(config)}")
+
+
+def _processes(config: TrainConfig) -> str:
+    w = distributed.world()
+    return f" ({w.world_size} processes x {config.batch_size // w.world_size})" if w.distributed else ""
 
 
 def _check_same_data(ckpt: Path, state: dict, train: CifarArrays, test: CifarArrays) -> None:
@@ -377,14 +400,16 @@ def _find_max_lr(result: RunResult, model, train_loader, quiet: bool, say) -> Tr
                           rule=config.lr_rule, progress=not quiet)
     result.lr_test = found
     where = ""
-    if result.out is not None:
+    # each process's range test saw its own shard: all take rank 0's pick
+    picked = distributed.broadcast_object(found.suggested_lr)
+    if result.out is not None and distributed.world().is_main:
         import matplotlib.pyplot as plt
 
         plt.close(plot_lr_finder(found, save=result.out / "lr_finder.png"))
         result.paths["lr_finder"] = result.out / "lr_finder.png"
         where = f"; plot in {result.paths['lr_finder']}"
-    say(f"LR range test: max LR {found.suggested_lr:.3g} ({found.rule}{where})")
-    return evolve(config, max_lr=found.suggested_lr)
+    say(f"LR range test: max LR {picked:.3g} ({found.rule}{where})")
+    return evolve(config, max_lr=picked)
 
 
 def _compare_average(result: RunResult, say) -> None:
@@ -464,6 +489,7 @@ def run_metrics(result: RunResult, init_from=None) -> dict:
                            "alone; neither the one-time warm-up (warmup_seconds)",
         "precision": precision_name(amp_dtype(device, config.amp)),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({os.cpu_count()} cores)",
+        "world_size": distributed.world().world_size,  # processes (torchrun); batch_size is the global batch
         "torch": torch.__version__, "data_dir": str(Path(config.data_dir).resolve()),
         "train_images": len(result.train_arrays), "test_images": len(result.test_arrays),
         "init_from": init_from, "notes": result.notes, "settings": config.to_dict(),

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -21,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from helpers import distributed
 from helpers.checkpoints import CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, check_weights, load_checkpoint
 from helpers.config import TrainConfig
 from helpers.engine import TrainStep, clock
@@ -196,7 +198,8 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str |
 
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
         device: str | torch.device | None = "auto", checkpoint: str | os.PathLike | None = None,
-        resume: str | os.PathLike | None = None, quiet: bool = False, checkpoint_extra: dict | None = None) -> History:
+        resume: str | os.PathLike | None = None, quiet: bool = False, checkpoint_extra: dict | None = None,
+        on_epoch: Callable[[dict], None] | None = None) -> History:
     """Train `model` per `config`; returns the History (one record per epoch; `history.evaluation` is the last
     epoch's evaluation). With weight averaging the model ends as evaluated: the average; the last epoch's record
     also holds the trained weights' accuracy (`test_acc_trained`).
@@ -204,8 +207,14 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
     checkpoint: path written (atomically, in the background) after every epoch, with `checkpoint_extra`'s entries
     (helpers.run adds the class names, normalisation and data fingerprint). resume: a checkpoint to continue
     from; the run then continues exactly where it stopped (same History on the CPU as an uninterrupted run).
+    on_epoch(record): called after each epoch's record (a sweep reports it to Ray Tune), on rank 0.
+
+    Under torchrun (helpers.distributed) every process runs this on its shard of the loader: the records hold the
+    global batch's numbers, rank 0 alone prints and writes the checkpoint (with every process's RNG state).
     """
     device = resolve_device(device)
+    main = distributed.world().is_main
+    quiet = quiet or not main
     steps = len(train_loader)
     if steps == 0:
         raise ValueError("the training loader yields no batches: use a smaller batch size or more data")
@@ -226,6 +235,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
             t0 = clock(device)
             step.start_epoch(epoch)
             record = _train_epoch(step, train_loader, epoch, quiet=quiet, checkpoint=checkpoint)
+            distributed.broadcast_buffers(step.model, *([step.ema] if step.ema is not None else []))
             record["train_seconds"] = clock(device) - t0  # the training steps alone (seconds adds the test pass)
             result = evaluate(step.eval_model, test_loader, device=device, amp=config.amp,
                               channels_last=config.channels_last, tta=config.tta)
@@ -241,7 +251,11 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
             if not quiet:
                 print_table_row(record)
             if checkpoint is not None:
-                writer.save(checkpoint, _checkpoint_state(step, generator, config, history) | (checkpoint_extra or {}))
+                state = _checkpoint_state(step, generator, config, history)  # every process: it gathers RNG states
+                if main:
+                    writer.save(checkpoint, state | (checkpoint_extra or {}))
+            if on_epoch is not None and main:
+                on_epoch(record)
     finally:
         writer.wait()  # also when stopped (NaN, Ctrl-C): the last finished epoch's checkpoint is complete on disk
     if step.ema is not None:  # leave the model as it was evaluated: the weight average
@@ -280,9 +294,12 @@ def _train_epoch(step: TrainStep, loader, epoch: int, *, quiet: bool, checkpoint
     sizes = torch.tensor([len(t) for t in labels], device=losses.device)  # the last batch may be smaller
     preds, labels = torch.cat(preds), torch.cat(labels)
     peak = max(range(len(lrs)), key=lrs.__getitem__)  # a one-cycle peak inside the epoch, for the LR plot
+    # loss sum, correct, images: over every process's shard under torchrun (float64: exact counts)
+    totals = torch.stack([(losses * sizes).sum().double(), (preds == labels).sum().double(),
+                          torch.tensor(len(preds), dtype=torch.float64, device=losses.device)])
+    loss_sum, correct, images = distributed.all_reduce_sum(totals).tolist()
     return dict(epoch=epoch, lr=lr_start, lr_end=lrs[-1], steps=len(lrs), lr_max=lrs[peak], lr_max_step=peak,
-                train_loss=(losses * sizes).sum().item() / len(preds),
-                train_acc=100.0 * (preds == labels).sum().item() / len(preds))
+                train_loss=loss_sum / images, train_acc=100.0 * correct / images)
 
 
 def _stop_if_diverged(losses, epoch: int, lrs: list[float], checkpoint, *, offset: int = 0) -> None:
@@ -307,7 +324,10 @@ def _checkpoint_state(step: TrainStep, generator: torch.Generator, config: Train
         # the weights evaluated (the average, with `ema`): what load_weights gives
         "eval_state": step.ema.module.state_dict() if step.ema is not None else None,
         "step_state": step.state_dict(),
-        "rng": step.rng_state() | {"sampler": generator.get_state()},
+        "rng": step.rng_state() | {"sampler": generator.get_state()},  # this process's (rank 0's)
+        "world_size": distributed.world().world_size,
+        # every process's, in rank order: an exact resume restores each its own
+        "rng_ranks": distributed.all_gather_object(step.rng_state() | {"sampler": generator.get_state()}),
         "history": history.records,  # snapshotted (copied) by the writer
         "warmup_seconds": history.warmup_seconds,
         "mode": history.mode,
@@ -317,12 +337,14 @@ def _checkpoint_state(step: TrainStep, generator: torch.Generator, config: Train
 def _resume(step: TrainStep, generator: torch.Generator, path, config: TrainConfig) -> list[dict]:
     """Load a checkpoint into the step and the loader's generator; returns the finished epochs' records."""
     state = load_checkpoint(path, model_name=config.model)
+    distributed.check_world(state, path)
     check_weights(step.model, state["model_state"], path)
     step.load_weights_in_place(state["model_state"])
     step.load_state_dict(state.get("step_state") or {  # format 1 kept them at the top level
         "optimizer": state["optimizer_state"], "scheduler": state["scheduler_state"], "scaler": state["scaler_state"]})
-    step.set_rng_state(state["rng"])
-    generator.set_state(state["rng"]["sampler"])
+    rng = state["rng_ranks"][distributed.world().rank] if state.get("rng_ranks") else state["rng"]
+    step.set_rng_state(rng)
+    generator.set_state(rng["sampler"])
     return list(state["history"])
 
 
