@@ -87,9 +87,10 @@ def setting(default, help: str, kind: str, *, allowed: str = "", ok=None, choice
             nullable: bool = False, const=None):
     """A TrainConfig field with its schema. kind: int | float | bool | str | path | peak (a float or 'auto').
     ok(value) -> bool checks the range and `allowed` says it in words; choices: the allowed strings; recipe: None
-    means the recipe's value; nullable: None is a value of its own; const: the flag's value when given bare."""
-    meta = dict(help=help, kind=kind, allowed=allowed, ok=ok, choices=choices, recipe=recipe,
-                nullable=nullable or recipe, const=const)
+    means the recipe's value; nullable: None is a value of its own (after the recipe's are filled in); const: the
+    flag's value when given bare."""
+    meta = dict(help=help, kind=kind, allowed=allowed, ok=ok, choices=choices, recipe=recipe, nullable=nullable,
+                const=const)
     if callable(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -122,7 +123,7 @@ class TrainConfig:
                                      "int", ok=_positive, allowed="> 0")
     optimizer: str | None = _recipe("the optimizer (momentum is Adam's beta1)", "str", choices=OPTIMIZERS)
     lr: float | None = _recipe("one-cycle: the starting LR (default: max_lr / 10); plateau/none: the LR", "float",
-                               ok=_positive, allowed="> 0")
+                               ok=_positive, allowed="> 0", nullable=True)  # None: max_lr / 10
     max_lr: float | str | None = _recipe("one-cycle peak LR, or 'auto': the LR range test finds it first", "peak",
                                          ok=_positive, allowed="a positive number or 'auto' (the LR range test)")
     pct_start: float | None = _recipe("share of one-cycle steps spent rising to the peak", "float",
@@ -257,11 +258,7 @@ def _checked(f, value):
         raise ConfigError(f"{f.name} must be {what}, got {value!r}")
 
     if value is None:
-        if meta["nullable"] and not meta["recipe"]:
-            return None
-        if meta["recipe"] and f.name == "lr":  # a recipe without a start LR: max_lr / 10
-            return None
-        fail(allowed or kind)
+        return None if meta["nullable"] else fail(allowed or kind)
     if kind == "bool":
         return value if isinstance(value, bool) else fail("True or False")
     if kind == "path":

@@ -284,12 +284,15 @@ def train_run(config: TrainConfig, out: str | os.PathLike | None = None, *, devi
         return _train(config, None, device, None, None, init_from, figures, quiet, arrays, on_epoch)
     out = Path(out).expanduser()
     with ExitStack() as held:
+        decided = {}  # rank 0's checkpoint state, read once while deciding
+
         def decide() -> Path | None:  # rank 0 only: the folder and what it holds are its to judge
             held.enter_context(hold_run_folder(out))
-            return _existing_checkpoint(out, config, resume, overwrite)[0]
+            ckpt, decided["state"] = _existing_checkpoint(out, config, resume, overwrite)
+            return ckpt
 
-        ckpt = distributed.agree(decide)
-        state = load_checkpoint(ckpt) if ckpt is not None else None
+        ckpt = distributed.agree(decide)  # the other processes read the checkpoint rank 0 chose
+        state = decided["state"] if decided else load_checkpoint(ckpt) if ckpt is not None else None
         return _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays, on_epoch)
 
 
