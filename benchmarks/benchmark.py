@@ -4,12 +4,13 @@ Sections (--sections, comma-separated; default all but sweep):
   loaders   images/s of the albumentations DataLoader (0, 2 and all workers) and of GpuLoader, delivered to --device
   epochs    seconds per training epoch and peak GPU memory: each model x fp32/mixed x each loader x each --modes,
             with the warm-up (capture/compile) timed apart
-  accuracy  each --accuracy-runs model:recipe through helpers.train.fit over --seeds: final accuracy (with the
+  accuracy  each --accuracy-runs model:recipe over --seeds (helpers.sweep.trial each): final accuracy (with the
             recipe's TTA too), training time to airbench94's same-run accuracy (without TTA, and with), ratios
   airbench  airbench 0.1.8's train94 on the same arrays (needs CUDA and airbench; skipped with a note otherwise)
   overhead  fit against a bare loop of the same helpers.engine.TrainStep: same model, loader, steps, test pass, mode
   lrtest    the LR range test alone for each --sweep-runs model:recipe: every rule's pick beside the recipe's peak
-  sweep     final accuracy against the one-cycle peak LR (--sweep-peaks) for each --sweep-runs model:recipe,
+  sweep     final accuracy against the one-cycle peak LR (--sweep-peaks) for each --sweep-runs model:recipe
+            (helpers.sweep.peak_sweep: here one run after another, or on Ray Tune with --sweep-engine ray),
             with the LR range test's picks (every rule) marked: which rule lands within 0.5 points of the best
 
 Every section times helpers.engine.TrainStep, the step fit runs: what it reports is fit's.
@@ -43,8 +44,7 @@ from helpers.config import TrainConfig, evolve
 from helpers.engine import TrainStep, clock, run_steps, time_epoch
 from helpers.lr_finder import RULES, lr_range_test
 from helpers.models import build_model
-from helpers.run import train_run
-from helpers.sweep import SWEEP_PEAKS, peak_sweep
+from helpers.sweep import SWEEP_PEAKS, peak_sweep, trial
 from helpers.train import evaluate, fit
 from helpers.utils import atomic_write_text, seed_everything
 
@@ -164,19 +164,20 @@ def time_to(history, target: float | None = TARGET, *, key: str = "test_acc",
 
 
 def bench_accuracy(args, train, test, device) -> list[dict]:
-    """Each --accuracy-runs model:recipe through fit over --seeds: final accuracy (and with the recipe's TTA), and
-    the time to the targets (airbench94's same-run accuracy: without TTA against its without, TTA against TTA)."""
+    """Each --accuracy-runs model:recipe over --seeds, one after another (each a helpers.sweep.trial: the run layer's
+    run): final accuracy (and with the recipe's TTA), and the time to the targets (airbench94's same-run accuracy:
+    without TTA against its without, TTA against TTA)."""
     rows = []
     for spec in args.accuracy_runs:
         model_name, recipe_name = spec.split(":")
         runs = []
         for seed in range(args.seeds):
-            config = recipe(model_name, args, recipe=recipe_name, seed=seed, mode=args.fit_mode,
+            config = recipe(model_name, args, recipe=recipe_name, mode=args.fit_mode,
                             loader=args.fit_loader, lr_test_steps=args.lr_test_steps, adapt_small_runs=False,
                             **({"epochs": args.epochs} if args.epochs else {}))
             found = config.max_lr == "auto"  # as --max-lr auto: the run layer's range test picks the peak first
             t0 = clock(device)
-            run = train_run(config, device=device, quiet=True, arrays=(train, test))  # in memory: no outputs
+            run = trial(config, {"seed": seed}, arrays=(train, test), device=device)  # in memory: no outputs
             total = clock(device) - t0
             config, history = run.config, run.history
             runs.append({"seed": seed, "epochs": config.epochs, "max_lr": config.max_lr,
@@ -322,12 +323,19 @@ def bench_lrtest(args, train, test, device) -> list[dict]:
 
 def bench_sweep(args, train, test, device) -> list[dict]:
     """For each model:recipe, the LR range test once, then full runs at each swept peak and at each rule's pick
-    (helpers.sweep.peak_sweep, seed 0)."""
+    (helpers.sweep.peak_sweep, seed 0): one after another here (--sweep-engine local), or as Ray Tune trials
+    (ray; --sweep-gpus-per-trial 0.25 runs four at once on one GPU, their timings then shared)."""
     rows = []
     for spec in args.sweep_runs:
         base, (train_loader, test_loader), found, row = range_test(spec, args, train, test, device)
-        rows.append({**row, **peak_sweep(evolve(base, seed=0), arrays=(train, test), found=found, device=device,
-                                         peaks=args.sweep_peaks[base.optimizer])})
+        out = Path(args.sweep_dir) / spec.replace(":", "-") if args.sweep_dir else None
+        ray = {"gpus_per_trial": args.sweep_gpus_per_trial} if args.sweep_engine == "ray" else {}
+        base = evolve(base, seed=0, data_dir=args.data_dir, subset_train=args.subset_train,  # Ray's trials load
+                      subset_test=args.subset_test)  # these images themselves; here they are `train` and `test`
+        rows.append({**row, **peak_sweep(base, out, found=found, engine=args.sweep_engine,
+                                         peaks=args.sweep_peaks[base.optimizer], arrays=(train, test),
+                                         device=device, **ray),
+                     "engine": args.sweep_engine})
     return rows
 
 
@@ -446,6 +454,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="sweep: peaks for SGD")
     p.add_argument("--sweep-peaks-adam", default=",".join(f"{v:g}" for v in SWEEP_PEAKS["adam"]),
                    help="sweep: peaks for Adam")
+    p.add_argument("--sweep-engine", choices=["local", "ray"], default="local", help="sweep: its runs one after "
+                   "another in this process (local), or as Ray Tune trials (ray: needs --sweep-dir)")
+    p.add_argument("--sweep-dir", help="sweep: keep each model:recipe's sweep here (trials' run folders, results.csv, "
+                   "sweep.png); default: local runs in memory")
+    p.add_argument("--sweep-gpus-per-trial", type=float, help="sweep, --sweep-engine ray: GPUs per trial (default: 1 "
+                   "with CUDA)")
     p.add_argument("--lr-test-steps", type=int, default=100, help="lrtest, sweep: LR range test iterations")
     p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's). On a CPU shared with other "
                    "jobs, 1 avoids OpenMP threads spin-waiting on each other (seen: 10x slower steps with 2)")
@@ -465,6 +479,8 @@ def parse_args(argv: list[str] | None):
         args.sweep_runs, args.sweep_peaks_sgd, args.sweep_peaks_adam = "custom_resnet:writeup", "0.05", "1e-3"
         args.lr_test_steps = 17
         args.threads = args.threads or 1
+    if "sweep" in args.sections and args.sweep_engine == "ray" and not args.sweep_dir:
+        raise SystemExit("error: --sweep-engine ray keeps its trials in a folder: give --sweep-dir DIR")
     args.models = args.models.split(",")
     # the DataLoader path needs albumentations and OpenCV; a bare GPU machine may lack them: time the rest
     args.albumentations = all(importlib.util.find_spec(m) for m in ("albumentations", "cv2"))

@@ -198,13 +198,19 @@ def plot_lr_sweep(row: dict, *, ax=None, save=None):
 
 def plot_sweep(rows: list[dict], varied: list[str], *, save=None):
     """Final test accuracy (%) against each varied setting of a sweep (helpers.sweep's results rows): per value the
-    mean over seeds (a line per combination of the other varied settings) and the seeds' min-max as a bar. With
-    nothing varied but the seed, the seeds' accuracies and their mean."""
+    mean over seeds (a line per combination of the other varied settings) and the seeds' min-max as a bar. A
+    setting that moves in step with an earlier one (the peak sweep's start LR with its peak) gets no panel of its
+    own. With nothing varied but the seed, the seeds' accuracies and their mean."""
     rows = [r for r in rows if r.get("test_acc") not in (None, "")]
+
+    def follows(b: str, a: str) -> bool:  # one value of b per value of a: b moves with a (the peak sweep's lr)
+        return all(len({r[b] for r in rows if r[a] == v}) == 1 for v in {r[a] for r in rows})
+
+    varied = [k for i, k in enumerate(varied) if not any(follows(k, a) and follows(a, k) for a in varied[:i])]
     panels = varied or ["seed"]
     fig, axes = plt.subplots(1, len(panels), figsize=(4.2 * len(panels), 3.4), squeeze=False)
     for ax, key in zip(axes[0], panels):
-        others = [k for k in varied if k != key]
+        others = [k for k in varied if k != key and not follows(k, key)]
         groups: dict[tuple, dict] = {}
         for r in rows:
             groups.setdefault(tuple(r[k] for k in others), {}).setdefault(r[key], []).append(float(r["test_acc"]))
@@ -220,7 +226,9 @@ def plot_sweep(rows: list[dict], varied: list[str], *, save=None):
                 ax.set_xticks(list(pos), [str(x) for x in xs])
             numeric = [x for x in xs if isinstance(x, (int, float)) and not isinstance(x, bool)]
             if key != "seed" and len(numeric) == len(xs) and min(numeric) > 0 and max(numeric) / min(numeric) >= 4:
-                ax.set_xscale("log")
+                ax.set_xscale("log")  # ticks at the values swept: log ticks of a short range crowd each other
+                ax.set_xticks(xs, [f"{x:.3g}" for x in xs], minor=False)
+                ax.xaxis.set_minor_formatter(plt.NullFormatter())
         n_seeds = len({r["seed"] for r in rows})
         ax.set(xlabel=key, ylabel="final test accuracy (%)",
                title=f"{key}: mean and min-max over {n_seeds} seed(s)" if key != "seed" else "accuracy per seed")

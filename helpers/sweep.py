@@ -1,25 +1,28 @@
-"""Many runs of the run layer: grid sweeps and seeds on Ray Tune, and the LR peak sweep.
+"""Many runs of the run layer: grid sweeps and seeds (on Ray Tune, or one after another here), and the LR peak sweep.
 
     python -m helpers.sweep --model custom_resnet --grid max_lr=0.2,0.4,0.8 --seeds 3 --epochs 10 --out sweeps/peak
 
-runs one trial per grid point and seed on Ray Tune (`run_sweep`), each a normal `helpers.run.train_run` into a
-folder of its own (DIR/trials/<setting=value,...>: checkpoint, history, metrics, figures) that reports every
-epoch to Tune, then writes DIR/results.csv (one row per trial) and DIR/sweep.png (accuracy against each varied
-setting, mean and spread over seeds). Ray starts locally by itself; --address (or RAY_ADDRESS) runs the same sweep
-on a running Ray cluster; --gpus-per-trial 0.25 puts four trials on one GPU. Run the same command again to
-continue an interrupted sweep (Tuner.restore: finished trials are not rerun; an unfinished trial resumes from its
-last checkpoint). Multi-node: --storage (Tune's experiment state, default DIR) and DIR itself must be on storage
-every node reaches: a shared filesystem path, or for --storage a URI such as s3://bucket/sweeps (pyarrow's
-filesystems); the trial folders are written where --out points, so a multi-node --out must be shared.
+runs one trial per grid point and seed (`run_sweep`), each a normal `helpers.run.train_run` into a folder of its
+own (DIR/trials/<setting=value,...>: checkpoint, history, metrics, figures), then writes DIR/results.csv (one row
+per trial) and DIR/sweep.png (accuracy against each varied setting, mean and spread over seeds). `trial` is that
+one run, the only way many runs are made here: the Ray engine (the default) runs it as a Tune trial reporting every
+epoch; --engine local runs the trials one after another in this process (no Ray, one device, timings undisturbed).
+Ray starts locally by itself; --address (or RAY_ADDRESS) runs the same sweep on a running Ray cluster;
+--gpus-per-trial 0.25 puts four trials on one GPU. Run the same command again to continue an interrupted sweep
+(finished trials are not rerun; an unfinished trial resumes from its last checkpoint; Ray: Tuner.restore).
+Multi-node: --storage (Tune's experiment state, default DIR) and DIR itself must be on storage every node reaches:
+a shared filesystem path, or for --storage a URI such as s3://bucket/sweeps (pyarrow's filesystems); the trial
+folders are written where --out points, so a multi-node --out must be shared.
 
-`peak_sweep` (notebook 02, the benchmark) trains a recipe at a range of one-cycle peaks in this process, one
-`train_run` after another (no Ray needed): a sweep's run equals the command line's with the same settings.
+`peak_sweep` (notebook 02, the benchmark) is a sweep of one recipe over one-cycle peaks and the LR range test's
+picks.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import itertools
 import json
 import logging
 import os
@@ -30,57 +33,55 @@ from pathlib import Path
 from helpers.config import ConfigError, TrainConfig, evolve
 
 SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
+ENGINES = ("ray", "local")
+RAY_PIN = "ray[tune]==2.60.0"
+INSTALL_HINT = (f'the sweep runs on Ray Tune, which is not installed: pip install -e ".[sweep]" (or pip install '
+                f'"{RAY_PIN}"), or run the trials one after another here without Ray (--engine local, '
+                'engine="local")')
+RESULT_COLUMNS = ("seed", "test_acc", "test_acc_tta", "train_seconds", "epochs", "status", "trial_dir")
+
+
+class SweepError(Exception):
+    """A mistake in how a sweep was asked for: one line that says what to do."""
 
 
 def at_peak(config: TrainConfig, peak: float) -> TrainConfig:
     """`config` with one-cycle peak `peak`. Its start follows as the recipe has it: a recipe with a numeric peak
     keeps its start/peak ratio; one whose peak is found ('auto') keeps its start LR, as `--max-lr auto` does."""
+    return evolve(config, **peak_point(config, peak))
+
+
+def peak_point(config: TrainConfig, peak: float) -> dict:
+    """The settings at_peak changes: {'max_lr': peak} and, for a recipe with a numeric peak, its start 'lr'."""
     if config.max_lr == "auto" or config.lr is None:  # lr None: the start is peak / 10 anyway
-        return evolve(config, max_lr=peak)
-    return evolve(config, max_lr=peak, lr=peak * config.lr / config.peak_lr)
+        return {"max_lr": peak}
+    return {"max_lr": peak, "lr": peak * config.lr / config.peak_lr}
 
 
-def peak_sweep(config: TrainConfig, *, arrays=None, peaks=None, found=None, device=None,
-               progress: bool = True) -> dict:
+def peak_sweep(config: TrainConfig, out: str | os.PathLike | None = None, *, peaks=None, found=None,
+               engine: str = "local", **options) -> dict:
     """Train `config` to the end at each one-cycle peak (default SWEEP_PEAKS[config.optimizer]) and at each rule's
-    pick of `found` (an lr_range_test result), each a `train_run` from the same seed; returns the row
-    helpers.plots.plot_lr_sweep draws: final accuracy per run, the best swept peak's, and each rule's gap to it
-    (how far `--max-lr auto` lands from the best peak). A pick equal to a peak already trained is not trained
-    again. arrays: (train, test) already loaded (helpers.data.load_run_data). progress: a line per run."""
-    from helpers.data import load_run_data
-    from helpers.run import train_run
-
-    arrays = arrays if arrays is not None else load_run_data(config)
+    pick of `found` (an lr_range_test result): a `run_sweep` of at_peak's points, every run from config's seed
+    (a pick equal to a swept peak is the same trial). Returns the row helpers.plots.plot_lr_sweep draws: final
+    accuracy per run, the best swept peak's, and each rule's gap to it (how far `--max-lr auto` lands from the
+    best peak). out, engine and **options as run_sweep's (out None: local, nothing written)."""
     peaks = SWEEP_PEAKS[config.optimizer] if peaks is None else peaks
     picks = found.suggestions if found is not None else {}
-    runs, trained = {}, {}  # a pick equal to a peak already trained reuses its run (same seed: same result)
-    for label, peak in {**{f"{p:g}": p for p in peaks}, **picks}.items():
-        if peak not in trained:
-            run = train_run(at_peak(config, peak), device=device or "auto", quiet=True, arrays=arrays)
-            trained[peak] = {"max_lr": peak, "final_acc": run.accuracy, "train_s": sum(run.history.seconds)}
-        runs[label] = dict(trained[peak])
-        if progress:
-            print(f"peak {peak:<9.3g} {label:<17} {runs[label]['final_acc']:6.2f}%  ({runs[label]['train_s']:.0f} s)",
-                  flush=True)
-    best = max(r["final_acc"] for label, r in runs.items() if label not in picks)
+    labels = {**{f"{p:g}": p for p in peaks}, **picks}
+    points = list({peak: peak_point(config, peak) for peak in labels.values()}.values())
+    rows = run_sweep(config, points, out, engine=engine, **options)
+    by_peak = {row["max_lr"]: {"max_lr": row["max_lr"], "final_acc": row["test_acc"], "train_s": row["train_seconds"]}
+               for row in rows}
+    runs = {label: dict(by_peak[peak]) for label, peak in labels.items()}
+    best = max(r["final_acc"] for label, r in runs.items() if label not in picks and r["final_acc"] is not None)
     return {"model": config.model, "recipe": config.recipe, "optimizer": config.optimizer,
             "batch_size": config.batch_size, "epochs": config.epochs, "runs": runs, "best_swept_acc": best,
             "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]}
                       for rule, lr in picks.items()}}
 
 
-
 # ---------------------------------------------------------------------------------------------------------
-# Sweeps on Ray Tune
-
-RAY_PIN = "ray[tune]==2.60.0"
-INSTALL_HINT = (f'the sweep runs on Ray Tune, which is not installed: pip install -e ".[sweep]" (or pip install '
-                f'"{RAY_PIN}")')
-RESULT_COLUMNS = ("seed", "test_acc", "test_acc_tta", "train_seconds", "epochs", "status", "trial_dir")
-
-
-class SweepError(Exception):
-    """A mistake in how a sweep was asked for: one line that says what to do."""
+# One trial, and the points of a sweep
 
 
 def parse_grid(text: str) -> tuple[str, list]:
@@ -104,21 +105,52 @@ def parse_grid(text: str) -> tuple[str, list]:
         raise SweepError(f"--grid {text!r}: {key} takes {kind} values") from None
 
 
+def sweep_points(grid: dict[str, list] | list[dict], seeds: list[int]) -> list[dict]:
+    """Every trial's settings: each point of `grid` ({setting: values}: every combination; or a list of points,
+    {setting: value} each) with each seed, in that order."""
+    if isinstance(grid, dict):
+        grid = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
+    return [point | {"seed": seed} for point in grid for seed in seeds]
+
+
+def varied_settings(grid: dict[str, list] | list[dict]) -> list[str]:
+    """The settings a sweep varies (results.csv's first columns), in the order given."""
+    return list(grid) if isinstance(grid, dict) else list(dict.fromkeys(k for point in grid for k in point))
+
+
 def trial_name(point: dict) -> str:
     """A trial's folder name: its varied settings and seed, 'max_lr=0.2,seed=1'."""
     return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
 
 
-def run_trial(point: dict, *, base: dict, trials: str, figures: bool = True) -> None:
-    """Ray Tune's trainable: one train_run of `base` with the grid point `point` (varied settings and seed) into
-    trials/<trial_name(point)>, reporting every epoch; its row is kept in the folder's trial.json."""
-    from ray import tune
-
+def trial(base: TrainConfig, point: dict, trials: str | os.PathLike | None = None, *, arrays=None,
+          device="auto", figures: bool = True, on_epoch=None):
+    """One run of a sweep: `base` with the settings of `point` (its seed too), a helpers.run.train_run into
+    trials/<trial_name(point)>, continued if that folder holds its unfinished run, its row (trial_row) kept there
+    in trial.json; trials None: in memory, nothing written. Returns the RunResult."""
     from helpers.run import train_run
 
-    out = Path(trials) / trial_name(point)
-    config = TrainConfig.from_dict(base | point)
-    seconds = []
+    out = Path(trials) / trial_name(point) if trials is not None else None
+    result = train_run(evolve(base, **point), out, resume=out is not None, quiet=True, figures=figures,
+                       device=device, arrays=arrays, on_epoch=on_epoch)
+    if out is not None:
+        (out / "trial.json").write_text(json.dumps(trial_row(point, result), indent=1))
+    return result
+
+
+def trial_row(point: dict, result) -> dict:
+    """A trial's row of results.csv: its settings and seed, then RESULT_COLUMNS."""
+    return {**point, "test_acc": result.accuracy, "test_acc_tta": result.tta_accuracy,
+            "train_seconds": sum(s for s in result.history.train_seconds if s is not None),
+            "epochs": len(result.history), "status": result.status,
+            "trial_dir": str(result.out) if result.out is not None else ""}
+
+
+def _ray_trial(config: dict, *, base: dict, trials: str, figures: bool = True) -> None:
+    """Ray Tune's trainable: `trial` of the grid point config['point'], reporting every epoch to Tune."""
+    from ray import tune
+
+    point, seconds = config["point"], []
 
     def report(record: dict) -> None:
         seconds.append(record.get("train_seconds") or record["seconds"])
@@ -126,11 +158,7 @@ def run_trial(point: dict, *, base: dict, trials: str, figures: bool = True) -> 
                                            test_acc_tta=record.get("test_acc_tta"), train_loss=record["train_loss"],
                                            train_seconds=sum(seconds)).items() if v is not None})
 
-    result = train_run(config, out, resume=True, quiet=True, figures=figures, on_epoch=report)
-    row = {**point, "test_acc": result.accuracy, "test_acc_tta": result.tta_accuracy,
-           "train_seconds": sum(s for s in result.history.train_seconds if s is not None),
-           "epochs": len(result.history), "status": result.status, "trial_dir": str(out)}
-    (out / "trial.json").write_text(json.dumps(row, indent=1))
+    row = trial_row(point, trial(TrainConfig.from_dict(base), point, trials, figures=figures, on_epoch=report))
     if not seconds:  # a run already finished (restored sweep): nothing trained, report its numbers once
         tune.report({"epoch": row["epochs"], "test_acc": row["test_acc"], "train_seconds": row["train_seconds"]})
 
@@ -142,21 +170,87 @@ def _quiet_ray() -> None:
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers of its own
 
 
-def _start_ray(address: str | None) -> None:
+def _start_ray(address: str | None) -> bool:
+    """Connect to `address` ($RAY_ADDRESS), else start a local Ray; True when this call started or joined it (the
+    sweep then ends it), False when Ray was already running in this process (left as it was)."""
     import ray
 
     if ray.is_initialized():
-        return
+        return False
     local = address is None and not os.environ.get("RAY_ADDRESS")
     kwargs = {"include_dashboard": False} if local else {}
     ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **kwargs)
+    return True
 
 
-def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | os.PathLike, *, seeds: int = 1,
+def run_sweep(base: TrainConfig, grid: dict[str, list] | list[dict], out: str | os.PathLike | None, *,
+              seeds: int = 1, engine: str = "ray", arrays=None, device="auto", progress: bool = True,
               gpus_per_trial: float | None = None, cpus_per_trial: float = 1, address: str | None = None,
               storage: str | None = None, asha: bool = False, figures: bool = True) -> list[dict]:
-    """Every point of `grid` x `seeds` seeds (from base.seed on) as a Ray Tune trial of `base`; returns the rows
-    of out/results.csv (and draws out/sweep.png). Run again with the same arguments to continue it."""
+    """Every point of `grid` ({setting: values}: every combination; or a list of {setting: value} points) with
+    `seeds` seeds (from base.seed on), each a `trial` of `base`; returns the rows of out/results.csv (and draws
+    out/sweep.png). Run again with the same arguments to continue it (finished trials are kept).
+
+    engine 'ray': Ray Tune trials (gpus_per_trial, cpus_per_trial, address, storage, asha; each trial loads its own
+    data). 'local': one after another in this process on `device`, from `arrays` ((train, test) already loaded)
+    if given; out None: nothing written. progress: a line per finished trial."""
+    if engine not in ENGINES:
+        raise SweepError(f"engine {engine!r}: choose one of {', '.join(ENGINES)}")
+    ray_only = {"gpus_per_trial": gpus_per_trial, "address": address, "storage": storage, "asha": asha or None}
+    if engine == "local" and any(v is not None for v in ray_only.values()):
+        given = ", ".join(k for k, v in ray_only.items() if v is not None)
+        raise SweepError(f"{given}: Ray Tune's options; the local engine runs one trial at a time in this process "
+                         "(use engine='ray', --engine ray)")
+    if out is None and engine == "ray":
+        raise SweepError("a Ray sweep needs a folder (out, --out): its trials and Tune's state are kept there")
+    points = sweep_points(grid, [base.seed + k for k in range(seeds)])
+    if out is not None:
+        out = Path(out).expanduser().resolve()  # Ray runs trials elsewhere: every path absolute
+        base = evolve(base, data_dir=str(Path(base.data_dir).expanduser().resolve()))
+    for point in points:  # every trial is a valid config before anything starts
+        evolve(base, **point)
+    if out is not None:
+        _same_sweep(out, base, grid, seeds)
+    run = _run_local if engine == "local" else _run_ray
+    rows = run(base, points, out, arrays=arrays, device=device, progress=progress, figures=figures,
+               gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, storage=storage,
+               asha=asha)
+    if out is not None:
+        write_results(rows, varied_settings(grid), out)
+    return rows
+
+
+def _run_local(base, points, out, *, arrays, device, progress, figures, **ray_options) -> list[dict]:
+    """The trials one after another in this process; a finished trial (its trial.json) is not run again."""
+    from helpers.run import RunError
+
+    rows, trials = [], out / "trials" if out is not None else None
+    for k, point in enumerate(points, 1):
+        done = trials / trial_name(point) / "trial.json" if trials is not None else None
+        if done is not None and done.is_file():
+            rows.append(json.loads(done.read_text()))
+        else:
+            try:
+                rows.append(trial_row(point, trial(base, point, trials, arrays=arrays, device=device,
+                                                   figures=figures)))
+            except RunError as err:  # as a failed Ray trial: a row saying why, and the other trials still run
+                rows.append({**point, "status": f"error: {err}", "epochs": 0,
+                             "trial_dir": str(trials / trial_name(point)) if trials is not None else ""})
+        if progress:
+            _say_done(k, len(points), point, rows[-1])
+    return rows
+
+
+def _say_done(done: int, total: int, point: dict, row: dict) -> None:
+    acc = row.get("test_acc")
+    score = f"{acc:.2f}%" if acc is not None else row.get("status", "no result")
+    seconds = f" ({row['train_seconds']:.0f} s)" if row.get("train_seconds") is not None else ""
+    print(f"[{done}/{total}] {trial_name(point)}: {score}{seconds}", flush=True)
+
+
+def _run_ray(base, points, out, *, progress, figures, gpus_per_trial, cpus_per_trial, address, storage, asha,
+             **local_options) -> list[dict]:
+    """The trials on Ray Tune; a sweep already in `storage` is restored (finished trials are kept)."""
     _quiet_ray()
     try:
         from ray import tune
@@ -164,53 +258,52 @@ def run_sweep(base: TrainConfig, grid: dict[str, list], out: str | os.PathLike, 
         raise SweepError(INSTALL_HINT) from None
     from helpers.data import find_cifar10
 
-    out = Path(out).expanduser().resolve()  # Ray runs trials elsewhere: every path absolute
-    base = evolve(base, data_dir=str(Path(base.data_dir).expanduser().resolve()))
-    for values in _points(grid, [base.seed]):  # every grid point is a valid config before anything starts
-        evolve(base, **values)
-    _same_sweep(out, base, grid, seeds)
     find_cifar10(base.data_dir)  # one download, here, before the trials start (they take a file lock too)
     gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if _has_cuda() else 0.0)
-    space = {k: tune.grid_search(v) for k, v in grid.items()} | {
-        "seed": tune.grid_search([base.seed + k for k in range(seeds)])}
-    trainable = tune.with_resources(tune.with_parameters(run_trial, base=base.to_dict(), trials=str(out / "trials"),
-                                                         figures=figures), {"cpu": cpus_per_trial, "gpu": gpus})
+    trainable = tune.with_resources(
+        tune.with_parameters(_ray_trial, base=base.to_dict(), trials=str(out / "trials"), figures=figures),
+        {"cpu": cpus_per_trial, "gpu": gpus})
     storage = storage or str(out)
-    _start_ray(address)
+    started = _start_ray(address)
+    try:
+        return _rows(_tuner(trainable, points, out, storage, base.epochs, asha, progress).fit(), points,
+                     out / "trials")
+    finally:
+        if started:  # a local Ray's processes and memory go with the sweep (a notebook kernel lives on)
+            import ray
+
+            ray.shutdown()
+
+
+def _tuner(trainable, points: list[dict], out: Path, storage: str, epochs: int, asha: bool, progress: bool):
+    """A new Tuner over `points`, or the one saved in `storage` (restored: finished trials are kept)."""
+    from ray import tune
+
     path = f"{storage.rstrip('/')}/tune"
     if tune.Tuner.can_restore(path):
         print(f"continuing the sweep in {out} (finished trials are kept)", file=sys.stderr)
-        tuner = tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
-    else:
-        scheduler = None
-        if asha:
-            from ray.tune.schedulers import ASHAScheduler
+        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
+    scheduler = None
+    if asha:
+        from ray.tune.schedulers import ASHAScheduler
 
-            scheduler = ASHAScheduler(time_attr="training_iteration", max_t=base.epochs,
-                                      grace_period=max(1, base.epochs // 4), reduction_factor=2)
-        tuner = tune.Tuner(trainable, param_space=space, tune_config=tune.TuneConfig(
-            metric="test_acc", mode="max", scheduler=scheduler, reuse_actors=False),
-            run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0, callbacks=[_Progress()]))
-    rows = _rows(tuner.fit(), grid, out / "trials")
-    write_results(rows, list(grid), out)
-    return rows
+        scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=max(1, epochs // 4),
+                                  reduction_factor=2)
+    # CLIReporter at verbose 0 says nothing; Tune's notebook reporter would clear the cell's output first
+    return tune.Tuner(trainable, param_space={"point": tune.grid_search(points)}, tune_config=tune.TuneConfig(
+        metric="test_acc", mode="max", scheduler=scheduler, reuse_actors=False),
+        run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0, progress_reporter=tune.CLIReporter(),
+                                  callbacks=[_Progress(len(points))] if progress else []))
 
 
-def _points(grid: dict[str, list], seeds: list[int]) -> list[dict]:
-    import itertools
-
-    keys = list(grid)
-    return [dict(zip(keys, combo)) | {"seed": s} for combo in itertools.product(*grid.values()) for s in seeds]
-
-
-def _same_sweep(out: Path, base: TrainConfig, grid: dict, seeds: int) -> None:
+def _same_sweep(out: Path, base: TrainConfig, grid, seeds: int) -> None:
     """Keep out/sweep.json: a second call into `out` must ask for the same sweep (it continues it)."""
     asked = {"base": base.to_dict(), "grid": grid, "seeds": seeds}
     saved = out / "sweep.json"
     if saved.is_file():
         if json.loads(saved.read_text()) != json.loads(json.dumps(asked)):
             raise SweepError(f"{out} holds another sweep (other settings, grid or seeds; see {saved}): run the same "
-                             "command to continue it, or choose another --out")
+                             "sweep to continue it, or choose another folder (--out)")
         return
     out.mkdir(parents=True, exist_ok=True)
     saved.write_text(json.dumps(asked, indent=1))
@@ -222,12 +315,13 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _rows(results, grid: dict, trials: Path) -> list[dict]:
-    """One row per trial: its trial.json when it finished, else what it last reported (stopped or failed)."""
+def _rows(results, points: list[dict], trials: Path) -> list[dict]:
+    """One row per trial, in the order of `points`: its trial.json when it finished, else what it last reported
+    (stopped early by ASHA, or failed)."""
+    by_name = {trial_name(result.config["point"]): result for result in results}
     rows = []
-    for result in results:
-        point = {k: result.config[k] for k in (*grid, "seed")}
-        folder = trials / trial_name(point)
+    for point in points:
+        folder, result = trials / trial_name(point), by_name[trial_name(point)]
         if (folder / "trial.json").is_file() and result.error is None:
             rows.append(json.loads((folder / "trial.json").read_text()))
             continue
@@ -236,7 +330,7 @@ def _rows(results, grid: dict, trials: Path) -> list[dict]:
         rows.append({**point, "test_acc": metrics.get("test_acc"), "test_acc_tta": metrics.get("test_acc_tta"),
                      "train_seconds": metrics.get("train_seconds"), "epochs": metrics.get("epoch", 0),
                      "status": status, "trial_dir": str(folder)})
-    return sorted(rows, key=lambda r: [r[k] for k in (*grid, "seed")])
+    return rows
 
 
 def write_results(rows: list[dict], varied: list[str], out: Path) -> None:
@@ -257,20 +351,22 @@ def write_results(rows: list[dict], varied: list[str], out: Path) -> None:
 
 
 class _Progress:
-    """A line per finished trial (Tune's own output is off)."""
+    """A line per finished trial (Tune's own output is off), as the local engine prints."""
 
-    def __new__(cls):
+    def __new__(cls, total: int):
         from ray import tune
 
         class Progress(tune.Callback):
+            done = 0
+
             def on_trial_complete(self, iteration, trials, trial, **info):
-                acc = trial.last_result.get("test_acc")
-                done = sum(t.status in ("TERMINATED", "ERROR") for t in trials)
-                score = f"{acc:.2f}%" if acc is not None else "no result"
-                print(f"[{done}/{len(trials)}] {trial_name(dict(trial.config))}: {score}", flush=True)
+                self.done += 1
+                _say_done(self.done, total, trial.config["point"], trial.last_result)
 
             def on_trial_error(self, iteration, trials, trial, **info):
-                print(f"trial {trial_name(dict(trial.config))} failed: see {trial.local_path}", flush=True)
+                self.done += 1
+                print(f"[{self.done}/{total}] {trial_name(trial.config['point'])} failed: see {trial.local_path}",
+                      flush=True)
 
         return Progress()
 
@@ -282,16 +378,18 @@ class _Progress:
 def build_parser() -> argparse.ArgumentParser:
     from helpers.cli import Parser, add_setting
 
-    p = Parser(prog="python -m helpers.sweep", description="Sweep settings and seeds of a training run on Ray Tune "
-               "(one trial per grid point and seed, each a normal run in DIR/trials/).")
+    p = Parser(prog="python -m helpers.sweep", description="Sweep settings and seeds of a training run on Ray Tune, "
+               "or one after another here (one trial per grid point and seed, each a normal run in DIR/trials/).")
     sweep = p.add_argument_group("the sweep")
+    sweep.add_argument("--engine", choices=ENGINES, default="ray", help="ray: trials on Ray Tune (side by side as "
+                       "the resources allow); local: one after another in this process, no Ray (default: ray)")
     sweep.add_argument("--grid", action="append", default=[], metavar="SETTING=V1,V2",
                        help="a setting and its values (repeat for more; the trials are every combination)")
     sweep.add_argument("--seeds", type=int, default=1, help="seeds per grid point, from --seed on (default: 1)")
     sweep.add_argument("--out", required=True, help="folder of the sweep: results.csv, sweep.png, trials/")
     sweep.add_argument("--gpus-per-trial", type=float, default=None,
-                       help="GPUs per trial; 0.25 puts four trials on one GPU (default: 1 with CUDA, else 0)")
-    sweep.add_argument("--cpus-per-trial", type=float, default=1, help="CPU cores per trial (default: 1)")
+                       help="Ray: GPUs per trial; 0.25 puts four trials on one GPU (default: 1 with CUDA, else 0)")
+    sweep.add_argument("--cpus-per-trial", type=float, default=1, help="Ray: CPU cores per trial (default: 1)")
     sweep.add_argument("--address", default=None, help="a running Ray cluster (default: $RAY_ADDRESS, else a "
                        "local Ray started for this sweep)")
     sweep.add_argument("--storage", default=None, help="where Tune keeps the sweep's state (default: --out); "
@@ -307,7 +405,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from helpers.cli import given_settings
+    from helpers.cli import given_settings, sigterm_as_interrupt
 
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
@@ -317,16 +415,19 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             raise SweepError(f"--seeds must be at least 1, got {args.seeds}")
         given = given_settings(args)
-        if "workers" not in given:  # DataLoader workers within a trial's CPUs, not every core per trial
+        if "workers" not in given and args.engine == "ray":  # DataLoader workers within a trial's CPUs
             given["workers"] = max(0, int(args.cpus_per_trial) - 1)
-        rows = run_sweep(TrainConfig(**given), grid, args.out, seeds=args.seeds, gpus_per_trial=args.gpus_per_trial,
-                         cpus_per_trial=args.cpus_per_trial, address=args.address, storage=args.storage,
-                         asha=args.asha, figures=args.figures)
+        with sigterm_as_interrupt():
+            rows = run_sweep(TrainConfig(**given), grid, args.out, seeds=args.seeds, engine=args.engine,
+                             gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
+                             address=args.address, storage=args.storage, asha=args.asha,
+                             figures=args.figures)
     except (SweepError, ConfigError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print(f"\ninterrupted: run the same command again to continue the sweep in {args.out}", file=sys.stderr)
+        print(f"\ninterrupted: run the same command again to continue the sweep in {args.out} (finished trials are "
+              "kept; the unfinished one resumes from its last finished epoch)", file=sys.stderr)
         return 130
     out = Path(args.out)
     print(f"{len(rows)} trials: {out / 'results.csv'}, {out / 'sweep.png'}")

@@ -96,6 +96,8 @@ def test_notebook_runs_and_writes_figures_and_results(executed, prefix):
         assert results["batch_size"] == 8  # SMOKE's, read back from the config
         sweep = results["sweep"]  # SMOKE turns section 3 on: one peak and both rules' picks, one epoch each
         assert list(sweep["runs"]) == ["0.001", "steepest", "decade_below_min", "min_loss"] and sweep["epochs"] == 1
+        trials = list((out / "sweep").glob("*/results.csv"))  # on Ray Tune (SWEEP_ENGINE "ray"), a folder per run
+        assert len(trials) == 1 and len(list(trials[0].parent.glob("trials/*/checkpoint.pt"))) >= 2
     if prefix == "04":
         assert results["fp32_timing"] is None  # the fp32 comparison runs on CUDA only
         assert results["warmup_seconds"] >= 0 and results["mode"] == "eager"

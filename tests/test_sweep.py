@@ -1,4 +1,4 @@
-"""helpers.sweep: the grid, the results and their figure, and a 2-trial sweep on Ray Tune (slow)."""
+"""helpers.sweep: the grid, the results and their figure, the local engine, and a 2-trial sweep on Ray Tune (slow)."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import sys
 import pytest
 
 from helpers import sweep
-from helpers.config import TrainConfig
+from helpers.config import TrainConfig, evolve
 from tests.conftest import REPO
 
 
@@ -37,9 +37,65 @@ def test_results_csv_and_figure(tmp_path):
     assert (tmp_path / "sweep.png").stat().st_size > 10_000
 
 
+def test_points_of_a_grid_or_a_list_with_each_seed():
+    assert sweep.sweep_points({"max_lr": [0.1, 0.2], "epochs": [1]}, [0, 1]) == [
+        {"max_lr": 0.1, "epochs": 1, "seed": 0}, {"max_lr": 0.1, "epochs": 1, "seed": 1},
+        {"max_lr": 0.2, "epochs": 1, "seed": 0}, {"max_lr": 0.2, "epochs": 1, "seed": 1}]
+    assert sweep.sweep_points({}, [3, 4]) == [{"seed": 3}, {"seed": 4}]  # seeds alone
+    points = [{"max_lr": 0.2, "lr": 0.02}, {"max_lr": 0.4, "lr": 0.04}]
+    assert sweep.sweep_points(points, [0]) == [p | {"seed": 0} for p in points]
+    assert sweep.varied_settings(points) == ["max_lr", "lr"]
+
+
+def test_a_setting_that_moves_with_another_gets_no_panel_of_its_own(tmp_path):
+    import matplotlib.pyplot as plt
+
+    from helpers.plots import plot_sweep
+
+    rows = [{"max_lr": lr, "lr": lr / 10, "seed": s, "test_acc": 50 + 10 * lr + s} for lr in (0.1, 0.2) for s in (0, 1)]
+    fig = plot_sweep(rows, ["max_lr", "lr"])
+    assert [ax.get_xlabel() for ax in fig.axes] == ["max_lr"] and len(fig.axes[0].lines) >= 1
+    plt.close(fig)
+    rows = [r | {"batch_size": b} for r in rows for b in (32, 64)]  # independent settings: a panel each
+    fig = plot_sweep(rows, ["max_lr", "batch_size"])
+    assert [ax.get_xlabel() for ax in fig.axes] == ["max_lr", "batch_size"]
+    plt.close(fig)
+
+
+def test_ray_options_are_refused_by_the_local_engine(tmp_path):
+    base = TrainConfig(model="depthwise_net")
+    with pytest.raises(sweep.SweepError, match="gpus_per_trial, asha: Ray Tune's options"):
+        sweep.run_sweep(base, {"max_lr": [0.1]}, tmp_path, engine="local", gpus_per_trial=0.5, asha=True)
+    with pytest.raises(sweep.SweepError, match="needs a folder"):
+        sweep.run_sweep(base, {"max_lr": [0.1]}, None)
+    with pytest.raises(sweep.SweepError, match="choose one of ray, local"):
+        sweep.run_sweep(base, {"max_lr": [0.1]}, tmp_path, engine="dask")
+
+
+def test_a_local_sweep_writes_its_trials_and_continues_without_rerunning(tiny_data, tmp_path, capsys):
+    """The local engine: each trial a train_run into trials/<name>, results.csv and sweep.png; run again, a
+    finished trial is read back, not trained; a trial equals the same run made alone."""
+    from helpers.run import train_run
+
+    base = TrainConfig(model="depthwise_net", data_dir=str(tiny_data), epochs=1, batch_size=20, workers=0,
+                       loader="gpu", augment="none", amp=False)
+    rows = sweep.run_sweep(base, {"max_lr": [0.02, 0.05]}, tmp_path, engine="local", device="cpu", figures=False)
+    assert [(r["max_lr"], r["seed"], r["status"]) for r in rows] == [(0.02, 0, "trained"), (0.05, 0, "trained")]
+    assert "[2/2] max_lr=0.05,seed=0:" in capsys.readouterr().out
+    with open(tmp_path / "results.csv") as f:
+        assert [r["max_lr"] for r in csv.DictReader(f)] == ["0.02", "0.05"]
+    assert (tmp_path / "sweep.png").is_file()
+    checkpoints = {p: p.stat().st_mtime_ns for p in (tmp_path / "trials").glob("*/checkpoint.pt")}
+    assert len(checkpoints) == 2
+    again = sweep.run_sweep(base, {"max_lr": [0.02, 0.05]}, tmp_path, engine="local", device="cpu", figures=False)
+    assert again == rows and {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+    alone = train_run(evolve(base, max_lr=0.05), device="cpu", quiet=True)
+    assert rows[1]["test_acc"] == alone.accuracy
+
+
 def test_without_ray_it_says_how_to_install(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "ray", None)  # import ray raises ImportError
-    with pytest.raises(sweep.SweepError, match=r'pip install -e "\.\[sweep\]"'):
+    with pytest.raises(sweep.SweepError, match=r'pip install -e "\.\[sweep\]".*--engine local'):
         sweep.run_sweep(TrainConfig(model="depthwise_net"), {"max_lr": [0.1, 0.2]}, tmp_path)
 
 
@@ -75,3 +131,12 @@ def test_a_two_trial_sweep_on_ray_and_its_restore(tiny_data, tmp_path):
     with open(out / "results.csv") as f:  # a rerun trial would say "finished" (its run had nothing left to train)
         assert [r["status"] for r in csv.DictReader(f)] == ["trained", "trained"]
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+
+
+def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path, capsys):
+    assert sweep.main(["--engine", "local", "--gpus-per-trial", "0.5", "--grid", "max_lr=0.1,0.2",
+                       "--out", str(tmp_path)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: gpus_per_trial: Ray Tune's options") and "\n" not in err
+    assert sweep.main(["--out", str(tmp_path)]) == 2
+    assert "nothing to sweep" in capsys.readouterr().err
