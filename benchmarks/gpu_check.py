@@ -62,6 +62,8 @@ ESTIMATES = {
     "resnet18_fast": (75, "ResNet-18 fast-recipe CLI run 25.8 s for 20 epochs (BENCHMARKS.md) x 2 + start"),
     "modes": (110, "6 epoch timings: compile warm-ups 10-22 s each (steps.txt), epochs 0.5-1.6 s "
                    "(h100_epochs.log), graphs capture ~1 s; + overhead section 3 x 2 epochs; + start"),
+    "share": (150, "not measured; 9 CLI runs of custom_resnet `fast` (1 warm-up epoch, 4 at once, 4 in turn): "
+                   "10 epochs at ~0.8 s (h100_acc.json) + ~15 s process start, data and warm-up each"),
     "sweep": (90, "<= 6 runs of 10 ResNet-9 epochs at ~0.8 s (h100_acc.json) + warm-ups + 100-step range test"),
     "depthwise": (40, "depthwise_net 8 s/epoch on the DataLoader, first epoch 27 s (858b4af CLI); GPU loader new"),
     "nb02": (30, "notebook 02 cells 12.2 s (02_lr_range_test.log) + kernel start"),
@@ -73,6 +75,8 @@ ITEMS = {  # name -> what it measures, in priority order (the order runs follow)
     "writeup": "custom_resnet `writeup` x 1 seed against the same airbench94 run (the default recipe's numbers)",
     "resnet18_fast": "resnet18 `fast` x 2 seeds against airbench94",
     "modes": "s/epoch in eager, graphs and compile (warm-up apart), both models, mixed precision; fit's overhead",
+    "share": "4 custom_resnet `fast` runs at once on the GPU against the same 4 one after another (what "
+             "helpers.sweep --gpus-per-trial 0.25 does; the target: at most 0.6x the time)",
     "sweep": "a reduced LR sweep: custom_resnet `fast` at peaks 0.2, 0.4, 0.8 and at each LR rule's pick",
     "depthwise": "depthwise_net's epoch on the GpuLoader (its GPU augmentation)",
     "nb02": "notebook 02 (LR range test), default parameters",
@@ -133,6 +137,10 @@ def item_command(name: str, args, out: Path) -> tuple[list[str], dict] | str:
                   "amp", "--loaders", "gpu", "--modes", "eager" if args.quick else "eager,graphs,compile"],
         "sweep": [*bench, "--sections", "sweep", "--sweep-runs", "custom_resnet:fast", "--sweep-peaks-sgd",
                   "0.2,0.4,0.8"],
+        "share": [py, "-m", "benchmarks.share", "--data-dir", args.data_dir, "--data-name", args.data_name,
+                  "--device", args.device, "--out", str(out / "share.json"),
+                  *(["--runs", "2", "--epochs", "1", "--", "--subset-train", "200", "--subset-test", "100"]
+                    if args.quick else [])],
         "depthwise": [*bench, "--sections", "epochs", "--models", "depthwise_net", "--precisions", "amp",
                       "--loaders", "gpu"],
     }
@@ -281,6 +289,10 @@ def headline(name: str, out: Path) -> str:
             tta = f", flip TTA {m['test_acc_tta']:.2f}%" if m.get("test_acc_tta") is not None else ""
             return (f"{m['test_acc']:.2f}%{tta} in {m['epochs']} epochs, {m['total_seconds']:.1f} s "
                     f"(+{m['warmup_seconds']:.1f} s warm-up, {m['mode']}, {m['precision']})")
+        if name == "share":
+            r = json.loads((out / "share.json").read_text())
+            return (f"{r['runs']} runs at once {r['together_s']:.1f} s, one after another {r['sequential_s']:.1f} s: "
+                    f"{r['ratio']:.2f}x (target <= {r['target_ratio']})")
         if (out / f"{name}.json").exists():
             return bench_headline(json.loads((out / f"{name}.json").read_text())["results"])
         if name in ("pytest", "cuda_tests"):  # pytest's last line: "5 passed, 2 skipped in 12.3s"

@@ -136,6 +136,14 @@ def check_weights(model: torch.nn.Module, weights: dict, path) -> None:
                               f"first: {first}): pass a checkpoint of this model")
 
 
+def apply_weights(model: torch.nn.Module, state: dict, path) -> None:
+    """Load a checkpoint's evaluated weights (the weight average, for recipes with `ema`: the weights its history
+    evaluated) into `model`, after check_weights."""
+    weights = state.get("eval_state") or state["model_state"]
+    check_weights(model, weights, path)
+    model.load_state_dict(weights)
+
+
 def keep_aside(path: Path) -> Path:
     """Rename `path` to <stem>-<n><suffix> (the first free n) and return the new name: nothing is deleted."""
     n = 1

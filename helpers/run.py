@@ -33,7 +33,7 @@ import torch
 from torch import nn
 
 from helpers import data, distributed
-from helpers.checkpoints import CheckpointError, check_weights, checkpoint_path, keep_aside, load_checkpoint
+from helpers.checkpoints import CheckpointError, apply_weights, checkpoint_path, keep_aside, load_checkpoint
 from helpers.config import RECIPES, TrainConfig, evolve
 from helpers.data import CifarArrays
 from helpers.train import EvalResult, History, evaluate, fit
@@ -357,11 +357,9 @@ def _build_model(config: TrainConfig, init_from, say) -> nn.Module:
     if init_from is not None:
         try:
             state = load_checkpoint(init_from, model_name=config.model)
-            weights = state.get("eval_state") or state["model_state"]
-            check_weights(model, weights, checkpoint_path(init_from))
+            apply_weights(model, state, checkpoint_path(init_from))
         except CheckpointError as err:
             raise RunError(str(err)) from None
-        model.load_state_dict(weights)
         say(f"init_from: starting from the weights of {checkpoint_path(init_from)} ({_describe(state)}, "
             f"{state['config']['recipe']} recipe) with a new schedule")
     return model

@@ -23,7 +23,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from helpers import distributed
-from helpers.checkpoints import CHECKPOINT_FORMAT, CheckpointError, CheckpointWriter, check_weights, load_checkpoint
+from helpers.checkpoints import (
+    CHECKPOINT_FORMAT,
+    CheckpointError,
+    CheckpointWriter,
+    apply_weights,
+    check_weights,
+    load_checkpoint,
+)
 from helpers.config import TrainConfig
 from helpers.engine import TrainStep, clock
 from helpers.utils import (
@@ -186,9 +193,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str |
     """Load a checkpoint's evaluated weights (the weight average, for recipes with `ema`) into `model`; returns
     the run's History."""
     state = load_checkpoint(path, model_name=model_name)
-    weights = state.get("eval_state") or state["model_state"]  # the weights the history evaluated
-    check_weights(model, weights, path)
-    model.load_state_dict(weights)
+    apply_weights(model, state, path)
     return History(state["history"], state.get("warmup_seconds", 0.0), state.get("mode", "eager"))
 
 

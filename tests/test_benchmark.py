@@ -78,3 +78,18 @@ def test_airbench_ratios_are_training_time_over_airbench_time():
 def test_unknown_section_is_an_error():
     with pytest.raises(SystemExit, match="unknown sections"):
         benchmark.parse_args(["--sections", "loaders,speed"])
+
+
+def test_share_starts_a_group_at_once_or_in_turn_and_names_a_failed_run(tmp_path):
+    """benchmarks.share: 'together' starts every run before any ends (each waits here for the other's mark, which
+    would never come in turn); a failed run stops the measurement with its log named."""
+    from benchmarks import share
+
+    wait_for_both = ("import pathlib, sys, time; d = pathlib.Path(sys.argv[1]); (d / sys.argv[2]).touch(); "
+                     "t = time.time(); ok = lambda: (d / 'a').exists() and (d / 'b').exists()\n"
+                     "while not ok() and time.time() - t < 60: time.sleep(0.05)\nsys.exit(0 if ok() else 1)")
+    commands = [[sys.executable, "-c", wait_for_both, str(tmp_path), name] for name in ("a", "b")]
+    assert share.run_group(commands, [tmp_path / "a.log", tmp_path / "b.log"], together=True) > 0
+    failing = [[sys.executable, "-c", "import sys; sys.exit(3)"]]
+    with pytest.raises(SystemExit, match=r"a run failed \(exit 3\): see .*bad.log"):
+        share.run_group(failing, [tmp_path / "bad.log"], together=False)

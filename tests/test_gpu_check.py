@@ -116,7 +116,7 @@ def test_budget_runs_in_priority_order_what_its_scaled_estimate_says_fits(budget
     assert [name for name, _ in fake.ran] == ["cuda_tests", "writeup", "modes"]
     assert [timeout for _, timeout in fake.ran] == [100, 80, 20]  # no item may run past the budget
     skipped = {s["name"]: s["why"] for s in state["skipped"]}
-    assert list(skipped) == ["airbench_fast", "resnet18_fast", "sweep", "depthwise", "nb02", "nb04"]
+    assert list(skipped) == ["airbench_fast", "resnet18_fast", "share", "sweep", "depthwise", "nb02", "nb04"]
     assert skipped["airbench_fast"] == "estimate 100 s (50 s x 2.00) > 80 s left"
     assert state["state"] == "done" and state["elapsed_s"] == 90
     summary = (tmp_path / "SUMMARY.md").read_text()
