@@ -163,12 +163,17 @@ def _ray_trial(config: dict, *, base: dict, trials: str, figures: bool = True) -
         tune.report({"epoch": row["epochs"], "test_acc": row["test_acc"], "train_seconds": row["train_seconds"]})
 
 
-def _quiet_ray() -> None:
+def _quiet_ray(address: str | None) -> None:
+    """Ray's environment, set before ray is imported (it reads it once, at import)."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to Anyscale
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials keep the working directory (paths are absolute)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its engine prints an experiment box even at verbose 0
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers of its own
+    token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home().joinpath(
+        ".ray", "auth_token").is_file()
+    if (address or os.environ.get("RAY_ADDRESS")) and token:  # a cluster from `ray start` (Ray 2.5x) checks a token,
+        os.environ.setdefault("RAY_AUTH_MODE", "token")  # which a driver sends in token mode only
 
 
 def _start_ray(address: str | None) -> bool:
@@ -178,10 +183,28 @@ def _start_ray(address: str | None) -> bool:
 
     if ray.is_initialized():
         return False
-    local = address is None and not os.environ.get("RAY_ADDRESS")
-    kwargs = {"include_dashboard": False} if local else {}
-    ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **kwargs)
+    where = address or os.environ.get("RAY_ADDRESS")
+    kwargs = {"include_dashboard": False} if where is None else {}
+    try:
+        _check_reachable(where)  # Ray itself retries an address nobody listens at for minutes
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **kwargs)
+    except ConnectionError as err:
+        raise SweepError(f"cannot reach the Ray cluster at {where} ({str(err).splitlines()[0]}): start it (ray start "
+                         "--head), check the address, or leave --address and RAY_ADDRESS out for a local Ray") from None
     return True
+
+
+def _check_reachable(address: str | None) -> None:
+    """A ConnectionError at once when `address` (host:port, or ray://host:port) does not answer a TCP connect."""
+    import socket
+
+    host, sep, port = (address or "").removeprefix("ray://").rpartition(":")
+    if not sep or not port.isdigit():  # None, 'auto', 'local': Ray's own lookups
+        return
+    try:
+        socket.create_connection((host, int(port)), timeout=10).close()
+    except OSError as err:
+        raise ConnectionError(f"no answer at {host}:{port}: {err.strerror or err}") from None
 
 
 def run_sweep(base: TrainConfig, grid: dict[str, list] | list[dict], out: str | os.PathLike | None, *,
@@ -252,7 +275,7 @@ def _say_done(done: int, total: int, point: dict, row: dict) -> None:
 def _run_ray(base, points, out, *, progress, figures, gpus_per_trial, cpus_per_trial, address, storage, asha,
              **local_options) -> list[dict]:
     """The trials on Ray Tune; a sweep already in `storage` is restored (finished trials are kept)."""
-    _quiet_ray()
+    _quiet_ray(address)
     try:
         from ray import tune
     except ImportError:

@@ -6,6 +6,7 @@ import csv
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -140,3 +141,43 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path, capsys):
     assert err.startswith("error: gpus_per_trial: Ray Tune's options") and "\n" not in err
     assert sweep.main(["--out", str(tmp_path)]) == 2
     assert "nothing to sweep" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_a_sweep_on_a_running_ray_cluster_with_asha(tiny_data, tmp_path):
+    """--address: the sweep runs on a Ray cluster started apart (`ray start --head`), not a Ray of its own; --asha:
+    every trial ends trained or stopped early, each with a row."""
+    pytest.importorskip("ray.tune")
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    ray_cli = Path(sys.executable).with_name("ray")
+    env = os.environ | {"TQDM_DISABLE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+                        "RAY_USAGE_STATS_ENABLED": "0"}
+    bad = subprocess.run([sys.executable, "-m", "helpers.sweep", "--grid", "max_lr=0.1,0.2", "--data-dir",
+                          str(tiny_data), "--address", f"127.0.0.1:{port}", "--out", str(tmp_path / "none")],
+                         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # nothing listens there yet
+    assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith("error: cannot reach the Ray cluster")
+    started = subprocess.run([str(ray_cli), "start", "--head", "--node-ip-address", "127.0.0.1", "--port", str(port),
+                              "--num-cpus", "2",
+                              "--include-dashboard", "false", "--disable-usage-stats"], env=env, capture_output=True,
+                             text=True, timeout=300)
+    assert started.returncode == 0, started.stderr[-3000:]
+    try:
+        out = tmp_path / "sweep"
+        done = subprocess.run([sys.executable, "-m", "helpers.sweep", "--model", "depthwise_net", "--epochs", "4",
+                               "--batch-size", "20", "--workers", "0", "--data-dir", str(tiny_data), "--grid",
+                               "max_lr=0.005,0.02,0.05,0.2", "--asha", "--no-figures", "--address",
+                               f"127.0.0.1:{port}", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
+                              text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        with open(out / "results.csv") as f:
+            rows = list(csv.DictReader(f))
+        assert [r["max_lr"] for r in rows] == ["0.005", "0.02", "0.05", "0.2"]
+        assert all(r["status"] in ("trained", "stopped (ASHA)") and 1 <= int(r["epochs"]) <= 4 for r in rows)
+        assert all(r["status"] == "stopped (ASHA)" or r["epochs"] == "4" for r in rows)
+        assert all(0 <= float(r["test_acc"]) <= 100 for r in rows)
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
