@@ -31,6 +31,7 @@ from dataclasses import fields
 from pathlib import Path
 
 from helpers.config import ConfigError, TrainConfig, evolve
+from helpers.utils import atomic_write_text
 
 SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
 ENGINES = ("ray", "local")
@@ -134,7 +135,7 @@ def trial(base: TrainConfig, point: dict, trials: str | os.PathLike | None = Non
     result = train_run(evolve(base, **point), out, resume=out is not None, quiet=True, figures=figures,
                        device=device, arrays=arrays, on_epoch=on_epoch)
     if out is not None:
-        (out / "trial.json").write_text(json.dumps(trial_row(point, result), indent=1))
+        atomic_write_text(out / "trial.json", json.dumps(trial_row(point, result), indent=1))
     return result
 
 
@@ -330,7 +331,7 @@ def _same_sweep(out: Path, base: TrainConfig, grid, seeds: int) -> None:
                              "sweep to continue it, or choose another folder (--out)")
         return
     out.mkdir(parents=True, exist_ok=True)
-    saved.write_text(json.dumps(asked, indent=1))
+    atomic_write_text(saved, json.dumps(asked, indent=1))
 
 
 def _has_cuda() -> bool:
