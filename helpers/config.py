@@ -146,8 +146,9 @@ class TrainConfig:
     bias_lr_scale: float | None = _recipe("LR x this, weight decay / this, for batch-norm parameters", "float",
                                           ok=_positive, allowed="> 0")
     freeze_bn_weight: bool | None = _recipe("keep batch-norm scales at 1", "bool")
-    tta: str | None = _recipe("test-time augmentation reported beside the plain accuracy: flip (when given "
-                              "alone) or flip_translate (airbench's flips and 1-px shifts)", "str", choices=TTA,
+    tta: str | None = _recipe("test-time augmentation reported beside the plain accuracy after the last epoch: "
+                              "flip (when given alone) or flip_translate (airbench's flips and 1-px shifts)", "str",
+                              choices=TTA,
                               const="flip")
     # --- how to run it
     amp: bool | None = setting(None, "mixed precision (default: on for CUDA, bf16 or fp16 on GPUs without bf16; "
