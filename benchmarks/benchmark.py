@@ -153,8 +153,9 @@ def bench_epochs(args, train, test, device) -> list[dict]:
 
 def time_to(history, target: float | None = TARGET, *, key: str = "test_acc",
             seconds: str = "seconds") -> float | None:
-    """Seconds until the first epoch whose `key` (test_acc, or test_acc_tta) is >= target %, summing each epoch's
-    `seconds` (training and test pass) or `train_seconds` (the training steps alone); never the warm-up."""
+    """Seconds until the first epoch whose `key` (test_acc, or test_acc_tta: the last epoch's alone, so with TTA
+    the whole run's, as airbench's) is >= target %, summing each epoch's `seconds` (training and test pass) or
+    `train_seconds` (the training steps alone); never the warm-up."""
     elapsed = 0.0
     for record in history.records:
         elapsed += record[seconds]
