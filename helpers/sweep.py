@@ -247,7 +247,7 @@ def run_sweep(base: TrainConfig, grid: dict[str, list] | list[dict], out: str | 
 
 def _run_local(base, points, out, *, arrays, device, progress, figures, **ray_options) -> list[dict]:
     """The trials one after another in this process; a finished trial (its trial.json) is not run again."""
-    from helpers.run import RunError
+    from helpers.run import RunError, RunInterrupted
 
     rows, trials = [], out / "trials" if out is not None else None
     for k, point in enumerate(points, 1):
@@ -261,6 +261,11 @@ def _run_local(base, points, out, *, arrays, device, progress, figures, **ray_op
             except RunError as err:  # as a failed Ray trial: a row saying why, and the other trials still run
                 rows.append({**point, "status": f"error: {err}", "epochs": 0,
                              "trial_dir": str(trials / trial_name(point)) if trials is not None else ""})
+            except RunInterrupted:
+                kept = (f"the trials before it are kept in {trials}; run the same sweep again to continue it (this "
+                        "one resumes from its last finished epoch)" if trials is not None else
+                        "nothing was kept (no sweep folder)")
+                raise RunInterrupted(f"interrupted at trial {k} of {len(points)}: {kept}") from None
         if progress:
             _say_done(k, len(points), point, rows[-1])
     return rows

@@ -7,6 +7,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -92,6 +93,23 @@ def test_a_local_sweep_writes_its_trials_and_continues_without_rerunning(tiny_da
     assert again == rows and {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
     alone = train_run(evolve(base, max_lr=0.05), device="cpu", quiet=True)
     assert rows[1]["test_acc"] == alone.accuracy
+
+
+def test_an_interrupted_local_sweep_says_what_it_kept(monkeypatch, tmp_path):
+    from helpers.run import RunInterrupted
+    from helpers.train import History
+
+    def trial(base, point, trials, **kwargs):
+        if point["max_lr"] == 0.2:
+            raise RunInterrupted("interrupted: ...")
+        return SimpleNamespace(accuracy=50.0, tta_accuracy=None, history=History([{"train_seconds": 1.0}]),
+                               status="trained", out=None)
+
+    monkeypatch.setattr(sweep, "trial", trial)
+    with pytest.raises(RunInterrupted, match=r"at trial 2 of 2: the trials before it are kept in .*trials; run the "
+                                             r"same sweep again"):
+        sweep.run_sweep(TrainConfig(model="depthwise_net"), {"max_lr": [0.1, 0.2]}, tmp_path, engine="local",
+                        progress=False)
 
 
 def test_without_ray_it_says_how_to_install(monkeypatch, tmp_path):
