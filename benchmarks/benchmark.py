@@ -298,7 +298,7 @@ def bench_overhead(args, train, test, device) -> dict:
 
 
 def range_test(spec: str, args, train, test, device):
-    """spec's recipe (model:recipe), its loaders, and the LR range test on a fresh model: every rule's pick."""
+    """spec's recipe (model:recipe) and the LR range test on a fresh model: every rule's pick."""
     model_name, recipe_name = spec.split(":")
     base = recipe(model_name, args, recipe=recipe_name, mode=args.fit_mode, loader=args.fit_loader,
                   adapt_small_runs=False, **({"epochs": args.epochs} if args.epochs else {}))
@@ -314,7 +314,7 @@ def range_test(spec: str, args, train, test, device):
            "lr_curve": {"lrs": found.lrs, "losses": found.losses}}
     print(f"  {spec}: " + ", ".join(f"{rule} {lr:.3g}" for rule, lr in found.suggestions.items())
           + f" (the recipe's peak: {base.max_lr})", flush=True)
-    return base, loaders, found, row
+    return base, found, row
 
 
 def bench_lrtest(args, train, test, device) -> list[dict]:
@@ -328,7 +328,7 @@ def bench_sweep(args, train, test, device) -> list[dict]:
     (ray; --sweep-gpus-per-trial 0.25 runs four at once on one GPU, their timings then shared)."""
     rows = []
     for spec in args.sweep_runs:
-        base, (train_loader, test_loader), found, row = range_test(spec, args, train, test, device)
+        base, found, row = range_test(spec, args, train, test, device)
         out = Path(args.sweep_dir) / spec.replace(":", "-") if args.sweep_dir else None
         ray = {"gpus_per_trial": args.sweep_gpus_per_trial} if args.sweep_engine == "ray" else {}
         base = evolve(base, seed=0, data_dir=args.data_dir, subset_train=args.subset_train,  # Ray's trials load

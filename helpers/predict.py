@@ -38,7 +38,7 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from helpers.checkpoints import CheckpointError, checkpoint_path, load_checkpoint
+from helpers.checkpoints import CheckpointError, apply_weights, checkpoint_path, load_checkpoint
 from helpers.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 
 SIZE = 32  # the model's input side, px
@@ -224,7 +224,6 @@ def load_predictor(path: str | os.PathLike, *, device: str | torch.device = "aut
     recipes with one), in eval mode; class names and normalisation from the checkpoint (CIFAR-10's for
     checkpoints written before they were stored). Raises CheckpointError for a missing or foreign file."""
     from helpers.models import build_model
-    from helpers.train import load_weights
     from helpers.utils import resolve_device
 
     source = checkpoint_path(path)
@@ -233,7 +232,7 @@ def load_predictor(path: str | os.PathLike, *, device: str | torch.device = "aut
     norm = state.get("normalization") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
     name = state["config"]["model"]
     model = build_model(name, num_classes=len(classes))
-    load_weights(model, source)
+    apply_weights(model, state, source)  # the state read above: the file is read once
     model.to(resolve_device(device)).eval()
     return Predictor(model, classes, tuple(norm["mean"]), tuple(norm["std"]), name, source,
                      int(state.get("epoch", 0)), int(state["config"].get("epochs", 0)), dict(state["config"]))

@@ -328,7 +328,7 @@ def _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays, 
     result = RunResult(config, model, History(), None, train_arrays, test_arrays, device, out,
                        "resumed" if state is not None else "trained", notes, requested=requested)
     if state is not None and state["epoch"] >= config.epochs:
-        return _finished(result, ckpt, test_loader, say)
+        return _finished(result, state, ckpt, test_loader, say)
     try:
         if config.max_lr == "auto":
             result.config = config = _find_max_lr(result, model, train_loader, quiet, say)
@@ -422,12 +422,13 @@ def _compare_average(result: RunResult, say) -> None:
             "epoch(s)); the average is what the checkpoint's eval_state and these results hold. Try ema=0 (--ema 0)")
 
 
-def _evaluate_saved(result: RunResult, ckpt: Path, test_loader) -> RunResult:
-    """`result` with the checkpoint's evaluated weights, its history, and one evaluation over `test_loader`."""
-    from helpers.train import load_weights
+def _evaluate_saved(result: RunResult, state: dict, ckpt: Path, test_loader) -> RunResult:
+    """`result` with the evaluated weights and history of the checkpoint read from `ckpt` (`state`), and one
+    evaluation over `test_loader`."""
+    from helpers.train import restore_weights
 
     result.status = "finished"
-    result.history = load_weights(result.model, ckpt)
+    result.history = restore_weights(result.model, state, ckpt)
     result.model.to(result.device)
     result.evaluation = evaluate(result.model, test_loader, device=result.device, amp=result.config.amp,
                                  channels_last=result.config.channels_last, tta=result.config.tta)
@@ -448,12 +449,12 @@ def load_run(path: str | os.PathLike, *, device: str | torch.device = "auto", **
         raise RunError(str(err)) from None
     _, test_loader, _, _ = data.prepare_data(config, device, arrays=arrays)
     result = RunResult(config, build_model(config.model), History(), None, *arrays, device, None, "finished")
-    return _evaluate_saved(result, checkpoint_path(path), test_loader)
+    return _evaluate_saved(result, state, checkpoint_path(path), test_loader)
 
 
-def _finished(result: RunResult, ckpt: Path, test_loader, say) -> RunResult:
+def _finished(result: RunResult, state: dict, ckpt: Path, test_loader, say) -> RunResult:
     """A run with nothing left to train: its evaluated weights, evaluated once; nothing is written."""
-    _evaluate_saved(result, ckpt, test_loader)
+    _evaluate_saved(result, state, ckpt, test_loader)
     say(f"{ckpt} is a finished run ({len(result.history)}/{result.config.epochs} epochs): nothing left to train, "
         "nothing rewritten. To train on, start a new run from its weights (init_from, --init-from RUN --out NEW); "
         "to redo it, overwrite=True (--overwrite)")

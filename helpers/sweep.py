@@ -77,7 +77,8 @@ def peak_sweep(config: TrainConfig, out: str | os.PathLike | None = None, *, pea
     best = max(r["final_acc"] for label, r in runs.items() if label not in picks and r["final_acc"] is not None)
     return {"model": config.model, "recipe": config.recipe, "optimizer": config.optimizer,
             "batch_size": config.batch_size, "epochs": config.epochs, "runs": runs, "best_swept_acc": best,
-            "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]}
+            "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]
+                             if runs[rule]["final_acc"] is not None else None}  # None: its trial failed
                       for rule, lr in picks.items()}}
 
 
@@ -259,8 +260,7 @@ def _run_local(base, points, out, *, arrays, device, progress, figures, **ray_op
                 rows.append(trial_row(point, trial(base, point, trials, arrays=arrays, device=device,
                                                    figures=figures)))
             except RunError as err:  # as a failed Ray trial: a row saying why, and the other trials still run
-                rows.append({**point, "status": f"error: {err}", "epochs": 0,
-                             "trial_dir": str(trials / trial_name(point)) if trials is not None else ""})
+                rows.append(_unfinished_row(point, f"error: {err}", trials))
             except RunInterrupted:
                 kept = (f"the trials before it are kept in {trials}; run the same sweep again to continue it (this "
                         "one resumes from its last finished epoch)" if trials is not None else
@@ -355,12 +355,17 @@ def _rows(results, points: list[dict], trials: Path) -> list[dict]:
         if (folder / "trial.json").is_file() and result.error is None:
             rows.append(json.loads((folder / "trial.json").read_text()))
             continue
-        metrics = result.metrics or {}
         status = f"error: {str(result.error).strip().splitlines()[-1][:200]}" if result.error else "stopped (ASHA)"
-        rows.append({**point, "test_acc": metrics.get("test_acc"), "test_acc_tta": metrics.get("test_acc_tta"),
-                     "train_seconds": metrics.get("train_seconds"), "epochs": metrics.get("epoch", 0),
-                     "status": status, "trial_dir": str(folder)})
+        rows.append(_unfinished_row(point, status, trials, result.metrics or {}))
     return rows
+
+
+def _unfinished_row(point: dict, status: str, trials: Path | None, reported: dict | None = None) -> dict:
+    """The row of a trial that did not finish (failed, or stopped by ASHA): what it last reported, if anything."""
+    reported = reported or {}
+    return {**point, "test_acc": reported.get("test_acc"), "test_acc_tta": reported.get("test_acc_tta"),
+            "train_seconds": reported.get("train_seconds"), "epochs": reported.get("epoch", 0), "status": status,
+            "trial_dir": str(trials / trial_name(point)) if trials is not None else ""}
 
 
 def write_results(rows: list[dict], varied: list[str], out: Path) -> None:

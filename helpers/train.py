@@ -192,7 +192,11 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
 def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None) -> History:
     """Load a checkpoint's evaluated weights (the weight average, for recipes with `ema`) into `model`; returns
     the run's History."""
-    state = load_checkpoint(path, model_name=model_name)
+    return restore_weights(model, load_checkpoint(path, model_name=model_name), path)
+
+
+def restore_weights(model: nn.Module, state: dict, path) -> History:
+    """`load_weights` from a checkpoint already read (`state`, from the file at `path`)."""
     apply_weights(model, state, path)
     return History(state["history"], state.get("warmup_seconds", 0.0), state.get("mode", "eager"))
 
