@@ -44,7 +44,7 @@ from helpers.config import TrainConfig, evolve
 from helpers.engine import TrainStep, clock, run_steps, time_epoch
 from helpers.lr_finder import RULES, lr_range_test
 from helpers.models import build_model
-from helpers.sweep import SWEEP_PEAKS, peak_sweep, trial
+from helpers.sweep import SWEEP_PEAKS, describe_picks, peak_sweep, trial
 from helpers.train import evaluate, fit
 from helpers.utils import atomic_write_text, seed_everything
 
@@ -405,9 +405,10 @@ def print_report(report: dict) -> None:
               f"{r['epochs']} epochs): best swept "
               f"{r['best_swept_acc']:.2f}%")
         for label, run in r["runs"].items():
-            print(f"  peak {run['max_lr']:<10.3g} {label:<18} {run['final_acc']:.2f}%")
-        for rule, v in r["rules"].items():
-            print(f"  rule {rule}: {v['max_lr']:.3g}, {v['gap_to_best']:+.2f} points below the best")
+            acc = f"{run['final_acc']:.2f}%" if run["final_acc"] is not None else "did not finish"
+            print(f"  peak {run['max_lr']:<10.3g} {label:<18} {acc}")
+        for line in describe_picks(r):
+            print(f"  rule {line}")
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -324,7 +324,8 @@ def bench_headline(res: dict) -> str:
     if "overhead" in res:
         parts.append(f"fit overhead {res['overhead']['overhead_pct']:+.1f}% ({res['overhead']['mode']})")
     parts += [f"sweep {r['model']} {r['recipe']}: best swept {r['best_swept_acc']:.2f}%; " + ", ".join(
-        f"{rule} {v['max_lr']:.3g} {-v['gap_to_best']:+.2f}" for rule, v in r["rules"].items())
+        f"{rule} {v['max_lr']:.3g} " + (f"{-v['gap_to_best']:+.2f}" if v["gap_to_best"] is not None else "failed")
+        for rule, v in r["rules"].items())
         for r in res.get("sweep", [])]
     return "; ".join(parts)
 

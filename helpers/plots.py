@@ -178,10 +178,14 @@ def plot_lr_sweep(row: dict, *, ax=None, save=None):
     """Final test accuracy against the one-cycle peak LR (one benchmark `sweep` row), with each LR range test
     rule's pick marked: where `--max-lr auto` lands against the best peak a sweep finds."""
     fig, ax = (plt.subplots(figsize=(7, 4.5)) if ax is None else (ax.figure, ax))
-    swept = sorted((r["max_lr"], r["final_acc"]) for k, r in row["runs"].items() if k not in row["rules"])
+    swept = sorted((r["max_lr"], r["final_acc"]) for k, r in row["runs"].items()
+                   if k not in row["rules"] and r["final_acc"] is not None)  # a run that did not finish: no point
     ax.plot(*zip(*swept), "o-", color="tab:blue", label="swept peaks")
     for (rule, pick), color in zip(row["rules"].items(), ("red", "tab:orange", "tab:purple", "tab:brown")):
         acc = row["runs"][rule]["final_acc"]
+        if acc is None:
+            ax.plot([], [], " ", label=f"{RULE_LABELS.get(rule, rule)}: {pick['max_lr']:.3g} (did not finish)")
+            continue
         ax.scatter([pick["max_lr"]], [acc], s=80, marker="*", color=color, zorder=3,
                    label=f"{RULE_LABELS.get(rule, rule)}: {pick['max_lr']:.3g} ({-pick['gap_to_best']:+.2f} points)")
     ax.axhline(row["best_swept_acc"] - 0.5, color="gray", linestyle=":", linewidth=1, label="best - 0.5 points")

@@ -74,12 +74,27 @@ def peak_sweep(config: TrainConfig, out: str | os.PathLike | None = None, *, pea
     by_peak = {row["max_lr"]: {"max_lr": row["max_lr"], "final_acc": row["test_acc"], "train_s": row["train_seconds"]}
                for row in rows}
     runs = {label: dict(by_peak[peak]) for label, peak in labels.items()}
-    best = max(r["final_acc"] for label, r in runs.items() if label not in picks and r["final_acc"] is not None)
+    finished = [r["final_acc"] for label, r in runs.items() if label not in picks and r["final_acc"] is not None]
+    if not finished:
+        where = f": {Path(out) / 'results.csv'} and the trial folders say why" if out is not None else ""
+        raise SweepError(f"no swept peak's run finished{where}")
+    best = max(finished)
     return {"model": config.model, "recipe": config.recipe, "optimizer": config.optimizer,
             "batch_size": config.batch_size, "epochs": config.epochs, "runs": runs, "best_swept_acc": best,
             "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]
                              if runs[rule]["final_acc"] is not None else None}  # None: its trial failed
                       for rule, lr in picks.items()}}
+
+
+def describe_picks(row: dict) -> list[str]:
+    """One line per rule of a peak_sweep row: its pick and how far below the best swept peak it lands."""
+    def gap(points: float | None) -> str:
+        if points is None:
+            return "its run did not finish (see the sweep's results.csv)"
+        where = "below" if points >= 0 else "above"
+        return f"{abs(points):.2f} points {where} the best swept peak ({row['best_swept_acc']:.2f}%)"
+
+    return [f"{rule}: {pick['max_lr']:.3g}, {gap(pick['gap_to_best'])}" for rule, pick in row["rules"].items()]
 
 
 # ---------------------------------------------------------------------------------------------------------

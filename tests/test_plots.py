@@ -130,6 +130,22 @@ def test_plot_lr_sweep_marks_each_rule(tmp_path):
     assert "steepest descent: 0.0148 (-3.30 points)" in legend and (tmp_path / "sweep.png").stat().st_size > 1000
 
 
+def test_a_peak_sweep_run_that_did_not_finish_is_said_not_drawn(tmp_path):
+    from helpers.sweep import describe_picks
+
+    row = {"model": "resnet18", "optimizer": "sgd", "batch_size": 512, "epochs": 20, "best_swept_acc": 90.2,
+           "runs": {"0.4": {"max_lr": 0.4, "final_acc": 90.2}, "0.8": {"max_lr": 0.8, "final_acc": None},
+                    "steepest": {"max_lr": 3.0, "final_acc": None}, "valley": {"max_lr": 0.4, "final_acc": 90.2}},
+           "rules": {"steepest": {"max_lr": 3.0, "gap_to_best": None}, "valley": {"max_lr": 0.4, "gap_to_best": 0.0}}}
+    fig = plots.plot_lr_sweep(row, save=tmp_path / "sweep.png")
+    (ax,) = fig.axes
+    assert list(ax.lines[0].get_xdata()) == [0.4] and [tuple(c.get_offsets()[0]) for c in ax.collections] == [
+        (0.4, 90.2)]
+    assert "steepest descent: 3 (did not finish)" in " ".join(t.get_text() for t in ax.get_legend().get_texts())
+    assert describe_picks(row) == ["steepest: 3, its run did not finish (see the sweep's results.csv)",
+                                   "valley: 0.4, 0.00 points below the best swept peak (90.20%)"]
+
+
 def test_plot_history(run):
     _, history, _, _ = run
     fig = plots.plot_history(history)
