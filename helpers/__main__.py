@@ -1,7 +1,6 @@
 """`python -m helpers ...`: the command line (helpers.cli), the same as `python -m helpers.train ...`."""
 
-import sys
-
 from helpers.cli import main
+from helpers.distributed import exit_process
 
-sys.exit(main())
+exit_process(main())

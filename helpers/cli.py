@@ -17,7 +17,7 @@ from pathlib import Path
 
 from helpers.checkpoints import CheckpointError, checkpoint_path, load_checkpoint
 from helpers.config import ConfigError, TrainConfig, recipe_table
-from helpers.distributed import world
+from helpers.distributed import exit_process, world
 from helpers.run import RunError, RunInterrupted, interrupted_message, train_run
 from helpers.train import TrainingDiverged
 from helpers.utils import DeviceError, WriteError, resolve_device
@@ -156,4 +156,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_process(main())  # under torchrun: no interpreter teardown (distributed.exit_process)

@@ -57,6 +57,12 @@ def test_refusals_say_what_to_do(monkeypatch, tiny_arrays):
     distributed.check_world({"world_size": 3}, "ckpt.pt")  # the same world size resumes
 
 
+def test_exit_process_is_sys_exit_without_a_process_group():
+    with pytest.raises(SystemExit) as ended:
+        distributed.exit_process(3)
+    assert ended.value.code == 3
+
+
 def test_ddp_modes():
     from helpers.engine import ddp_mode
 
