@@ -19,6 +19,9 @@ What N processes mean for a run (the recipe means the same as on one device):
   all (`broadcast_buffers`, as DDP itself does before each forward), so every process holds the same model and
   evaluates the whole test set to the same numbers: no gather, the plateau scheduler sees one test loss.
 - Rank 0 alone holds the run folder, writes checkpoints, history, metrics and figures, and prints.
+
+A script of your own under torchrun (train_run from Python) ends best as the command line does, with
+`exit_process(0)`: see there why a DDP process should not go through the interpreter's teardown.
 """
 
 from __future__ import annotations
