@@ -88,6 +88,8 @@ def main(argv: list[str] | None = None) -> dict:
                   + ", ".join(f"{r['test_acc']:.2f}%" for r in runs[group]), flush=True)
     import torch
 
+    from helpers.utils import atomic_write_text
+
     report = {
         "what": f"{args.runs} x {args.model} {args.recipe} at once on one device against one after another "
                 "(plain processes of helpers.train; wall seconds include each process's start, data load and warm-up)",
@@ -100,7 +102,7 @@ def main(argv: list[str] | None = None) -> dict:
         "target_ratio": 0.6, "per_run": runs,
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.out).write_text(json.dumps(report, indent=1))
+    atomic_write_text(Path(args.out), json.dumps(report, indent=1))  # as benchmark.py writes its reports
     print(f"together / sequential: {report['ratio']:.2f} (target <= 0.6); report: {args.out}")
     return report
 

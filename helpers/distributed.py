@@ -91,8 +91,9 @@ def exit_process(code: int) -> NoReturn:
     group's destroy among them), flushed output, then os._exit, as multiprocessing ends its children: no interpreter
     finalization. DistributedDataParallel keeps its process group alive past destroy_process_group (torch 2.11 to
     2.14: gloo's threads still run after it, whereas without DDP they stop), so those C++ threads were still running
-    while Python tore itself down, and about one finished 2-process CPU run in fifty ended with one process killed by
-    SIGABRT ("terminate called without an active exception"): a run that had written everything, reported failed.
+    while Python tore itself down, and a finished 2-process CPU run could end with one process killed by SIGABRT
+    ("terminate called without an active exception"; 2 of ~200 launches here, once in CI): a run that had written
+    everything, reported failed.
     """
     if not dist.is_initialized():
         sys.exit(code)
