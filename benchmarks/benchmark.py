@@ -265,7 +265,7 @@ def bare_fit(step: TrainStep, loader, test_loader, epochs: int) -> None:
     for epoch in range(1, epochs + 1):
         step.start_epoch(epoch)
         run_steps(step, loader)
-        evaluate(step.eval_model, test_loader, device=step.device, amp=step.config.amp)
+        evaluate(step.evaluated_model, test_loader, device=step.device, amp=step.config.amp)
 
 
 def bench_overhead(args, train, test, device) -> dict:

@@ -40,7 +40,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 PARTS = ("tests", "benchmark", "sweep", "cli", "notebooks")
-MODELS = ("custom_resnet", "resnet18", "depthwise_net")
 SECTIONS = "loaders,epochs,airbench,accuracy,overhead"  # the benchmark part's (the sweep is a part of its own)
 ACCURACY_RUNS = "custom_resnet:writeup,custom_resnet:fast,resnet18:fast"  # each recipe against airbench94
 NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -413,7 +412,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="benchmark part: the model:recipe pairs of its accuracy section (3 seeds each)")
     p.add_argument("--sections", default=SECTIONS, help="benchmark part: the benchmark's sections")
     p.add_argument("--sweep-runs", help="sweep part: model:recipe pairs (default: the benchmark's)")
-    p.add_argument("--models", default=",".join(MODELS), help="cli part: the models whose default run it makes")
+    p.add_argument("--models", default="all", help="cli part: the models whose default run it makes, comma-separated "
+                   "(default: all of helpers.models.MODELS)")
     return p
 
 
@@ -422,6 +422,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args = p.parse_args(argv)
     args.argv = sys.argv[1:] if argv is None else list(argv)
     args.parts, args.models, args.items = args.parts.split(","), args.models.split(","), args.items.split(",")
+    if args.models == ["all"]:
+        from helpers.models import MODELS  # deferred: torch, for this default alone (the check itself needs none)
+
+        args.models = list(MODELS)
     for kind, asked, known in (("parts", args.parts, PARTS), ("items", args.items, ITEMS)):
         if set(asked) - set(known):
             p.error(f"unknown {kind} {', '.join(sorted(set(asked) - set(known)))}: choose from {', '.join(known)}")

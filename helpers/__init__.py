@@ -1,9 +1,12 @@
 """CIFAR-10 training helpers: one flat package. From a clone it is imported from the repository root; after
 `pip install -e .` (see pyproject.toml) from anywhere.
 
-config (TrainConfig, the recipe table) · engine (TrainStep and its execution modes) · train (fit, evaluate,
-History) · checkpoints · cli (the command line: `python -m helpers.train`, or `python -m helpers.cli`) · utils ·
-data (loading, augmentation, prepare_data, DataLoader and GpuLoader) · models · lr_finder · gradcam · plots.
+Layers, each importing only those before it (tests/test_structure.py checks there is no cycle):
+utils · data (loading, augmentation, DataLoader and GpuLoader) · distributed · models · config (TrainConfig, the
+recipe table) · checkpoints (the one reader and writer of checkpoint files) · engine (TrainStep and its execution
+modes) · train (fit, evaluate, History) · lr_finder · gradcam · plots · run (one run: data, model, fit, outputs,
+the run folder) · cli (the command line: `python -m helpers.train`, or `python -m helpers.cli`) · predict ·
+compare · demo · sweep.
 Modules are imported explicitly (`from helpers.train import fit`), so that `python -m helpers.train` runs without
 importing itself twice.
 """

@@ -1,6 +1,10 @@
-"""Checkpoints: the one place that writes and reads them.
+"""Checkpoints: the one module that knows their format. It writes them, reads them and checks them once.
 
 A checkpoint is plain tensors, dicts, lists, numbers and strings, so `torch.load(weights_only=True)` reads it.
+Everything else reads a checkpoint through `Checkpoint` (`read_checkpoint(path)`): a frozen, checked view of the
+run it holds (its settings, history, classes, normalisation, evaluated weights), whose `apply_to(model)` loads the
+evaluated weights. Training writes one with `capture` and continues from one with `restore`.
+
 Writes are atomic (a crash mid-write keeps the previous file) and, during training, run on a background thread
 from a host copy, so the disk write overlaps the next epoch.
 """
@@ -9,19 +13,30 @@ from __future__ import annotations
 
 import os
 import threading
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
+from helpers import distributed
 from helpers.config import ConfigError, TrainConfig
+from helpers.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
 from helpers.utils import atomic_write
 
-CHECKPOINT_FORMAT = 2  # 2: config has `recipe` and `mode` (format 1, with `compile`, is still read)
-READABLE_FORMATS = (1, 2)
+CHECKPOINT_FORMAT = 2  # 2: config has `recipe` and `mode`, training state under "step_state"
+READABLE_FORMATS = (1, 2)  # 1: config had `compile: bool`; optimizer, scheduler and scaler states at the top
+NAME = "checkpoint.pt"  # a run folder's checkpoint
+
+# what every readable checkpoint holds, and of which type (checked before anything uses them)
+REQUIRED = {"epoch": int, "config": dict, "model_state": dict, "history": list, "rng": dict}
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint is missing, unreadable or belongs to another model; the message says what to do."""
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Writing
 
 
 def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
@@ -42,8 +57,8 @@ def _snapshot(value):
 
 class CheckpointWriter:
     """Writes checkpoints on a background thread: the copy to host memory is taken at once, the disk write
-    (~0.05-0.1 s for ResNet-9's 52 MB on our CPU machines) overlaps the next epoch instead of adding to it. One
-    write at a time; `wait()` finishes the last one and raises its error, if any."""
+    overlaps the next epoch instead of adding to it (BENCHMARKS.md, "Checkpoints"). One write at a time; `wait()`
+    finishes the last one and raises its error, if any."""
 
     def __init__(self):
         self._thread: threading.Thread | None = None
@@ -71,15 +86,109 @@ class CheckpointWriter:
             raise err
 
 
+@dataclass(frozen=True)
+class RunInfo:
+    """What a run records in its checkpoints beside the training state: the settings as asked for, the class names
+    and normalisation of its data, fingerprints of its train and test images (helpers.run.fingerprint) and the run
+    it started from."""
+
+    requested: TrainConfig | None = None
+    classes: tuple[str, ...] = CIFAR10_CLASSES
+    mean: tuple[float, ...] = CIFAR10_MEAN
+    std: tuple[float, ...] = CIFAR10_STD
+    data: dict | None = None  # {"train": fingerprint, "test": fingerprint}
+    init_from: str | None = None
+
+
+def capture(step, generator: torch.Generator, config: TrainConfig, records: list[dict], *, warmup_seconds: float,
+            mode: str, info: RunInfo | None = None) -> dict:
+    """The checkpoint of a training run after len(records) epochs: the trained and evaluated weights of `step`
+    (a helpers.engine.TrainStep), its optimizer, scheduler, scaler and weight average, every process's RNG states
+    and the loader's generator. Every process calls it (it gathers their RNG states); rank 0 writes it."""
+    rng = step.rng_state() | {"sampler": generator.get_state()}
+    info = info or RunInfo()
+    return {
+        "format": CHECKPOINT_FORMAT,
+        "epoch": len(records),
+        "config": config.to_dict(),
+        "model_state": step.trained_model.state_dict(),  # the trained weights, to resume from
+        "eval_state": step.averaged_weights(),  # the weight average, when there is one: the weights evaluated
+        "step_state": step.state_dict(),
+        "rng": rng,  # this process's (rank 0's)
+        "world_size": distributed.world().world_size,
+        "rng_ranks": distributed.all_gather_object(rng),  # every process's, in rank order: each restores its own
+        "history": records,  # snapshotted (copied) by the writer
+        "warmup_seconds": warmup_seconds,
+        "mode": mode,
+        "requested": info.requested.to_dict() if info.requested is not None else None,
+        "classes": list(info.classes),
+        "normalization": {"mean": list(info.mean), "std": list(info.std)},
+        "data": info.data,
+        "init_from": info.init_from,
+    }
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Reading
+
+
+@dataclass(frozen=True, eq=False)
+class Checkpoint:
+    """A checkpoint read and checked once (`read_checkpoint`). `config` is the run as trained, `requested` as it
+    was asked for (the same for checkpoints written before both were kept)."""
+
+    path: Path
+    epoch: int  # epochs finished
+    config: TrainConfig
+    requested: TrainConfig
+    history: tuple[dict, ...] = field(repr=False)  # one record per finished epoch (helpers.train.History's)
+    classes: tuple[str, ...]
+    mean: tuple[float, ...]  # the normalisation its model was trained with (per channel, of [0, 1] pixels)
+    std: tuple[float, ...]
+    # the evaluated weights: the weight average for recipes with one, else the trained weights
+    weights: dict = field(repr=False)
+    world_size: int  # processes it was trained on
+    data: dict | None  # fingerprints of its train and test images (None: written before they were kept)
+    init_from: str | None  # the run its weights started from
+    warmup_seconds: float
+    mode: str  # the execution mode it ran in
+    _state: dict = field(repr=False)  # the whole file, for `restore`
+
+    @property
+    def finished(self) -> bool:
+        return self.epoch >= self.config.epochs
+
+    def describe(self) -> str:
+        """'a finished run (2/2 epochs)' or 'an unfinished run (1/3 epochs)'."""
+        done = "a finished" if self.finished else "an unfinished"
+        return f"{done} run ({self.epoch}/{self.config.epochs} epochs)"
+
+    def apply_to(self, model: torch.nn.Module) -> torch.nn.Module:
+        """Load the evaluated weights into `model` (a CheckpointError for another architecture); returns it."""
+        check_weights(model, self.weights, self.path)
+        model.load_state_dict(self.weights)
+        return model
+
+    def check_world(self) -> None:
+        """A CheckpointError when it was trained on another number of processes than this run has."""
+        now = distributed.world().world_size
+        if self.world_size != now:
+            how = (f"torchrun --nproc_per_node {self.world_size} -m helpers.train --resume ..."
+                   if self.world_size > 1 else "one process")
+            raise CheckpointError(f"{self.path} was trained on {self.world_size} process(es) and this run has {now}: "
+                                  f"an exact resume needs the same number (run it with {how}), or start a new run "
+                                  "from its weights (--init-from)")
+
+
 def checkpoint_path(path: str | os.PathLike) -> Path:
     """A checkpoint file, or the checkpoint.pt inside a run folder."""
     path = Path(path).expanduser()
-    return path / "checkpoint.pt" if path.is_dir() else path
+    return path / NAME if path.is_dir() else path
 
 
-def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -> dict:
-    """Read a checkpoint written by `fit` (a file, or a run folder holding checkpoint.pt); a missing or damaged
-    file, or another model's checkpoint, gives a CheckpointError that says what to do."""
+def read_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -> Checkpoint:
+    """Read a checkpoint written by helpers.train (a file, or a run folder holding checkpoint.pt); a missing or
+    damaged file, or another model's checkpoint (model_name), gives a CheckpointError that says what to do."""
     path = checkpoint_path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {path}: pass a checkpoint.pt written by helpers.train, or its "
@@ -91,21 +200,16 @@ def load_checkpoint(path: str | os.PathLike, *, model_name: str | None = None) -
             f"{path} is not a readable checkpoint: it is damaged (a copy cut short?) or not from helpers.train "
             f"({type(err).__name__}): use another checkpoint"
         ) from None
-    _check_contents(path, state)
-    if model_name is not None and state["config"]["model"] != model_name:
-        raise CheckpointError(
-            f"{path} is a checkpoint of {state['config']['model']!r}, not {model_name!r}: "
-            f"pass --model {state['config']['model']} or another checkpoint"
-        )
-    return state
+    ckpt = _checked(path, state)
+    if model_name is not None and ckpt.config.model != model_name:
+        raise CheckpointError(f"{path} is a checkpoint of {ckpt.config.model!r}, not {model_name!r}: pass --model "
+                              f"{ckpt.config.model} or another checkpoint")
+    return ckpt
 
 
-# what every readable checkpoint holds, and of which type (checked before anything uses them)
-REQUIRED = {"epoch": int, "config": dict, "model_state": dict, "history": list, "rng": dict}
-
-
-def _check_contents(path: Path, state) -> None:
-    """A CheckpointError unless `state` is a checkpoint of ours whose config and counters make sense."""
+def _checked(path: Path, state) -> Checkpoint:
+    """The Checkpoint in `state`, or a CheckpointError unless it is one of ours whose settings and counters make
+    sense. Format 1 is brought up to date here."""
     if not isinstance(state, dict) or state.get("format") not in READABLE_FORMATS:
         raise CheckpointError(f"{path} is not a helpers.train checkpoint: pass a checkpoint.pt written by "
                               "helpers.train, or its run folder")
@@ -113,14 +217,50 @@ def _check_contents(path: Path, state) -> None:
     if wrong:
         raise CheckpointError(f"{path} is damaged: {', '.join(wrong)} missing or of the wrong type; use another "
                               "checkpoint")
+    if state["format"] == 1:
+        state = _from_format_1(state)
     try:
         config = TrainConfig.from_dict(state["config"])
+        requested = TrainConfig.from_dict(state["requested"]) if state.get("requested") else config
     except (ConfigError, TypeError) as err:
         raise CheckpointError(f"{path} holds settings that are not valid ({err}): it was edited or damaged; use "
                               "another checkpoint") from None
     if not 0 <= state["epoch"] <= config.epochs or len(state["history"]) != state["epoch"]:
         raise CheckpointError(f"{path} is damaged: it claims {state['epoch']} of {config.epochs} epochs with "
                               f"{len(state['history'])} in its history. Use another checkpoint.")
+    norm = state.get("normalization") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+    return Checkpoint(
+        path=path, epoch=state["epoch"], config=config, requested=requested, history=tuple(state["history"]),
+        classes=tuple(state.get("classes") or CIFAR10_CLASSES), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
+        weights=state.get("eval_state") or state["model_state"], world_size=state.get("world_size", 1),
+        data=state.get("data"), init_from=state.get("init_from"), warmup_seconds=state.get("warmup_seconds", 0.0),
+        mode=state.get("mode", "eager"), _state=state,
+    )
+
+
+def _from_format_1(state: dict) -> dict:
+    """A format-1 checkpoint in format 2's layout: `compile: bool` became `mode`, the optimizer, scheduler and
+    scaler states moved under step_state."""
+    config = dict(state["config"])
+    config["mode"] = "compile" if config.pop("compile", False) else config.get("mode", "auto")
+    step_state = {"optimizer": state.get("optimizer_state"), "scheduler": state.get("scheduler_state"),
+                  "scaler": state.get("scaler_state"), "ema": None}
+    return state | {"format": 2, "config": config, "step_state": step_state}
+
+
+def restore(step, generator: torch.Generator, ckpt: Checkpoint) -> list[dict]:
+    """Put `ckpt`'s training state into `step` (a helpers.engine.TrainStep: weights, optimizer, scheduler, scaler,
+    weight average, this process's RNG states) and the loader's `generator`; returns the finished epochs'
+    records. A CheckpointError for another number of processes or another architecture."""
+    state = ckpt._state
+    ckpt.check_world()
+    check_weights(step.trained_model, state["model_state"], ckpt.path)
+    step.load_weights_in_place(state["model_state"])
+    step.load_state_dict(state["step_state"])
+    rng = state["rng_ranks"][distributed.world().rank] if state.get("rng_ranks") else state["rng"]
+    step.set_rng_state(rng)
+    generator.set_state(rng["sampler"])
+    return list(ckpt.history)
 
 
 def check_weights(model: torch.nn.Module, weights: dict, path) -> None:
@@ -134,20 +274,3 @@ def check_weights(model: torch.nn.Module, weights: dict, path) -> None:
         raise CheckpointError(f"{path} holds weights of another architecture than {type(model).__name__} "
                               f"({len(missing)} missing, {len(extra)} unexpected, {len(shapes)} of another shape; "
                               f"first: {first}): pass a checkpoint of this model")
-
-
-def apply_weights(model: torch.nn.Module, state: dict, path) -> None:
-    """Load a checkpoint's evaluated weights (the weight average, for recipes with `ema`: the weights its history
-    evaluated) into `model`, after check_weights."""
-    weights = state.get("eval_state") or state["model_state"]
-    check_weights(model, weights, path)
-    model.load_state_dict(weights)
-
-
-def keep_aside(path: Path) -> Path:
-    """Rename `path` to <stem>-<n><suffix> (the first free n) and return the new name: nothing is deleted."""
-    n = 1
-    while (kept := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
-        n += 1
-    os.replace(path, kept)
-    return kept

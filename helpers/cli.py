@@ -15,12 +15,12 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from helpers.checkpoints import CheckpointError, checkpoint_path, load_checkpoint
+from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.config import ConfigError, TrainConfig, recipe_table
 from helpers.distributed import exit_process, world
-from helpers.run import RunError, RunInterrupted, interrupted_message, train_run
+from helpers.run import RunInterrupted, interrupted_message, train_run
 from helpers.train import TrainingDiverged
-from helpers.utils import DeviceError, WriteError, resolve_device
+from helpers.utils import DeviceError, RunError, WriteError, resolve_device
 
 DEFAULT_OUT = "runs/latest"
 
@@ -83,8 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
                        "with its settings, writing into its folder")
     where.add_argument("--init-from", metavar="RUN", help="start a new run (new schedule) from the weights of this "
                        "checkpoint or run folder")
-    where.add_argument("--overwrite", action="store_true", help="set a checkpoint already in --out aside "
-                       "(checkpoint-N.pt) and start afresh")
+    where.add_argument("--overwrite", action="store_true", help="move a run already in --out aside, whole (to "
+                       "OUT-N), and start afresh")
     where.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto", help="(default: auto)")
     where.add_argument("--no-figures", dest="figures", action="store_false",
                        help="skip the curves, confusion matrix, misclassified and GradCAM figures")
@@ -106,9 +106,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
         return TrainConfig(**given), Path(args.out or DEFAULT_OUT)
     if args.init_from:
         raise RunError("--resume continues a run with its own weights; --init-from starts a new one: pass one")
-    state = load_checkpoint(args.resume)
-    saved = state.get("requested") or state["config"]
-    return TrainConfig.from_dict(saved | given), Path(args.out) if args.out else checkpoint_path(args.resume).parent
+    ckpt = read_checkpoint(args.resume)
+    return TrainConfig.from_dict(ckpt.requested.to_dict() | given), Path(args.out) if args.out else ckpt.path.parent
 
 
 @contextlib.contextmanager

@@ -18,8 +18,10 @@ import os
 import sys
 from pathlib import Path
 
-from helpers.checkpoints import CheckpointError, load_checkpoint
-from helpers.predict import InputError, new_figure_path, save_figure
+from helpers.checkpoints import CheckpointError, read_checkpoint
+from helpers.predict import InputError, new_figure_path
+from helpers.train import History
+from helpers.utils import RunError
 
 COLUMNS = {  # row key: (header, format)
     "run": ("run", "{}"), "model": ("model", "{}"), "recipe": ("recipe", "{}"), "epochs": ("epochs", "{}"),
@@ -28,14 +30,8 @@ COLUMNS = {  # row key: (header, format)
 }
 
 
-class RunError(ValueError):
-    """A path that is not a readable run; the message says what to pass instead."""
-
-
 def read_run(path: str | os.PathLike):
     """(row, History) of one run folder: the row has COLUMNS' keys (None where the run did not record it)."""
-    from helpers.train import History
-
     folder = Path(path).expanduser()
     folder = folder.parent if folder.is_file() else folder
     label = str(path).rstrip("/\\") or str(folder)
@@ -52,15 +48,15 @@ def read_run(path: str | os.PathLike):
         row = {k: m.get(k) for k in COLUMNS} | {"run": label, "epochs": m.get("epochs", len(hist))}
         return row, hist
     try:  # stopped before the end: the checkpoint holds its history so far
-        state = load_checkpoint(folder)
+        ckpt = read_checkpoint(folder)
     except CheckpointError:
         raise RunError(f"{folder} holds no metrics.json and history.json, nor a readable checkpoint.pt: pass run "
                        "folders written by python -m helpers.train") from None
-    hist = History(state["history"])
+    hist = History.of(ckpt)
     last = hist.records[-1] if hist.records else {}
     seconds = hist.train_seconds
-    return {"run": label, "model": state["config"]["model"], "recipe": state["config"].get("recipe"),
-            "epochs": f"{state['epoch']}/{state['config']['epochs']} (unfinished)",
+    return {"run": label, "model": ckpt.config.model, "recipe": ckpt.config.recipe,
+            "epochs": f"{ckpt.epoch}/{ckpt.config.epochs} (unfinished)",
             "test_acc": last.get("test_acc"), "test_acc_tta": last.get("test_acc_tta"),
             "train_seconds": sum(seconds) if seconds and None not in seconds else None,
             "test_images": None, "device": None}, hist
@@ -79,10 +75,10 @@ def format_table(rows: list[dict]) -> str:
 
 def plot_runs(rows: list[dict], histories: list, *, save=None):
     """Test accuracy (%) and test loss per epoch of each run, on two panels that share the epoch axis."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred, with helpers.plots: matplotlib, for --out alone
     from matplotlib.ticker import MaxNLocator
 
-    from helpers.plots import _finish
+    from helpers.plots import finish_figure
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True)
     for row, hist in zip(rows, histories):
@@ -97,7 +93,7 @@ def plot_runs(rows: list[dict], histories: list, *, save=None):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True, min_n_ticks=1))
     ax_acc.legend(fontsize=8)
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def compare_runs(runs: list[str | os.PathLike], *, save=None):
@@ -129,6 +125,8 @@ def main(argv: list[str] | None = None) -> int:
     if out is None:
         print("add --out compare.png for their test accuracy and loss curves")
         return 0
+    from helpers.plots import save_figure  # deferred: matplotlib, for --out alone
+
     save_figure(plot_runs(rows, histories), out)
     print(f"curves: {out}")
     return 0

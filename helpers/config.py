@@ -21,14 +21,18 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 from helpers.data import AUGMENTATIONS, default_data_dir
+from helpers.models import MODELS
 
 MODES = ("auto", "eager", "graphs", "compile")
 SCHEDULERS = ("onecycle", "plateau", "none")
 OPTIMIZERS = ("sgd", "adam")
 LOADERS = ("auto", "gpu", "torch")
 TTA = ("none", "flip", "flip_translate")
-LR_RULES = ("steepest", "decade_below_min", "min_loss")  # helpers.lr_finder's suggestion rules
-LR_TEST_MIN_STEPS = 17  # torch-lr-finder skips 10 points at the start and 5 at the end, and needs 2 more
+# the LR range test's (helpers.lr_finder, which reads them here): its suggestion rules, the default one, and the
+# fewest steps it can suggest from (torch-lr-finder skips 10 points at the start and 5 at the end, and needs 2 more)
+LR_RULES = ("steepest", "decade_below_min", "min_loss")
+LR_DEFAULT_RULE = "steepest"
+LR_TEST_MIN_STEPS = 17
 SEED_MAX = 2**32 - 1  # numpy's seeds are 32-bit
 
 # model -> recipe name -> settings. "writeup": the recipe as its write-up published it; "fast": ours, where we have
@@ -76,7 +80,6 @@ RECIPES["custom_resnet"]["fast"] = dict(
     ema=0.99, ema_epochs=2, bias_lr_scale=64.0, freeze_bn_weight=True, tta="flip_translate",
 )
 DEFAULT_RECIPE = {"custom_resnet": "writeup", "resnet18": "fast", "depthwise_net": "writeup"}
-RECIPE_KEYS = tuple(RECIPES["custom_resnet"]["writeup"]) + tuple(RECIPE_OPTIONAL)
 
 
 class ConfigError(ValueError):
@@ -84,13 +87,14 @@ class ConfigError(ValueError):
 
 
 def setting(default, help: str, kind: str, *, allowed: str = "", ok=None, choices=None, recipe: bool = False,
-            nullable: bool = False, const=None):
+            nullable: bool = False, const=None, resume_free: bool = False):
     """A TrainConfig field with its schema. kind: int | float | bool | str | path | peak (a float or 'auto').
     ok(value) -> bool checks the range and `allowed` says it in words; choices: the allowed strings; recipe: None
     means the recipe's value; nullable: None is a value of its own (after the recipe's are filled in); const: the
-    flag's value when given bare."""
+    flag's value when given bare; resume_free: a resumed run may change it (where the data is, how the step
+    executes: never what the run computes)."""
     meta = dict(help=help, kind=kind, allowed=allowed, ok=ok, choices=choices, recipe=recipe, nullable=nullable,
-                const=const)
+                const=const, resume_free=resume_free)
     if callable(default):
         return field(default_factory=default, metadata=meta)
     return field(default=default, metadata=meta)
@@ -115,7 +119,7 @@ class TrainConfig:
     Recipe settings left as None come from RECIPES[model][recipe] (recipe None: the model's default recipe).
     """
 
-    model: str = setting("custom_resnet", "the network", "str", choices=tuple(RECIPES))
+    model: str = setting("custom_resnet", "the network (helpers.models.MODELS)", "str", choices=tuple(MODELS))
     recipe: str | None = setting(None, "a recipe of the model (default: the model's default)", "str", nullable=True)
     # --- recipe settings (None: the recipe's)
     epochs: int | None = _recipe("training epochs", "int", ok=_positive, allowed="> 0")
@@ -155,24 +159,25 @@ class TrainConfig:
                                "off on the CPU)", "bool", nullable=True)
     channels_last: bool = setting(True, "channels-last memory format", "bool")
     mode: str = setting("auto", "how the step runs: auto (eager on the CPU, CUDA graphs or compile on a GPU), "
-                        "eager, graphs, compile", "str", choices=MODES)
+                        "eager, graphs, compile", "str", choices=MODES, resume_free=True)
     sync_bn: bool = setting(False, "under torchrun: batch-norm statistics over the global batch (SyncBatchNorm, "
                             "CUDA only) instead of each process's slice", "bool")
     seed: int = setting(0, "seed of weights, data order, augmentation and subsets", "int",
                         ok=lambda v: 0 <= v <= SEED_MAX, allowed=f"between 0 and {SEED_MAX}")
     data_dir: str = setting(default_data_dir, "folder holding cifar-10-batches-py, or that folder itself; "
-                            "downloaded if missing (default: $CIFAR_DIR, else the clone's data/)", "path")
+                            "downloaded if missing (default: $CIFAR_DIR, else the clone's data/)", "path",
+                            resume_free=True)
     subset_train: int | None = setting(None, "class-balanced training subset size", "int", nullable=True,
                                        ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
     subset_test: int | None = setting(None, "class-balanced test subset size", "int", nullable=True,
                                       ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
     workers: int | None = setting(None, "DataLoader workers (default: CPU cores - 1, at most 8)", "int",
-                                  nullable=True, ok=lambda v: v >= 0, allowed=">= 0")
+                                  nullable=True, ok=lambda v: v >= 0, allowed=">= 0", resume_free=True)
     loader: str = setting("auto", "gpu: the whole set on the device, batched augmentation (auto: gpu with CUDA)",
                           "str", choices=LOADERS)
     lr_test_steps: int = setting(100, "steps of the LR range test run when max_lr is 'auto'", "int",
                                  ok=lambda v: v >= LR_TEST_MIN_STEPS, allowed=f"at least {LR_TEST_MIN_STEPS}")
-    lr_rule: str = setting("steepest", "which range-test pick max_lr 'auto' takes (helpers.lr_finder)", "str",
+    lr_rule: str = setting(LR_DEFAULT_RULE, "which range-test pick max_lr 'auto' takes (helpers.lr_finder)", "str",
                            choices=LR_RULES)
     adapt_small_runs: bool = setting(True, "fit the batch and the weight averaging to a small training set "
                                      "(helpers.run.adapt_to_data)", "bool")
@@ -184,14 +189,15 @@ class TrainConfig:
         if self.recipe not in RECIPES[self.model]:
             raise ConfigError(f"{self.model} has no recipe {self.recipe!r}: choose one of "
                               f"{', '.join(RECIPES[self.model])}")
-        recipe = RECIPES[self.model][self.recipe]
+        recipe = RECIPE_OPTIONAL | RECIPES[self.model][self.recipe]
         filled = [key for key in RECIPE_KEYS if getattr(self, key) is None]
         for key in filled:
-            set_(key, recipe.get(key, RECIPE_OPTIONAL.get(key)))
+            if key not in recipe:
+                raise ConfigError(f"recipe {self.recipe!r} of {self.model} has no {key}: give it one, or pass {key}")
+            set_(key, recipe[key])
         if "ema_epochs" in filled and _is_int(self.epochs) and self.epochs > 0:
             set_("ema_epochs", min(self.ema_epochs, self.epochs))  # the recipe's averaging fits a shorter run
-        if isinstance(self.tta, bool):
-            set_("tta", "flip" if self.tta else "none")
+        set_("tta", tta_name(self.tta))
         for f in fields(self):
             set_(f.name, _checked(f, getattr(self, f.name)))
         if self.ema_epochs > self.epochs:
@@ -207,12 +213,10 @@ class TrainConfig:
 
     @classmethod
     def from_dict(cls, saved: dict) -> TrainConfig:
-        """A config saved by to_dict (checkpoints, metrics.json), including those of older versions."""
+        """A config saved by to_dict (checkpoints, metrics.json); settings it does not know are left out (older
+        checkpoints are brought up to date by helpers.checkpoints)."""
         if not isinstance(saved, dict):
             raise ConfigError(f"a saved config must be a dict of settings, got {type(saved).__name__}")
-        saved = dict(saved)
-        if saved.pop("compile", False):  # format 1 had compile: bool
-            saved["mode"] = "compile"
         names = {f.name for f in fields(cls)}
         return cls(**{k: v for k, v in saved.items() if k in names})
 
@@ -235,6 +239,36 @@ class TrainConfig:
             f"max_lr must be a positive number here, got {self.max_lr!r}: run helpers.lr_finder.lr_range_test "
             "(or helpers.run.train_run, which runs it for max_lr='auto') and pass its suggestion"
         )
+
+
+# the settings a resumed run may change (the schema's resume_free) and those a recipe fills in (its recipe)
+RESUME_FREE = frozenset(f.name for f in fields(TrainConfig) if f.metadata["resume_free"])
+RECIPE_KEYS = tuple(f.name for f in fields(TrainConfig) if f.metadata["recipe"])
+
+
+def tta_name(tta: str | bool | None) -> str:
+    """A test-time augmentation setting as one of TTA: True (the bare flag of older versions) is 'flip', False
+    and None are 'none'."""
+    return "flip" if tta is True else "none" if tta is False or tta is None else tta
+
+
+def _check_registries() -> None:
+    """The tables above agree (run at import, so a mistake in them shows at once): a recipe table per model of
+    helpers.models, a default recipe that exists, and every recipe giving each recipe setting or leaving it to
+    RECIPE_OPTIONAL, and nothing else."""
+    if set(RECIPES) != set(MODELS) or set(DEFAULT_RECIPE) != set(MODELS):
+        raise ImportError(f"RECIPES and DEFAULT_RECIPE must have one entry per model of helpers.models.MODELS "
+                          f"({', '.join(MODELS)})")
+    for model, recipes in RECIPES.items():
+        if DEFAULT_RECIPE[model] not in recipes:
+            raise ImportError(f"DEFAULT_RECIPE[{model!r}] names no recipe of {model}")
+        for name, recipe in recipes.items():
+            wrong = set(recipe) ^ (set(RECIPE_KEYS) - set(RECIPE_OPTIONAL))
+            if wrong - set(RECIPE_OPTIONAL):
+                raise ImportError(f"recipe {model} {name}: missing or unknown settings {sorted(wrong)}")
+
+
+_check_registries()
 
 
 def evolve(config: TrainConfig, **changes) -> TrainConfig:
@@ -294,6 +328,8 @@ def recipe_table() -> str:
     for model, recipes in RECIPES.items():
         for name, r in recipes.items():
             default = " (default)" if DEFAULT_RECIPE[model] == name else ""
+            r = {k: r.get(k, "?") for k in ("epochs", "batch_size", "optimizer", "max_lr", "augment")} | {
+                "nesterov": " nesterov" if r.get("nesterov") else ""}
             lines.append(f"{model} {name}{default}: {r['epochs']} epochs, batch {r['batch_size']}, {r['optimizer']}"
-                         f"{' nesterov' if r['nesterov'] else ''}, peak LR {r['max_lr']}, augment {r['augment']}")
+                         f"{r['nesterov']}, peak LR {r['max_lr']}, augment {r['augment']}")
     return "\n".join(lines)

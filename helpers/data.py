@@ -25,6 +25,7 @@ from typing import Protocol
 
 import numpy as np
 import torch
+from filelock import FileLock  # a dependency of torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates on import
@@ -127,7 +128,7 @@ def _try(fn, *args):
 
 def _download(data_dir: Path, timeout: float) -> None:
     """Fetch and unpack the official archive; fail within `timeout` seconds when there is no network."""
-    from torchvision.datasets.utils import check_integrity, download_url
+    from torchvision.datasets.utils import check_integrity, download_url  # deferred: torchvision, for a download
 
     # Probe first, with a deadline on the name lookup too (getaddrinfo ignores socket timeouts): no network
     # must mean a quick, clear error, not a hang.
@@ -165,8 +166,6 @@ def find_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = 
         return data_dir  # the batches folder itself
     folder = data_dir / FOLDER
     if not folder.is_dir() and download:
-        from filelock import FileLock  # a dependency of torch
-
         created = not data_dir.exists()
         lock = data_dir / ".download.lock"
         try:
@@ -275,7 +274,7 @@ def build_transform(recipe: str = "none", *, mean=CIFAR10_MEAN, std=CIFAR10_STD)
     depthwise: flip, shift-scale-rotate (as Affine), to-gray, one 16x16 mean-filled hole (the depthwise-net write-up).
     none: normalise only (evaluation).
     """
-    import albumentations as A
+    import albumentations as A  # deferred: albumentations and OpenCV (~1 s), for the DataLoader path alone
     import cv2
     from albumentations.pytorch import ToTensorV2
 
@@ -368,6 +367,12 @@ class Loader(Protocol):
     def __len__(self) -> int: ...
 
     def __iter__(self): ...
+
+
+def steps_per_epoch(images: int, batch: int, *, train: bool = True) -> int:
+    """Batches in one pass over `images` at (global) batch `batch`, as both loaders make them: training passes keep
+    full batches only (one smaller batch when the set is smaller than a batch), test passes every image."""
+    return images // batch if train and images >= batch else -(-images // batch)
 
 
 class TorchLoader(DataLoader):
@@ -588,8 +593,7 @@ class GpuLoader:
         self.scale = 1 / (torch.tensor(std, device=self.device) * 255)
 
     def __len__(self) -> int:
-        n, b = len(self.labels), self.batch_size * self.world_size  # the global batch
-        return n // b if self.drop_last else -(-n // b)
+        return steps_per_epoch(len(self.labels), self.batch_size * self.world_size, train=self.train)
 
     @property
     def num_images(self) -> int:
@@ -637,51 +641,3 @@ def make_loaders(train: CifarArrays, test: CifarArrays, *, kind: str, batch_size
         return (make_loader(train, batch_size=batch_size, recipe=recipe, workers=workers, seed=seed, **shard),
                 make_loader(test, batch_size=1000, train=False, workers=workers))
     raise ValueError(f"unknown loader kind {kind!r}: choose gpu or torch")
-
-
-def load_run_data(config) -> tuple[CifarArrays, CifarArrays]:
-    """The (train, test) arrays a helpers.config.TrainConfig asks for: its data folder, class-balanced subsets."""
-    train = balanced_subset(load_cifar10(config.data_dir, train=True), config.subset_train, seed=config.seed)
-    test = balanced_subset(load_cifar10(config.data_dir, train=False), config.subset_test, seed=config.seed)
-    return train, test
-
-
-def fingerprint(arrays: CifarArrays) -> dict:
-    """What a checkpoint records of the images its run trained on, cheap to compute (~10 ms for 50,000):
-    the count, a digest of the labels in order and a digest of every 97th image's pixels. Equal data in
-    another folder gives the same fingerprint; another subset, split or file gives another."""
-    import hashlib
-
-    def digest(a: np.ndarray) -> str:
-        return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
-
-    return {"images": len(arrays), "labels": digest(arrays.labels.astype(np.int64)),
-            "pixels": digest(arrays.images[::97])}
-
-
-def subset_note(config, train: CifarArrays, test: CifarArrays) -> str | None:
-    """A note when a subset asked for is larger than the data there (the whole split is used)."""
-    asked = [(name, n, len(arrays)) for name, n, arrays in (("train", config.subset_train, train),
-                                                              ("test", config.subset_test, test))
-             if n is not None and n > len(arrays)]
-    return "; ".join(f"--subset-{name} {n:,} is more than the {have:,} {name} images in {config.data_dir}: using "
-                     f"all {have:,}" for name, n, have in asked) or None
-
-
-def prepare_data(config, device: str | torch.device = "cpu", *, arrays=None):
-    """(train_loader, test_loader, train_arrays, test_arrays) for a helpers.config.TrainConfig, on the loader it
-    asks for (auto: GpuLoader on CUDA, the albumentations DataLoader on the CPU). arrays: (train, test) already
-    loaded with `load_run_data`. Under torchrun the training loader is this process's shard of the global batch
-    config.batch_size (helpers.distributed)."""
-    from helpers.distributed import local_batch, world
-
-    device = torch.device(device)
-    w = world()
-    train, test = arrays if arrays is not None else load_run_data(config)
-    gpu = config.loader == "gpu" or (config.loader == "auto" and device.type == "cuda"
-                                     and config.augment in AUGMENTATIONS)
-    train_loader, test_loader = make_loaders(train, test, kind="gpu" if gpu else "torch",
-                                             batch_size=local_batch(config.batch_size, w), recipe=config.augment,
-                                             device=device, workers=config.workers, seed=config.seed, rank=w.rank,
-                                             world_size=w.world_size)
-    return train_loader, test_loader, train, test

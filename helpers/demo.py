@@ -26,6 +26,7 @@ import numpy as np
 from PIL import Image
 
 from helpers.checkpoints import CheckpointError
+from helpers.data import DataError, load_cifar10
 from helpers.predict import DISPLAY, InputError, Predictor, load_predictor, overlay_on_square
 
 HOST = "127.0.0.1"  # loopback: the page is reachable from this machine only, unless --host says otherwise
@@ -38,7 +39,7 @@ def import_gradio():
     """gradio, with its usage reports off; a clear InputError when it is not installed."""
     os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # no reports or version checks to gradio.app
     try:
-        import gradio
+        import gradio  # deferred: Gradio, an optional extra
     except ImportError:
         raise InputError('the demo page needs Gradio, which is not installed: pip install -e ".[demo]" in the '
                          "repository (or pip install gradio)") from None
@@ -63,10 +64,8 @@ def classify(predictor: Predictor, path: str | None):
 def example_images(predictor: Predictor, folder: Path, *, data_dir: str | None = None) -> tuple[list, list]:
     """(paths, class names): the first test image of each class, written as PNGs into `folder`; none when the run's
     CIFAR-10 folder (or `data_dir`) is not on this machine."""
-    from helpers.data import DataError, load_cifar10
-
     try:
-        test = load_cifar10(data_dir or predictor.config.get("data_dir", "data"), train=False, download=False)
+        test = load_cifar10(data_dir or predictor.config.data_dir, train=False, download=False)
     except DataError:
         return [], []
     paths, labels = [], []
@@ -87,7 +86,7 @@ def headline(predictor: Predictor) -> str:
         score = f", {m['test_acc']:.2f}% right on its {m['test_images']:,} test images"
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         score = ""
-    return (f"## What does my CIFAR-10 model see?\n**{predictor.model_name}**, {predictor.config.get('recipe')} "
+    return (f"## What does my CIFAR-10 model see?\n**{predictor.model_name}**, {predictor.config.recipe} "
             f"recipe, trained {predictor.epoch} of {predictor.epochs} epochs{score}. It knows 10 classes "
             f"({', '.join(predictor.classes)}): anything else gets the closest of them. Your image is cut to its "
             "centre square and shrunk to 32x32 pixels, the size the model was trained on.")

@@ -37,6 +37,7 @@ from typing import NoReturn
 import torch
 import torch.distributed as dist
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 
 @dataclass(frozen=True)
@@ -89,11 +90,9 @@ def _leave() -> None:
 def exit_process(code: int) -> NoReturn:
     """End a command-line process with `code` (sys.exit's job). Under torchrun: the atexit handlers (the process
     group's destroy among them), flushed output, then os._exit, as multiprocessing ends its children: no interpreter
-    finalization. DistributedDataParallel keeps its process group alive past destroy_process_group (torch 2.11 to
-    2.14: gloo's threads still run after it, whereas without DDP they stop), so those C++ threads were still running
-    while Python tore itself down, and a finished 2-process CPU run could end with one process killed by SIGABRT
-    ("terminate called without an active exception"; 2 of ~200 launches here, once in CI): a run that had written
-    everything, reported failed.
+    finalization: DistributedDataParallel's gloo threads outlive destroy_process_group, and a process whose
+    interpreter is torn down under them can die by SIGABRT after writing everything (BENCHMARKS.md, "A torchrun
+    process ends without interpreter teardown").
     """
     if not dist.is_initialized():
         sys.exit(code)
@@ -116,8 +115,6 @@ def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     """`model` in DistributedDataParallel when there are several processes, else `model`."""
     if not world().distributed:
         return model
-    from torch.nn.parallel import DistributedDataParallel
-
     # A 1x1 kernel in channels_last (ResNet shortcuts, depthwise_net's pointwise convs) has grad strides
     # [C,1,1,1] against the bucket's [C,1,C,C]: the same memory for size-1 dimensions, so DDP's "may impair
     # performance" warning about it says nothing about the run; any other grad-layout warning still shows.
@@ -189,14 +186,3 @@ def agree(fn):
         raise value
     return value
 
-
-def check_world(state: dict, path) -> None:
-    """A CheckpointError when a checkpoint was trained on another number of processes than this run has."""
-    from helpers.checkpoints import CheckpointError
-
-    saved, now = state.get("world_size", 1), world().world_size
-    if saved != now:
-        how = f"torchrun --nproc_per_node {saved} -m helpers.train --resume ..." if saved > 1 else "one process"
-        raise CheckpointError(f"{path} was trained on {saved} process(es) and this run has {now}: an exact resume "
-                              f"needs the same number (run it with {how}), or start a new run from its weights "
-                              "(--init-from)")

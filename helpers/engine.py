@@ -31,10 +31,11 @@ import warnings
 
 import torch
 from torch import nn
+from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from helpers import distributed
 from helpers.config import TrainConfig
-from helpers.utils import BATCH_NORMS, amp_dtype, preserved_modes
+from helpers.utils import BATCH_NORMS, amp_dtype, precision_name, preserved_modes
 
 WARMUP_STEPS = 3  # steps on a zero batch before the clock: cuDNN autotuning, the allocator, CUDA-graph warm-up
 # auto picks compile over graphs from this many training steps on: compilation costs 14-20 s and saves 0.5-1.5 ms
@@ -194,20 +195,48 @@ class TrainStep:
         """Per-epoch switches: weight averaging starts `ema_epochs` before the end (from the current weights)."""
         first = self.config.epochs - self.config.ema_epochs + 1 if self.config.ema_epochs else 1
         if self.config.ema and self.ema is None and epoch >= first:
-            from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
-
             self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.config.ema),
                                      use_buffers=True)
             # a captured model's forward is an instance attribute bound to the original: the copy gets its own
             self.ema.module.__dict__.pop("forward", None)
 
+    # --- the weight average: the step owns it; callers ask for the model to evaluate
+
     @property
-    def eval_model(self) -> nn.Module:
-        """What evaluation runs: the weight average when there is one, else the (compiled) model; under DDP the
-        model itself (every process evaluates alone)."""
+    def trained_model(self) -> nn.Module:
+        """The weights the optimizer trains (their module: what a checkpoint saves and resumes)."""
+        return self.model
+
+    @property
+    def evaluated_model(self) -> nn.Module:
+        """What evaluation runs: the weight average when there is one, else the trained one (compiled, when it
+        is); under DDP the model itself (every process evaluates alone)."""
         if self.ema is not None:
             return self.ema.module
+        return self.trained_forward
+
+    @property
+    def trained_forward(self) -> nn.Module:
+        """The trained weights as evaluation should run them: compiled or captured when they are, without DDP."""
         return self.model if self.ddp else self.forward
+
+    @property
+    def averaging(self) -> bool:
+        """Whether a weight average is being kept (and is what `evaluated_model` gives)."""
+        return self.ema is not None
+
+    def averaged_weights(self) -> dict | None:
+        """The weight average's state dict, or None when there is none."""
+        return self.ema.module.state_dict() if self.ema is not None else None
+
+    def sync_buffers(self) -> None:
+        """Under torchrun: rank 0's buffers (batch-norm statistics, the average's) into every process."""
+        distributed.broadcast_buffers(self.model, *([self.ema] if self.ema is not None else []))
+
+    def end_training(self) -> None:
+        """Training is over: the model takes the weights it was evaluated with (the weight average, if any)."""
+        if self.ema is not None:
+            self.model.load_state_dict(self.ema.module.state_dict())
 
     def end_epoch(self, test_loss: float) -> None:
         """Per-epoch scheduling: ReduceLROnPlateau steps on the test loss."""
@@ -314,8 +343,6 @@ def time_epoch(model: nn.Module, config: TrainConfig, train_loader, test_loader=
 
     Returns mode, precision, warmup_s, steps_timed, steps_per_epoch, ms_per_step, images_per_s and
     seconds_per_epoch (measured over a full epoch, or scaled from `max_steps` steps), peak_gpu_mem_gib."""
-    from helpers.utils import precision_name
-
     device = torch.device(device)
     # a schedule long enough for the warm-up steps and a whole epoch, whatever config.epochs says
     step = TrainStep(model, config, device=device, steps_per_epoch=len(train_loader) + warmup_steps)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from helpers.data import build_transform
 from helpers.utils import preserved_modes, unwrap
 
 
@@ -56,8 +57,6 @@ def misclassified(result, test_arrays, *, n: int = 10) -> list[Misclassified]:
 
 def normalize_images(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, 32, 32, 3) images -> the normalised float (B, 3, 32, 32) tensor a test loader would give."""
-    from helpers.data import build_transform
-
     transform = build_transform("none")
     return torch.stack([transform(image=img)["image"] for img in np.asarray(images)])
 
@@ -91,7 +90,7 @@ def gradcam_maps(
     target_classes: one class per image (None: each image's predicted class). layer: dotted module name
     (default `model.cam_layer`). The model's device is used; its modes, gradients and hooks are left as found.
     """
-    from pytorch_grad_cam import GradCAM
+    from pytorch_grad_cam import GradCAM  # deferred: pytorch-grad-cam and OpenCV, for GradCAM alone
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     base = unwrap(model)
@@ -156,7 +155,7 @@ def gradcam_pred_and_true(model: nn.Module, images: torch.Tensor, labels, *, lay
 
 def overlay(images: np.ndarray, maps: np.ndarray, *, image_weight: float = 0.5) -> np.ndarray:
     """Heatmaps (B, H, W) in [0, 1] over float images (B, H, W, 3) in [0, 1] (use data.denormalize) -> uint8."""
-    from pytorch_grad_cam.utils.image import show_cam_on_image
+    from pytorch_grad_cam.utils.image import show_cam_on_image  # deferred: as above
 
     images = np.asarray(images, dtype=np.float32)
     if images.min() < -1e-6 or images.max() > 1.0 + 1e-6:

@@ -30,17 +30,21 @@ import numpy as np
 import torch
 from torch import nn
 
+from helpers.config import LR_DEFAULT_RULE as DEFAULT_RULE
 from helpers.config import LR_RULES as RULES
+from helpers.config import LR_TEST_MIN_STEPS as MIN_POINTS  # the fewest recorded iterations it can suggest from
+from helpers.config import TrainConfig
+from helpers.engine import TrainStep
+from helpers.utils import precision_name, preserved_modes
 
 SKIP_START, SKIP_END = 10, 5  # points trimmed before suggesting (the library's plot() defaults)
-MIN_POINTS = SKIP_START + SKIP_END + 2  # the fewest recorded iterations the library can suggest from
+if MIN_POINTS != SKIP_START + SKIP_END + 2:  # the library takes a slope of what is left: two points at least
+    raise ImportError("helpers.config.LR_TEST_MIN_STEPS must be SKIP_START + SKIP_END + 2")
 
 
 class LRRangeTestError(ValueError):
     """The sweep was too short (or diverged too soon) to suggest a learning rate; the message says what to change."""
 
-
-DEFAULT_RULE = "steepest"
 
 
 @dataclass
@@ -93,7 +97,7 @@ def _library():
     """
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=r"Using `tqdm\.autonotebook\.tqdm` in notebook mode")
-        import torch_lr_finder.lr_finder as library
+        import torch_lr_finder.lr_finder as library  # deferred: imported here only to catch its warning
     return library
 
 
@@ -169,8 +173,6 @@ def suggest(lrs, losses, rule: str = DEFAULT_RULE) -> int:
 @contextlib.contextmanager
 def _leaves_no_trace(model: nn.Module, loader):
     """Restore the model's modes, device and memory format, the global torch RNG and the loader's generators."""
-    from helpers.utils import preserved_modes
-
     device = next(model.parameters()).device
     channels_last = any(p.is_contiguous(memory_format=torch.channels_last) for p in model.parameters())
     torch_rng = torch.get_rng_state()
@@ -237,10 +239,6 @@ def lr_range_test(
     progress: show the library's progress bar (default: unless TQDM_DISABLE is set).
     Raises LRRangeTestError when fewer than 17 points are recorded (too short, or the loss diverged early).
     """
-    from helpers.config import TrainConfig
-    from helpers.engine import TrainStep
-    from helpers.utils import precision_name
-
     if num_iter < MIN_POINTS:
         raise LRRangeTestError(
             f"num_iter={num_iter} is too short: the suggestion skips the first {SKIP_START} and last {SKIP_END} "

@@ -11,6 +11,7 @@ Each model names the module GradCAM should hook by default in its `cam_layer` at
 from __future__ import annotations
 
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -149,6 +150,16 @@ MODELS: dict[str, Callable[..., nn.Module]] = {
 }
 
 
+def _check_registry() -> None:
+    """Every model names the module GradCAM hooks by default (checked at import; tests check that it exists)."""
+    for name, builder in MODELS.items():
+        if not isinstance(getattr(builder, "cam_layer", None), str):
+            raise ImportError(f"MODELS[{name!r}] has no cam_layer: name the module GradCAM should hook")
+
+
+_check_registry()
+
+
 def build_model(name: str, *, num_classes: int = 10) -> nn.Module:
     """A fresh model by registry name (see MODELS)."""
     if name not in MODELS:
@@ -195,7 +206,7 @@ def receptive_field(model: nn.Module, input_size: int = 32) -> int:
 
 def summary(model: nn.Module, *, input_size=(1, 3, 32, 32), depth: int = 3, verbose: int = 0):
     """The torchinfo table (layers, output shapes, parameters, mult-adds) on the model's own device."""
-    from torchinfo import summary as torchinfo_summary
+    from torchinfo import summary as torchinfo_summary  # deferred: a development extra
 
     device = next(model.parameters()).device  # without it torchinfo moves a CPU model to the GPU
     return torchinfo_summary(
@@ -217,10 +228,8 @@ def export_onnx(model: nn.Module, path, *, input_size=(3, 32, 32), dynamic_batch
     input_size: one image's (C, H, W); dynamo=False: the older TorchScript exporter. Every module's train/eval
     mode is restored afterwards.
     """
-    from pathlib import Path
-
     try:
-        import onnx  # noqa: F401 - the exporter needs both
+        import onnx  # noqa: F401 - deferred: optional extras, and the exporter needs both
         import onnxscript  # noqa: F401
     except ImportError as err:
         raise ImportError(

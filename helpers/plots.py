@@ -9,6 +9,7 @@ A run:     save_run_figures(out, model=, history=, result=, test_arrays=) writes
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import matplotlib.pyplot as plt  # headless (no DISPLAY) it falls back to Agg by itself
@@ -17,15 +18,27 @@ from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from helpers.data import build_transform, channel_stats, denormalize
+from helpers.gradcam import find_layer, gradcam_maps, misclassified, normalize_images, overlay
+from helpers.utils import atomic_write, unwrap
+
 DPI = 120
 CHANNELS = ("red", "green", "blue")
 
 
-def _finish(fig: Figure, save) -> Figure:
+def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
+    """Write `fig` to `path` atomically (a crash leaves the previous file, never half a new one), creating the
+    folder; the format follows the name (.png, .jpg, .pdf, .svg)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    kind = path.suffix.lower().lstrip(".").replace("jpg", "jpeg") or "png"
+    return atomic_write(path, lambda tmp: fig.savefig(tmp, format=kind, dpi=DPI, bbox_inches="tight"))
+
+
+def finish_figure(fig: Figure, save) -> Figure:
+    """`fig`, written to `save` first when given (save_figure)."""
     if save is not None:
-        save = Path(save)
-        save.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(save, dpi=DPI, bbox_inches="tight")
+        save_figure(fig, save)
     return fig
 
 
@@ -53,7 +66,7 @@ def plot_samples(arrays, *, n: int = 20, cols: int = 10, seed: int = 0, save=Non
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(arrays), size=min(n, len(arrays)), replace=False)
     titles = [arrays.classes[arrays.labels[i]] for i in pick]
-    return _finish(_image_grid(arrays.images[pick], titles, cols=cols, suptitle="Random training images"), save)
+    return finish_figure(_image_grid(arrays.images[pick], titles, cols=cols, suptitle="Random training images"), save)
 
 
 def plot_class_grid(arrays, *, per_class: int = 8, seed: int = 0, save=None):
@@ -74,7 +87,7 @@ def plot_class_grid(arrays, *, per_class: int = 8, seed: int = 0, save=None):
         row[0].set_ylabel(arrays.classes[c], rotation=0, ha="right", va="center", fontsize=10)
     fig.suptitle("Samples per class")
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def plot_channels(image: np.ndarray, *, title: str | None = None, save=None):
@@ -91,16 +104,14 @@ def plot_channels(image: np.ndarray, *, title: str | None = None, save=None):
     for ax in axes:
         ax.axis("off")
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def plot_augmentations(image: np.ndarray, recipe: str, *, n: int = 15, cols: int = 8, seed: int = 0, save=None):
     """The uint8 image (H, W, 3) and `n` draws of augmentation `recipe` on it (helpers.data.build_transform)."""
-    from helpers.data import build_transform, denormalize
-
     transform = build_transform(recipe)
     if recipe == "none":  # n identical copies say nothing: one image and the reason
-        return _finish(_image_grid([image], ["original = every draw"], cols=1, size=2.2,
+        return finish_figure(_image_grid([image], ["original = every draw"], cols=1, size=2.2,
                                    suptitle="Recipe 'none':\nno augmentation"), save)
     draws = []
     for k in range(n):
@@ -108,14 +119,12 @@ def plot_augmentations(image: np.ndarray, recipe: str, *, n: int = 15, cols: int
         draws.append(denormalize(transform(image=image)["image"]))
     images = [image, *draws]
     titles = ["original", *[f"draw {k + 1}" for k in range(n)]]
-    return _finish(_image_grid(images, titles, cols=min(cols, len(images)),  # no empty columns for small n
+    return finish_figure(_image_grid(images, titles, cols=min(cols, len(images)),  # no empty columns for small n
                                suptitle=f"Augmentation recipe '{recipe}'"), save)
 
 
 def plot_dataset_stats(arrays, *, save=None):
     """Images per class (bar) and per-channel pixel histograms with each channel's mean and std."""
-    from helpers.data import channel_stats
-
     counts = np.bincount(arrays.labels, minlength=len(arrays.classes))
     mean, std = channel_stats(arrays.images)
     fig, (ax_bar, ax_hist) = plt.subplots(1, 2, figsize=(13, 4))
@@ -132,7 +141,7 @@ def plot_dataset_stats(arrays, *, save=None):
     ax_hist.set_ylabel("pixels")
     ax_hist.legend(fontsize=8)
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -171,7 +180,7 @@ def plot_lr_finder(found, *, ax=None, save=None):
     ax.set_title(f"LR range test ({len(lrs)} iterations{', stopped at divergence' if found.diverged else ''})")
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def plot_lr_sweep(row: dict, *, ax=None, save=None):
@@ -197,7 +206,7 @@ def plot_lr_sweep(row: dict, *, ax=None, save=None):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def plot_sweep(rows: list[dict], varied: list[str], *, save=None):
@@ -240,7 +249,7 @@ def plot_sweep(rows: list[dict], varied: list[str], *, save=None):
         if len(groups) > 1:
             ax.legend(fontsize=7)
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def plot_history(history, *, save=None):
@@ -282,7 +291,7 @@ def plot_history(history, *, save=None):
     ax_loss.legend()
     ax_acc.legend()
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -296,19 +305,16 @@ def plot_misclassified(items, *, cols: int = 5, save=None):
         ax.axis("off")
         ax.set_title("Misclassified images")
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-        return _finish(fig, save)
+        return finish_figure(fig, save)
     titles = [f"true: {m.target_name}\npred: {m.prediction_name} ({m.confidence:.0%})" for m in items]
     fig = _image_grid([m.image for m in items], titles, cols=min(cols, len(items)), size=1.9,
                       suptitle="Misclassified test images, most confident first", colors=["firebrick"] * len(items))
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def plot_gradcam(model, items, *, layer: str | None = None, title: str = "GradCAM on misclassified images", save=None):
     """GradCAM for misclassified `items` (helpers.gradcam.misclassified): per row the image, then heatmap and
     overlay for the predicted class, then for the true class. Maps are min-max scaled per image."""
-    from helpers.data import denormalize
-    from helpers.gradcam import find_layer, gradcam_maps, normalize_images, overlay, unwrap
-
     find_layer(model, layer)  # a wrong name fails here, before any work
     x = normalize_images(np.stack([m.image for m in items]))  # (B, 3, 32, 32), what the model sees
     shown = denormalize(x)  # (B, 32, 32, 3) in [0, 1]
@@ -335,7 +341,7 @@ def plot_gradcam(model, items, *, layer: str | None = None, title: str = "GradCA
     fig.colorbar(cam_image, ax=axes[:, 1:], location="bottom", shrink=0.5, aspect=40, pad=0.01,
                  label="GradCAM weight (each map scaled to 0-1)")
     fig.suptitle(f"{title} (layer '{layer_name}')")
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -346,7 +352,7 @@ def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: 
 
 def plot_confusion_matrix(result, classes, *, save=None):
     """Counts and row-normalised (per true class) confusion matrices side by side (seaborn heatmaps)."""
-    import seaborn as sns
+    import seaborn as sns  # deferred: seaborn (and pandas), for this figure alone
 
     counts = confusion_matrix(result.targets, result.predictions, len(classes))
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
@@ -363,7 +369,7 @@ def plot_confusion_matrix(result, classes, *, save=None):
         ax.tick_params(axis="x", rotation=45)
         ax.tick_params(axis="y", rotation=0)
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def plot_per_class_accuracy(result, classes, *, save=None):
@@ -382,7 +388,7 @@ def plot_per_class_accuracy(result, classes, *, save=None):
     ax.tick_params(axis="x", rotation=45)
     ax.legend(loc="lower right")
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 def top_confusions(result, classes, *, k: int = 10) -> list[tuple[str, str, int]]:
@@ -406,19 +412,22 @@ def plot_top_confusions(result, classes, *, k: int = 10, save=None):
     if not pairs:
         ax.text(0.5, 0.5, "no mistakes", ha="center", va="center", transform=ax.transAxes)
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def save_run_figures(out, *, model, history, result, test_arrays, device=None, n_misclassified: int = 20,
-                     n_gradcam: int = 6, layer: str | None = None) -> list[Path]:
-    """Write a run's figures into `out`: curves, confusion_matrix, class_accuracy, confused_pairs, misclassified
-    and gradcam (.png). `result` is evaluate() on an unshuffled loader of `test_arrays`. GradCAM runs on the
-    model's own device (`device` is accepted for symmetry and not needed). Returns the paths written."""
-    from helpers.gradcam import misclassified
+# the figures of a run folder (save_run_figures)
+RUN_FIGURES = ["curves.png", "confusion_matrix.png", "class_accuracy.png", "confused_pairs.png", "misclassified.png",
+               "gradcam.png"]
 
+
+def save_run_figures(out, *, model, history, result, test_arrays, device=None, n_misclassified: int = 20,
+                     n_gradcam: int = 6, layer: str | None = None, names=None) -> list[Path]:
+    """Write a run's figures (RUN_FIGURES, or those of them in `names`) into `out`. `result` is evaluate() on an
+    unshuffled loader of `test_arrays`. GradCAM runs on the model's own device (`device` is accepted for symmetry
+    and not needed). Returns the paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wrong = misclassified(result, test_arrays, n=max(n_misclassified, n_gradcam))
@@ -430,8 +439,12 @@ def save_run_figures(out, *, model, history, result, test_arrays, device=None, n
         "misclassified.png": lambda p: plot_misclassified(wrong[:n_misclassified], save=p),
         "gradcam.png": lambda p: _gradcam_or_note(model, wrong[:n_gradcam], layer, p),
     }
+    if list(figures) != RUN_FIGURES:
+        raise RuntimeError("save_run_figures draws other figures than RUN_FIGURES names: keep the two in step")
     written = []
     for name, draw in figures.items():
+        if names is not None and name not in names:
+            continue
         fig = draw(out / name)
         plt.close(fig)  # ours alone: a long run must not pile up open figures
         written.append(out / name)
@@ -445,4 +458,4 @@ def _gradcam_or_note(model, items, layer, path):
     ax.axis("off")
     ax.set_title("GradCAM on misclassified images")
     ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
-    return _finish(fig, path)
+    return finish_figure(fig, path)

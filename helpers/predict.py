@@ -38,8 +38,11 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from helpers.checkpoints import CheckpointError, apply_weights, checkpoint_path, load_checkpoint
-from helpers.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
+from helpers.checkpoints import CheckpointError, read_checkpoint
+from helpers.config import TrainConfig
+from helpers.gradcam import gradcam_maps, overlay
+from helpers.models import build_model
+from helpers.utils import resolve_device
 
 SIZE = 32  # the model's input side, px
 DISPLAY = 256  # side of the centre square kept for display and overlays, px
@@ -173,7 +176,7 @@ class Predictor:
     source: Path  # the checkpoint
     epoch: int  # epochs trained
     epochs: int  # epochs planned
-    config: dict  # the run's settings (helpers.config.TrainConfig.to_dict())
+    config: TrainConfig  # the run's settings
 
     @property
     def device(self) -> torch.device:
@@ -213,8 +216,6 @@ class Predictor:
 
     def gradcam(self, prediction: Prediction, target: int | None = None) -> np.ndarray:
         """GradCAM (32, 32) in [0, 1] of what the model saw, for class `target` (default: its top class)."""
-        from helpers.gradcam import gradcam_maps
-
         target = prediction.index if target is None else target
         return gradcam_maps(self.model, self.normalize(prediction.seen[None]), [target])[0]
 
@@ -223,19 +224,11 @@ def load_predictor(path: str | os.PathLike, *, device: str | torch.device = "aut
     """The model of a run folder or checkpoint, ready to predict: its evaluated weights (the weight average for
     recipes with one), in eval mode; class names and normalisation from the checkpoint (CIFAR-10's for
     checkpoints written before they were stored). Raises CheckpointError for a missing or foreign file."""
-    from helpers.models import build_model
-    from helpers.utils import resolve_device
-
-    source = checkpoint_path(path)
-    state = load_checkpoint(source)
-    classes = list(state.get("classes") or CIFAR10_CLASSES)
-    norm = state.get("normalization") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
-    name = state["config"]["model"]
-    model = build_model(name, num_classes=len(classes))
-    apply_weights(model, state, source)  # the state read above: the file is read once
+    ckpt = read_checkpoint(path)
+    model = ckpt.apply_to(build_model(ckpt.config.model, num_classes=len(ckpt.classes)))
     model.to(resolve_device(device)).eval()
-    return Predictor(model, classes, tuple(norm["mean"]), tuple(norm["std"]), name, source,
-                     int(state.get("epoch", 0)), int(state["config"].get("epochs", 0)), dict(state["config"]))
+    return Predictor(model, list(ckpt.classes), ckpt.mean, ckpt.std, ckpt.config.model, ckpt.path, ckpt.epoch,
+                     ckpt.config.epochs, ckpt.config)
 
 
 def predict(run_or_predictor, image, *, top: int = 3) -> list[tuple[str, float]]:
@@ -247,8 +240,6 @@ def predict(run_or_predictor, image, *, top: int = 3) -> list[tuple[str, float]]
 def overlay_on_square(prediction: Prediction, cam: np.ndarray) -> np.ndarray:
     """A (32, 32) GradCAM upsampled (bilinear) over the centre square at display size -> uint8 (DISPLAY, DISPLAY, 3).
     The square is the region the 32x32 was made from, so the two line up."""
-    from helpers.gradcam import overlay
-
     big = torch.nn.functional.interpolate(torch.from_numpy(cam)[None, None], size=(DISPLAY, DISPLAY),
                                           mode="bilinear", align_corners=False)[0, 0].clamp(0, 1).numpy()
     return overlay(prediction.square[None] / 255.0, big[None])[0]
@@ -262,9 +253,9 @@ def plot_predictions(predictor: Predictor, predictions: list[Prediction], *, tar
                      top: int = 3, save=None):
     """One row per image: the centre square it was cut to, the 32x32 the model saw, the GradCAM of the top class
     (and of class index `target`), and the top-`top` probabilities."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred, with helpers.plots: matplotlib, for figures alone
 
-    from helpers.plots import _finish
+    from helpers.plots import finish_figure
 
     cols = 5 if target is not None else 4
     fig, axes = plt.subplots(len(predictions), cols, figsize=(cols * 2.6, len(predictions) * 2.7), squeeze=False,
@@ -292,7 +283,7 @@ def plot_predictions(predictor: Predictor, predictions: list[Prediction], *, tar
     fig.suptitle(f"{predictor.model_name}: predictions and where it looked (GradCAM maps scaled per image)",
                  fontsize=10)
     fig.tight_layout()
-    return _finish(fig, save)
+    return finish_figure(fig, save)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -332,15 +323,6 @@ def new_figure_path(path: str, *, overwrite: bool, flag: str = "--gradcam") -> P
     return out
 
 
-def save_figure(fig, out: Path) -> Path:
-    """Write `fig` atomically (a crash leaves no half file), creating the folder."""
-    from helpers.utils import atomic_write
-
-    out.parent.mkdir(parents=True, exist_ok=True)
-    kind = out.suffix.lower().lstrip(".").replace("jpg", "jpeg")
-    return atomic_write(out, lambda tmp: fig.savefig(tmp, format=kind, dpi=120, bbox_inches="tight"))
-
-
 def format_prediction(p: Prediction, top: int, target: int | None = None) -> str:
     lines = [f"{p.name} ({p.describe()}):"]
     lines += [f"  {name:<12} {100 * prob:5.1f}%" for name, prob in p.top(top)]
@@ -366,6 +348,8 @@ def main(argv: list[str] | None = None) -> int:
     for p in predictions:
         print(format_prediction(p, args.top, target))
     if out is not None:
+        from helpers.plots import save_figure  # deferred: matplotlib, for --gradcam alone
+
         save_figure(plot_predictions(predictor, predictions, target=target, top=args.top), out)
         print(f"GradCAM figure: {out}")
     return 0

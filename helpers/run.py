@@ -19,6 +19,7 @@ printed as it happens and kept in `result.notes`.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 import os
@@ -29,26 +30,34 @@ from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+import numpy as np
 import torch
+from filelock import FileLock, Timeout  # a dependency of torch
 from torch import nn
 
 from helpers import data, distributed
-from helpers.checkpoints import CheckpointError, apply_weights, checkpoint_path, keep_aside, load_checkpoint
-from helpers.config import RECIPES, TrainConfig, evolve
-from helpers.data import CifarArrays
+from helpers.checkpoints import NAME as CHECKPOINT
+from helpers.checkpoints import Checkpoint, CheckpointError, RunInfo, checkpoint_path, read_checkpoint
+from helpers.config import RECIPES, RESUME_FREE, TrainConfig, evolve
+from helpers.data import CifarArrays, steps_per_epoch
+from helpers.lr_finder import lr_range_test
+from helpers.models import build_model, count_parameters
 from helpers.train import EvalResult, History, evaluate, fit
-from helpers.utils import WriteError, amp_dtype, atomic_write_text, precision_name, resolve_device, seed_everything
+from helpers.utils import (
+    RunError,
+    WriteError,
+    amp_dtype,
+    atomic_write_text,
+    precision_name,
+    remove_stale_temporaries,
+    resolve_device,
+    seed_everything,
+)
 
-# settings a resumed run may change: where the data is and how it executes, never what it computes
-RESUME_FREE = frozenset({"data_dir", "workers", "mode"})
 MIN_STEPS = 20  # training steps per epoch below which a recipe's batch is halved (adapt_to_data)
 # a weight average whose window spans fewer than FIT_BELOW of its time constants 1/(1-ema) is refitted to span
 # REFIT of them (its first weights then weigh e^-4 = 2% at the end); the full fast recipe spans 1.9 and is kept
 FIT_BELOW, REFIT = 1.5, 4.0
-
-
-class RunError(Exception):
-    """A mistake in how a run was asked for (its folder, its checkpoint, its data): one line that says what to do."""
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -90,12 +99,57 @@ class RunResult:
 
 
 # ---------------------------------------------------------------------------------------------------------
+# The data a config asks for
+
+
+def load_run_data(config: TrainConfig) -> tuple[CifarArrays, CifarArrays]:
+    """The (train, test) arrays `config` asks for: its data folder, class-balanced subsets."""
+    train = data.balanced_subset(data.load_cifar10(config.data_dir, train=True), config.subset_train,
+                                 seed=config.seed)
+    test = data.balanced_subset(data.load_cifar10(config.data_dir, train=False), config.subset_test, seed=config.seed)
+    return train, test
+
+
+def prepare_data(config: TrainConfig, device: str | torch.device = "cpu", *, arrays=None):
+    """(train_loader, test_loader, train_arrays, test_arrays) for `config`, on the loader it asks for (auto:
+    GpuLoader on CUDA, the albumentations DataLoader on the CPU). arrays: (train, test) already loaded with
+    `load_run_data`. Under torchrun the training loader is this process's shard of the global batch
+    config.batch_size (helpers.distributed)."""
+    device = torch.device(device)
+    w = distributed.world()
+    train, test = arrays if arrays is not None else load_run_data(config)
+    gpu = config.loader == "gpu" or (config.loader == "auto" and device.type == "cuda"
+                                     and config.augment in data.AUGMENTATIONS)
+    train_loader, test_loader = data.make_loaders(
+        train, test, kind="gpu" if gpu else "torch", batch_size=distributed.local_batch(config.batch_size, w),
+        recipe=config.augment, device=device, workers=config.workers, seed=config.seed, rank=w.rank,
+        world_size=w.world_size)
+    return train_loader, test_loader, train, test
+
+
+def fingerprint(arrays: CifarArrays) -> dict:
+    """What a checkpoint records of the images its run trained on, cheap to compute (~10 ms for 50,000):
+    the count, a digest of the labels in order and a digest of every 97th image's pixels. Equal data in
+    another folder gives the same fingerprint; another subset, split or file gives another."""
+
+    def digest(a: np.ndarray) -> str:
+        return hashlib.sha256(np.ascontiguousarray(a).tobytes()).hexdigest()[:16]
+
+    return {"images": len(arrays), "labels": digest(arrays.labels.astype(np.int64)),
+            "pixels": digest(arrays.images[::97])}
+
+
+def subset_note(config: TrainConfig, train: CifarArrays, test: CifarArrays) -> str | None:
+    """A note when a subset asked for is larger than the data there (the whole split is used)."""
+    asked = [(name, n, len(arrays)) for name, n, arrays in (("train", config.subset_train, train),
+                                                              ("test", config.subset_test, test))
+             if n is not None and n > len(arrays)]
+    return "; ".join(f"--subset-{name} {n:,} is more than the {have:,} {name} images in {config.data_dir}: using "
+                     f"all {have:,}" for name, n, have in asked) or None
+
+
+# ---------------------------------------------------------------------------------------------------------
 # The small-run rule
-
-
-def steps_per_epoch(images: int, batch: int) -> int:
-    """Training steps per epoch, as both loaders count them: full batches only, or one when the set is smaller."""
-    return images // batch if images >= batch else 1
 
 
 def adapt_to_data(config: TrainConfig, images: int) -> tuple[TrainConfig, list[str]]:
@@ -143,8 +197,8 @@ def _fit_average(config: TrainConfig, images: int) -> tuple[TrainConfig, str | N
     (more than 1%), and its decay fits its window: a window shorter than FIT_BELOW time constants (its first
     weights would weigh over e^-1.5 = 22% at the end, and the average would lag the annealed weights) gets a decay
     for REFIT time constants. A full-size run of the fast recipe (194 steps in its window, decay 0.99) is left as
-    it is; the README's CPU run (31 steps) averages at 0.879. Measured there (2,000 / 1,000 images, CIFAR-10 JPEG
-    copy): the trained weights 43.60%, the average at 0.8 43.80%, at 0.9528 41.70% (BENCHMARKS.md)."""
+    it is; the README's CPU run (31 steps) averages at 0.879 (what that measured: BENCHMARKS.md, "Fitting the
+    weight average to a small run")."""
     if not config.ema:
         return config, None
     steps = steps_per_epoch(images, config.batch_size)
@@ -169,40 +223,87 @@ def _fit_average(config: TrainConfig, images: int) -> tuple[TrainConfig, str | N
 # The run folder: one owner at a time, nothing replaced unasked
 
 
+class RunFolder:
+    """A run's output folder, held by this process (an flock, which the OS releases when a process dies, so a
+    folder left by `kill -9` stays usable); a second holder gets a RunError naming the first. `release()` lets it
+    go, and removes it again when this process created it and wrote nothing into it."""
+
+    def __init__(self, out: Path):
+        if out.exists() and not out.is_dir():
+            raise RunError(f"{out} is a file, not a folder: choose a folder for the run's outputs")
+        self.out, self.created = out, not out.exists()
+        self._hold()
+
+    def _hold(self) -> None:
+        out = self.out
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            self.lock = FileLock(str(out / ".lock"))
+            self.lock.acquire(timeout=0)
+        except Timeout:
+            raise RunError(f"another run is writing into {out} ({_owner(out)}): wait for it to finish, or choose "
+                           "another output folder") from None
+        except OSError as err:
+            raise RunError(f"cannot write into {out} ({err.strerror or err}): choose a folder you can write "
+                           "to") from None
+        try:
+            atomic_write_text(out / ".lock.owner", json.dumps({
+                "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%d %H:%M:%S"),
+                "command": " ".join(sys.argv)[:300]}))
+        except WriteError as err:
+            self.lock.release()
+            raise RunError(f"cannot write into {out}: {err}: choose a folder you can write to") from None
+
+    def _let_go(self, folder: Path) -> None:
+        (folder / ".lock.owner").unlink(missing_ok=True)
+        self.lock.release()
+
+    def release(self) -> None:
+        self._let_go(self.out)
+        if self.created and {p.name for p in self.out.iterdir()} <= {".lock"}:
+            (self.out / ".lock").unlink(missing_ok=True)
+            self.out.rmdir()  # nothing was written: leave no empty folder behind
+
+    def holds_run(self) -> bool:
+        """Whether the folder holds anything besides the lock: a run, or what is left of one."""
+        return any(p.name not in (".lock", ".lock.owner") for p in self.out.iterdir())
+
+    def set_aside(self) -> Path:
+        """Move the whole folder, every file of the run it holds, aside to <out>-<n> in one rename, and hold a
+        new, empty `out`; returns where the old run went. Nothing is deleted, and at no moment does `out` hold a
+        mix of the old run and the new one."""
+        kept = keep_aside(self.out)
+        self._let_go(kept)
+        (kept / ".lock").unlink(missing_ok=True)
+        self.created = True
+        self._hold()
+        return kept
+
+    def remove_stale_temporaries(self) -> list[Path]:
+        """Temporary files of ours a killed write left behind (kill -9 mid-checkpoint): nobody else writes while
+        we hold the folder, so every one is stale. Returns those removed."""
+        return remove_stale_temporaries(self.out, lambda name: name in (CHECKPOINT, ".lock.owner", *OUTPUTS)
+                                        or name.endswith(".png"))
+
+
 @contextmanager
 def hold_run_folder(out: Path):
-    """Hold `out` for this process while the block runs (an flock, which the OS releases when a process dies, so a
-    folder left by `kill -9` stays usable); a second holder gets a RunError naming the first. A folder this call
-    created and nothing was written into is removed again."""
-    from filelock import FileLock, Timeout  # a dependency of torch
-
-    if out.exists() and not out.is_dir():
-        raise RunError(f"{out} is a file, not a folder: choose a folder for the run's outputs")
-    created = not out.exists()
+    """Hold `out` (a RunFolder) while the block runs."""
+    folder = RunFolder(out)
     try:
-        out.mkdir(parents=True, exist_ok=True)
-        lock = FileLock(str(out / ".lock"))
-        lock.acquire(timeout=0)
-    except Timeout:
-        raise RunError(f"another run is writing into {out} ({_owner(out)}): wait for it to finish, or choose "
-                       "another output folder") from None
-    except OSError as err:
-        raise RunError(f"cannot write into {out} ({err.strerror or err}): choose a folder you can write to") from None
-    owner = out / ".lock.owner"
-    try:
-        try:
-            atomic_write_text(owner, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                                                 "started": time.strftime("%Y-%m-%d %H:%M:%S"),
-                                                 "command": " ".join(sys.argv)[:300]}))
-        except WriteError as err:
-            raise RunError(f"cannot write into {out}: {err}: choose a folder you can write to") from None
-        yield out
+        yield folder
     finally:
-        owner.unlink(missing_ok=True)
-        lock.release()
-        if created and {p.name for p in out.iterdir()} <= {".lock"}:
-            (out / ".lock").unlink(missing_ok=True)
-            out.rmdir()  # nothing was written: leave no empty folder behind
+        folder.release()
+
+
+def keep_aside(path: Path) -> Path:
+    """Rename `path` (a file or a folder) to <stem>-<n><suffix> (the first free n) and return the new name:
+    nothing is deleted."""
+    n = 1
+    while (kept := path.with_name(f"{path.stem}-{n}{path.suffix}")).exists():
+        n += 1
+    os.replace(path, kept)
+    return kept
 
 
 def _owner(out: Path) -> str:
@@ -213,49 +314,47 @@ def _owner(out: Path) -> str:
         return "a process that has just started"
 
 
-def _describe(state: dict) -> str:
-    done, total = state["epoch"], state["config"]["epochs"]
-    return f"a {'finished' if done >= total else 'unfinished'} run ({done}/{total} epochs)"
-
-
-def _existing_checkpoint(out: Path, config: TrainConfig, resume, overwrite: bool) -> tuple[Path | None, dict | None]:
-    """(checkpoint to continue, its state), or (None, None) for a fresh start; a RunError when `out` holds a run
-    that this call must not touch."""
-    ckpt = checkpoint_path(resume) if resume not in (None, False, True) else out / "checkpoint.pt"
-    if resume not in (None, False, True) and not ckpt.is_file():
-        raise RunError(f"no checkpoint at {ckpt} to resume: pass a checkpoint.pt written by helpers.train, or its "
-                       "run folder")
-    here = out / "checkpoint.pt"
-    if here.exists() and (not resume or here.resolve() != ckpt.resolve()):
-        if overwrite:
-            print(f"overwrite: {here} kept as {keep_aside(here)}; the run's other outputs in {out} will be replaced",
-                  file=sys.stderr)
-        else:
-            try:
-                what = _describe(load_checkpoint(here))
-            except CheckpointError:
-                what = "an unreadable checkpoint"
-            hint = "continue it with resume=True (--resume), " if "unfinished" in what else ""
-            raise RunError(f"{out} already holds {what}: {hint}choose another output folder, or overwrite=True "
-                           "(--overwrite) to set its checkpoint aside (kept as checkpoint-N.pt) and start afresh")
-    if not resume or not ckpt.is_file():
-        return None, None
+def _open_folder(folder: RunFolder, config: TrainConfig, resume, overwrite: bool, say) -> Checkpoint | None:
+    """The checkpoint to continue, or None for a fresh start; a RunError when the folder holds a run that this
+    call must not touch. With `overwrite` a run already there is moved aside whole (RunFolder.set_aside)."""
+    out = folder.out
+    ckpt_path = checkpoint_path(resume) if resume not in (None, False, True) else out / CHECKPOINT
+    if resume not in (None, False, True) and not ckpt_path.is_file():
+        raise RunError(f"no checkpoint at {ckpt_path} to resume: pass a checkpoint.pt written by helpers.train, or "
+                       "its run folder")
+    here = out / CHECKPOINT
+    continuing = bool(resume) and here.is_file() and ckpt_path.is_file() and ckpt_path.resolve() == here.resolve()
+    if overwrite and not continuing and folder.holds_run():
+        say(f"overwrite: the run in {out} was moved, whole, to {folder.set_aside()}; the new run starts in an empty "
+            f"{out}")
+    elif here.exists() and not continuing:
+        try:
+            what = read_checkpoint(here).describe()
+        except CheckpointError:
+            what = "an unreadable checkpoint"
+        hint = "continue it with resume=True (--resume), " if "unfinished" in what else ""
+        raise RunError(f"{out} already holds {what}: {hint}choose another output folder, or overwrite=True "
+                       "(--overwrite) to move that run aside (kept as a sibling folder) and start afresh")
+    removed = folder.remove_stale_temporaries()
+    if removed:
+        say(f"removed {len(removed)} temporary file(s) left in {out} by a write that was cut short: "
+            + ", ".join(p.name for p in removed))
+    if not resume or not ckpt_path.is_file():
+        return None
     try:
-        state = load_checkpoint(ckpt)
-        distributed.check_world(state, ckpt)
+        ckpt = read_checkpoint(ckpt_path)
+        ckpt.check_world()
     except CheckpointError as err:
         raise RunError(str(err)) from None
-    asked = TrainConfig.from_dict(state.get("requested") or state["config"])
-    trained = TrainConfig.from_dict(state["config"])
     changed = [f.name for f in fields(TrainConfig) if f.name not in RESUME_FREE
-               and getattr(config, f.name) not in (getattr(asked, f.name), getattr(trained, f.name))]
+               and getattr(config, f.name) not in (getattr(ckpt.requested, f.name), getattr(ckpt.config, f.name))]
     if changed:
-        settings = ", ".join(f"{k} {getattr(config, k)!r} (the run's: {getattr(asked, k)!r})" for k in changed)
+        settings = ", ".join(f"{k} {getattr(config, k)!r} (the run's: {getattr(ckpt.requested, k)!r})" for k in changed)
         extra = (" A one-cycle schedule cannot be extended: its learning rate has already annealed. To train on, "
                  "start a new run from its weights (init_from, --init-from) with a schedule of its own."
                  if "epochs" in changed else " Start a new run (another output folder) to train with other settings.")
-        raise RunError(f"{ckpt} is a run with other settings: {settings}.{extra}")
-    return ckpt, state
+        raise RunError(f"{ckpt.path} is a run with other settings: {settings}.{extra}")
+    return ckpt
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -269,105 +368,136 @@ def train_run(config: TrainConfig, out: str | os.PathLike | None = None, *, devi
     """Train `config` into the folder `out` (None: nothing written) and evaluate it once; returns a RunResult.
 
     resume: True continues the run in `out` if it holds one of these settings (and starts afresh if it holds
-    none), a path continues that checkpoint (a file or run folder); a finished run is evaluated and left as it
-    is. init_from: start this new run from another run's evaluated weights (a file or run folder). overwrite:
-    set a checkpoint already in `out` aside (checkpoint-N.pt) instead of refusing. arrays: (train, test) already
-    loaded with helpers.data.load_run_data(config), to skip loading. quiet: no progress bars or table.
-    on_epoch(record): called with each epoch's History record as it ends (helpers.sweep reports it to Ray Tune).
+    none), a path continues that checkpoint (a file or run folder); a finished run is evaluated, and any of its
+    outputs that are missing (a process stopped before writing them) are written. init_from: start this new run
+    from another run's evaluated weights (a file or run folder). overwrite: move a run already in `out` aside,
+    whole (to <out>-N), instead of refusing. arrays: (train, test) already loaded with load_run_data(config), to
+    skip loading. quiet: no progress bars or table. on_epoch(record): called with each epoch's History record as
+    it ends (helpers.sweep reports it to Ray Tune).
 
     Under torchrun every process calls this (helpers.distributed): rank 0 holds the folder, decides what to do with
     it and alone prints and writes; config.batch_size is the global batch.
     """
     device = distributed.setup(resolve_device(device))
     quiet = quiet or not distributed.world().is_main
+    run = _Run(config, device, quiet=quiet, figures=figures, on_epoch=on_epoch)
     if out is None:
-        return _train(config, None, device, None, None, init_from, figures, quiet, arrays, on_epoch)
+        return run.start(arrays, None, None, init_from)
     out = Path(out).expanduser()
     with ExitStack() as held:
-        decided = {}  # rank 0's checkpoint state, read once while deciding
+        decided = {}  # rank 0's checkpoint, read once while deciding
 
         def decide() -> Path | None:  # rank 0 only: the folder and what it holds are its to judge
-            held.enter_context(hold_run_folder(out))
-            ckpt, decided["state"] = _existing_checkpoint(out, config, resume, overwrite)
-            return ckpt
+            folder = held.enter_context(hold_run_folder(out))
+            decided["ckpt"] = _open_folder(folder, config, resume, overwrite, run.say)
+            return decided["ckpt"].path if decided["ckpt"] is not None else None
 
-        ckpt = distributed.agree(decide)  # the other processes read the checkpoint rank 0 chose
-        state = decided["state"] if decided else load_checkpoint(ckpt) if ckpt is not None else None
-        return _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays, on_epoch)
+        path = distributed.agree(decide)  # the other processes read the checkpoint rank 0 chose
+        ckpt = decided["ckpt"] if decided else read_checkpoint(path) if path is not None else None
+        return run.start(arrays, out, ckpt, init_from)
 
 
-def _train(config, out, device, ckpt, state, init_from, figures, quiet, arrays, on_epoch) -> RunResult:
-    requested = config
-    notes: list[str] = []
-    main = distributed.world().is_main
-    say = lambda note: (notes.append(note), main and print(note, file=sys.stderr, flush=True))  # noqa: E731
-    if state is not None:
-        config = TrainConfig.from_dict(state["config"] | {k: getattr(requested, k) for k in RESUME_FREE})
-    try:
-        train_arrays, test_arrays = arrays if arrays is not None else data.load_run_data(config)
-    except data.DataError as err:
-        raise RunError(str(err)) from None
-    for note in filter(None, [data.subset_note(config, train_arrays, test_arrays)]):
-        say(note)
-    if state is not None:
-        _check_same_data(ckpt, state, train_arrays, test_arrays)
-    else:
-        config, changed = adapt_to_data(config, len(train_arrays))
-        for note in changed:
-            say(note)
-    try:
-        if config.sync_bn and distributed.world().distributed:
-            distributed.convert_sync_bn(nn.BatchNorm2d(1), device)  # the CPU's refusal, before anything runs
-        train_loader, test_loader, _, _ = data.prepare_data(config, device, arrays=(train_arrays, test_arrays))
-    except ValueError as err:  # a global batch N does not divide, shards too small, sync_bn on the CPU
-        raise RunError(str(err)) from None
-    seed_everything(config.seed)
-    model = _build_model(config, init_from if state is None else None, say)
-    if not quiet:
-        print(_header(model, config, device, train_arrays, test_arrays, train_loader))
-    result = RunResult(config, model, History(), None, train_arrays, test_arrays, device, out,
-                       "resumed" if state is not None else "trained", notes, requested=requested)
-    if state is not None and state["epoch"] >= config.epochs:
-        return _finished(result, state, ckpt, test_loader, say)
-    try:
-        if config.max_lr == "auto":
-            result.config = config = _find_max_lr(result, model, train_loader, quiet, say)
-        extra = {"requested": requested.to_dict(), "classes": list(train_arrays.classes),
-                 "normalization": {"mean": list(data.CIFAR10_MEAN), "std": list(data.CIFAR10_STD)},
-                 "data": {"train": data.fingerprint(train_arrays), "test": data.fingerprint(test_arrays)},
-                 "init_from": str(init_from) if init_from and state is None else (state or {}).get("init_from")}
-        result.history = fit(model, train_loader, test_loader, config, device=device, resume=ckpt, quiet=quiet,
-                             checkpoint=out / "checkpoint.pt" if out else None, checkpoint_extra=extra,
-                             on_epoch=on_epoch)
-    except KeyboardInterrupt:
-        raise RunInterrupted(interrupted_message(out)) from None
-    if out is not None:
-        result.paths["checkpoint"] = out / "checkpoint.pt"
-    result.evaluation = result.history.evaluation
-    _compare_average(result, say)
-    if out is not None and main:
-        write_outputs(result, figures=figures, init_from=extra["init_from"])
-    return result
+class _Run:
+    """One call of train_run: what it was asked for, and the notes it prints and keeps."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, *, quiet: bool, figures: bool, on_epoch):
+        self.requested, self.device, self.quiet, self.figures, self.on_epoch = config, device, quiet, figures, on_epoch
+        self.notes: list[str] = []
+
+    def say(self, note: str) -> None:
+        """Print `note` (rank 0) and keep it in the result's notes."""
+        self.notes.append(note)
+        if distributed.world().is_main:
+            print(note, file=sys.stderr, flush=True)
+
+    def start(self, arrays, out: Path | None, ckpt: Checkpoint | None, init_from) -> RunResult:
+        """Set the run up (data, the small-run rule, loaders, model), then train it, or complete a finished one."""
+        config = self.requested
+        if ckpt is not None:  # the run's own settings, with the changes a resume may make
+            config = evolve(ckpt.config, **{k: getattr(self.requested, k) for k in RESUME_FREE})
+        try:
+            train_arrays, test_arrays = arrays if arrays is not None else load_run_data(config)
+        except data.DataError as err:
+            raise RunError(str(err)) from None
+        for note in filter(None, [subset_note(config, train_arrays, test_arrays)]):
+            self.say(note)
+        if ckpt is not None:
+            _check_same_data(ckpt, train_arrays, test_arrays)
+        else:
+            config, changed = adapt_to_data(config, len(train_arrays))
+            for note in changed:
+                self.say(note)
+        try:
+            if config.sync_bn and distributed.world().distributed:
+                distributed.convert_sync_bn(nn.BatchNorm2d(1), self.device)  # the CPU's refusal, before anything runs
+            train_loader, test_loader, _, _ = prepare_data(config, self.device, arrays=(train_arrays, test_arrays))
+        except ValueError as err:  # a global batch N does not divide, shards too small, sync_bn on the CPU
+            raise RunError(str(err)) from None
+        seed_everything(config.seed)
+        model = _build_model(config, init_from if ckpt is None else None, self.say)
+        if not self.quiet:
+            print(_header(model, config, self.device, train_arrays, test_arrays, train_loader))
+        result = RunResult(config, model, History(), None, train_arrays, test_arrays, self.device, out,
+                           "resumed" if ckpt is not None else "trained", self.notes, requested=self.requested)
+        if ckpt is not None and ckpt.finished:
+            return self.complete_finished(result, ckpt, test_loader)
+        return self.train(result, ckpt, init_from, train_loader, test_loader)
+
+    def train(self, result: RunResult, ckpt: Checkpoint | None, init_from, train_loader, test_loader) -> RunResult:
+        """The LR range test when max_lr is 'auto', `fit` (from `ckpt` when resuming), the outputs."""
+        out, config = result.out, result.config
+        try:
+            if config.max_lr == "auto":
+                result.config = config = _find_max_lr(result, result.model, train_loader, self.quiet, self.say)
+            info = RunInfo(requested=self.requested, classes=tuple(result.train_arrays.classes),
+                           data={"train": fingerprint(result.train_arrays), "test": fingerprint(result.test_arrays)},
+                           init_from=str(init_from) if init_from and ckpt is None else ckpt and ckpt.init_from)
+            result.history = fit(result.model, train_loader, test_loader, config, device=self.device, resume=ckpt,
+                                 quiet=self.quiet, checkpoint=out / CHECKPOINT if out else None, run_info=info,
+                                 on_epoch=self.on_epoch)
+        except KeyboardInterrupt:
+            raise RunInterrupted(interrupted_message(out)) from None
+        if out is not None:
+            result.paths["checkpoint"] = out / CHECKPOINT
+        result.evaluation = result.history.evaluation
+        _compare_average(result, self.say)
+        if out is not None and distributed.world().is_main:
+            write_outputs(result, figures=self.figures, init_from=info.init_from)
+        return result
+
+    def complete_finished(self, result: RunResult, ckpt: Checkpoint, test_loader) -> RunResult:
+        """A run with nothing left to train: its evaluated weights, evaluated once. Outputs a stopped process did
+        not write (metrics, history, figures) are written now; nothing there is rewritten."""
+        _evaluate_saved(result, ckpt, test_loader)
+        result.requested = ckpt.requested
+        missing = missing_outputs(result.out, figures=self.figures) if result.out is not None else []
+        done = (f"{ckpt.path} is a finished run ({len(result.history)}/{result.config.epochs} epochs): nothing left "
+                "to train")
+        if missing and distributed.world().is_main:
+            write_outputs(result, figures=self.figures, init_from=ckpt.init_from, only=missing)
+            self.say(f"{done}; wrote its missing outputs ({', '.join(missing)}), nothing else rewritten")
+        elif not missing:
+            self.say(f"{done}, nothing rewritten. To train on, start a new run from its weights (init_from, "
+                     "--init-from RUN --out NEW); to redo it, overwrite=True (--overwrite)")
+        if result.out is not None:
+            result.paths["checkpoint"] = ckpt.path
+        return result
 
 
 def _build_model(config: TrainConfig, init_from, say) -> nn.Module:
-    from helpers.models import build_model
-
     model = build_model(config.model)
     if init_from is not None:
         try:
-            state = load_checkpoint(init_from, model_name=config.model)
-            apply_weights(model, state, checkpoint_path(init_from))
+            start = read_checkpoint(init_from, model_name=config.model)
+            start.apply_to(model)
         except CheckpointError as err:
             raise RunError(str(err)) from None
-        say(f"init_from: starting from the weights of {checkpoint_path(init_from)} ({_describe(state)}, "
-            f"{state['config']['recipe']} recipe) with a new schedule")
+        say(f"init_from: starting from the weights of {start.path} ({start.describe()}, {start.config.recipe} "
+            "recipe) with a new schedule")
     return model
 
 
 def _header(model, config, device, train_arrays, test_arrays, train_loader) -> str:
-    from helpers.models import count_parameters
-
     return (f"{config.model} ({config.recipe} recipe): {count_parameters(model):,} parameters | device {device} | "
             f"{len(train_arrays):,} train / {len(test_arrays):,} test images | {type(train_loader).__name__} | "
             f"{precision_name(amp_dtype(device, config.amp))} | batch {config.batch_size}{_processes(config)}")
@@ -378,24 +508,21 @@ def _processes(config: TrainConfig) -> str:
     return f" ({w.world_size} processes x {config.batch_size // w.world_size})" if w.distributed else ""
 
 
-def _check_same_data(ckpt: Path, state: dict, train: CifarArrays, test: CifarArrays) -> None:
+def _check_same_data(ckpt: Checkpoint, train: CifarArrays, test: CifarArrays) -> None:
     """A RunError when a resumed run would train or test on other images than it started on."""
-    saved = state.get("data")
+    saved = ckpt.data
     if saved is None:  # written before checkpoints recorded their data
         return
     for split, arrays in (("train", train), ("test", test)):
-        now = data.fingerprint(arrays)
+        now = fingerprint(arrays)
         if now != saved[split]:
             what = (f"{saved[split]['images']:,} {split} images then, {now['images']:,} now"
                     if now["images"] != saved[split]["images"] else f"other {split} images (same count)")
-            raise RunError(f"{ckpt} was trained on other data ({what}): resume with the data it started on "
+            raise RunError(f"{ckpt.path} was trained on other data ({what}): resume with the data it started on "
                            "(its data folder and subset settings), or start a new run")
 
 
 def _find_max_lr(result: RunResult, model, train_loader, quiet: bool, say) -> TrainConfig:
-    from helpers.lr_finder import lr_range_test
-    from helpers.plots import plot_lr_finder
-
     config = result.config
     found = lr_range_test(model, train_loader, config=config, device=result.device, num_iter=config.lr_test_steps,
                           rule=config.lr_rule, progress=not quiet)
@@ -404,7 +531,9 @@ def _find_max_lr(result: RunResult, model, train_loader, quiet: bool, say) -> Tr
     # each process's range test saw its own shard: all take rank 0's pick
     picked = distributed.broadcast_object(found.suggested_lr)
     if result.out is not None and distributed.world().is_main:
-        import matplotlib.pyplot as plt
+        import matplotlib.pyplot as plt  # deferred, with helpers.plots: matplotlib, for runs that draw
+
+        from helpers.plots import plot_lr_finder
 
         plt.close(plot_lr_finder(found, save=result.out / "lr_finder.png"))
         result.paths["lr_finder"] = result.out / "lr_finder.png"
@@ -419,17 +548,15 @@ def _compare_average(result: RunResult, say) -> None:
     if trained is not None and trained > result.accuracy:
         say(f"note: the weight average scored {result.accuracy:.2f}%, below the trained weights' {trained:.2f}%: "
             f"averaging did not pay on this run (ema {result.config.ema:g} over {result.config.ema_epochs or 'all'} "
-            "epoch(s)); the average is what the checkpoint's eval_state and these results hold. Try ema=0 (--ema 0)")
+            "epoch(s)); the average is what the checkpoint's evaluated weights and these results hold. Try ema=0 "
+            "(--ema 0)")
 
 
-def _evaluate_saved(result: RunResult, state: dict, ckpt: Path, test_loader) -> RunResult:
-    """`result` with the evaluated weights and history of the checkpoint read from `ckpt` (`state`), and one
-    evaluation over `test_loader`."""
-    from helpers.train import restore_weights
-
+def _evaluate_saved(result: RunResult, ckpt: Checkpoint, test_loader) -> RunResult:
+    """`result` with the evaluated weights and history of `ckpt`, and one evaluation over `test_loader`."""
     result.status = "finished"
-    result.history = restore_weights(result.model, state, ckpt)
-    result.model.to(result.device)
+    result.history = History.of(ckpt)
+    ckpt.apply_to(result.model).to(result.device)
     result.evaluation = evaluate(result.model, test_loader, device=result.device, amp=result.config.amp,
                                  channels_last=result.config.channels_last, tta=result.config.tta)
     return result
@@ -438,35 +565,25 @@ def _evaluate_saved(result: RunResult, state: dict, ckpt: Path, test_loader) -> 
 def load_run(path: str | os.PathLike, *, device: str | torch.device = "auto", **changes) -> RunResult:
     """A trained run (a checkpoint or run folder), its evaluated weights evaluated once on its test set; nothing is
     written. changes: settings to evaluate it under instead (data_dir, subset_test, tta, ...)."""
-    from helpers.models import build_model
-
-    state = load_checkpoint(path)
-    config = evolve(TrainConfig.from_dict(state["config"]), **changes)
+    ckpt = read_checkpoint(path)
+    config = evolve(ckpt.config, **changes)
     device = resolve_device(device)
     try:
-        arrays = data.load_run_data(config)
+        arrays = load_run_data(config)
     except data.DataError as err:
         raise RunError(str(err)) from None
-    _, test_loader, _, _ = data.prepare_data(config, device, arrays=arrays)
-    result = RunResult(config, build_model(config.model), History(), None, *arrays, device, None, "finished")
-    return _evaluate_saved(result, state, checkpoint_path(path), test_loader)
-
-
-def _finished(result: RunResult, state: dict, ckpt: Path, test_loader, say) -> RunResult:
-    """A run with nothing left to train: its evaluated weights, evaluated once; nothing is written."""
-    _evaluate_saved(result, state, ckpt, test_loader)
-    say(f"{ckpt} is a finished run ({len(result.history)}/{result.config.epochs} epochs): nothing left to train, "
-        "nothing rewritten. To train on, start a new run from its weights (init_from, --init-from RUN --out NEW); "
-        "to redo it, overwrite=True (--overwrite)")
-    return result
+    _, test_loader, _, _ = prepare_data(config, device, arrays=arrays)
+    result = RunResult(config, build_model(config.model, num_classes=len(ckpt.classes)), History(), None, *arrays,
+                       device, None, "finished")
+    return _evaluate_saved(result, ckpt, test_loader)
 
 
 def interrupted_message(out: Path | None) -> str:
     """What an interrupted run kept, and how to continue it."""
     if out is None:
         return "interrupted: nothing was saved (no output folder)"
-    if (out / "checkpoint.pt").is_file():
-        return (f"interrupted: the last finished epoch is saved in {out / 'checkpoint.pt'}; continue with "
+    if (out / CHECKPOINT).is_file():
+        return (f"interrupted: the last finished epoch is saved in {out / CHECKPOINT}; continue with "
                 f"--resume {out} (Python: resume=True)")
     return f"interrupted before the first epoch finished: no checkpoint in {out}; start the run again"
 
@@ -499,20 +616,40 @@ def run_metrics(result: RunResult, init_from=None) -> dict:
     }
 
 
-def write_outputs(result: RunResult, *, figures: bool = True, init_from=None) -> dict[str, Path]:
-    """history.json/csv, metrics.json and (figures) the run's figures into result.out; returns result.paths."""
+OUTPUTS = ("history.json", "history.csv", "metrics.json")  # what write_outputs writes besides the figures
+
+
+def missing_outputs(out: Path, *, figures: bool = True) -> list[str]:
+    """The names of the outputs a finished run in `out` should have and has not (figures: its figures too)."""
+    names = list(OUTPUTS)
+    if figures:
+        from helpers.plots import RUN_FIGURES  # deferred: matplotlib, for runs that draw
+
+        names += RUN_FIGURES
+    return [name for name in names if not (out / name).is_file()]
+
+
+def write_outputs(result: RunResult, *, figures: bool = True, init_from=None,
+                  only: list[str] | None = None) -> dict[str, Path]:
+    """history.json/csv, metrics.json and (figures) the run's figures into result.out (only: just these names);
+    returns result.paths."""
     out = result.out
+    wanted = set(only) if only is not None else None
+    writers = {"history.json": result.history.to_json, "history.csv": result.history.to_csv,
+               "metrics.json": lambda path: atomic_write_text(path, json.dumps(run_metrics(result, init_from),
+                                                                                indent=1))}
     try:
-        result.history.to_json(out / "history.json")
-        result.history.to_csv(out / "history.csv")
-        atomic_write_text(out / "metrics.json", json.dumps(run_metrics(result, init_from), indent=1))
+        for name, write in writers.items():
+            if wanted is None or name in wanted:
+                write(out / name)
         result.paths |= {"history": out / "history.json", "metrics": out / "metrics.json"}
-        if figures:
-            from helpers.plots import save_run_figures
+        if figures and (wanted is None or wanted - set(writers)):
+            from helpers.plots import save_run_figures  # deferred: matplotlib, for runs that draw
 
             for path in save_run_figures(out, model=result.model, history=result.history, result=result.evaluation,
-                                         test_arrays=result.test_arrays):
+                                         test_arrays=result.test_arrays,
+                                         names=None if wanted is None else wanted - set(writers)):
                 result.paths[path.stem] = path
-    except OSError as err:  # a figure's savefig (our own writes raise WriteError, an OSError, already)
+    except OSError as err:  # our own writes raise WriteError, an OSError, already
         raise err if isinstance(err, WriteError) else WriteError(f"could not write into {out} ({err})") from err
     return result.paths

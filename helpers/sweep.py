@@ -26,12 +26,18 @@ import itertools
 import json
 import logging
 import os
+import socket
 import sys
 from dataclasses import fields
 from pathlib import Path
 
+import torch
+
+from helpers.cli import Parser, add_setting, given_settings, sigterm_as_interrupt
 from helpers.config import ConfigError, TrainConfig, evolve
-from helpers.utils import atomic_write_text
+from helpers.data import find_cifar10
+from helpers.run import RunInterrupted, train_run
+from helpers.utils import RunError, atomic_write, atomic_write_text
 
 SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
 ENGINES = ("ray", "local")
@@ -145,8 +151,6 @@ def trial(base: TrainConfig, point: dict, trials: str | os.PathLike | None = Non
     """One run of a sweep: `base` with the settings of `point` (its seed too), a helpers.run.train_run into
     trials/<trial_name(point)>, continued if that folder holds its unfinished run, its row (trial_row) kept there
     in trial.json; trials None: in memory, nothing written. Returns the RunResult."""
-    from helpers.run import train_run
-
     out = Path(trials) / trial_name(point) if trials is not None else None
     result = train_run(evolve(base, **point), out, resume=out is not None, quiet=True, figures=figures,
                        device=device, arrays=arrays, on_epoch=on_epoch)
@@ -165,7 +169,7 @@ def trial_row(point: dict, result) -> dict:
 
 def _ray_trial(config: dict, *, base: dict, trials: str, figures: bool = True) -> None:
     """Ray Tune's trainable: `trial` of the grid point config['point'], reporting every epoch to Tune."""
-    from ray import tune
+    from ray import tune  # deferred: Ray, an optional extra
 
     point, seconds = config["point"], []
 
@@ -196,7 +200,7 @@ def _quiet_ray(address: str | None) -> None:
 def _start_ray(address: str | None) -> bool:
     """Connect to `address` ($RAY_ADDRESS), else start a local Ray; True when this call started or joined it (the
     sweep then ends it), False when Ray was already running in this process (left as it was)."""
-    import ray
+    import ray  # deferred: Ray, an optional extra
 
     if ray.is_initialized():
         return False
@@ -213,8 +217,6 @@ def _start_ray(address: str | None) -> bool:
 
 def _check_reachable(address: str | None) -> None:
     """A ConnectionError at once when `address` (host:port, or ray://host:port) does not answer a TCP connect."""
-    import socket
-
     host, sep, port = (address or "").removeprefix("ray://").rpartition(":")
     if not sep or not port.isdigit():  # None, 'auto', 'local': Ray's own lookups
         return
@@ -263,8 +265,6 @@ def run_sweep(base: TrainConfig, grid: dict[str, list] | list[dict], out: str | 
 
 def _run_local(base, points, out, *, arrays, device, progress, figures, **ray_options) -> list[dict]:
     """The trials one after another in this process; a finished trial (its trial.json) is not run again."""
-    from helpers.run import RunError, RunInterrupted
-
     rows, trials = [], out / "trials" if out is not None else None
     for k, point in enumerate(points, 1):
         done = trials / trial_name(point) / "trial.json" if trials is not None else None
@@ -298,11 +298,9 @@ def _run_ray(base, points, out, *, progress, figures, gpus_per_trial, cpus_per_t
     """The trials on Ray Tune; a sweep already in `storage` is restored (finished trials are kept)."""
     _quiet_ray(address)
     try:
-        from ray import tune
+        from ray import tune  # deferred: Ray, an optional extra
     except ImportError:
         raise SweepError(INSTALL_HINT) from None
-    from helpers.data import find_cifar10
-
     find_cifar10(base.data_dir)  # one download, here, before the trials start (they take a file lock too)
     gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if _has_cuda() else 0.0)
     trainable = tune.with_resources(
@@ -315,14 +313,14 @@ def _run_ray(base, points, out, *, progress, figures, gpus_per_trial, cpus_per_t
                      out / "trials")
     finally:
         if started:  # a local Ray's processes and memory go with the sweep (a notebook kernel lives on)
-            import ray
+            import ray  # deferred: Ray, an optional extra
 
             ray.shutdown()
 
 
 def _tuner(trainable, points: list[dict], out: Path, storage: str, epochs: int, asha: bool, progress: bool):
     """A new Tuner over `points`, or the one saved in `storage` (restored: finished trials are kept)."""
-    from ray import tune
+    from ray import tune  # deferred: Ray, an optional extra
 
     path = f"{storage.rstrip('/')}/tune"
     if tune.Tuner.can_restore(path):
@@ -330,7 +328,7 @@ def _tuner(trainable, points: list[dict], out: Path, storage: str, epochs: int, 
         return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     scheduler = None
     if asha:
-        from ray.tune.schedulers import ASHAScheduler
+        from ray.tune.schedulers import ASHAScheduler  # deferred: Ray, an optional extra
 
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=max(1, epochs // 4),
                                   reduction_factor=2)
@@ -355,8 +353,6 @@ def _same_sweep(out: Path, base: TrainConfig, grid, seeds: int) -> None:
 
 
 def _has_cuda() -> bool:
-    import torch
-
     return torch.cuda.is_available()
 
 
@@ -385,11 +381,9 @@ def _unfinished_row(point: dict, status: str, trials: Path | None, reported: dic
 
 def write_results(rows: list[dict], varied: list[str], out: Path) -> None:
     """out/results.csv (the varied settings, then RESULT_COLUMNS) and out/sweep.png."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # deferred, with helpers.plots: matplotlib, for the sweep's figure alone
 
     from helpers.plots import plot_sweep
-    from helpers.utils import atomic_write
-
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=[*varied, *RESULT_COLUMNS], extrasaction="ignore")
@@ -404,7 +398,7 @@ class _Progress:
     """A line per finished trial (Tune's own output is off), as the local engine prints."""
 
     def __new__(cls, total: int):
-        from ray import tune
+        from ray import tune  # deferred: Ray, an optional extra
 
         class Progress(tune.Callback):
             done = 0
@@ -426,8 +420,6 @@ class _Progress:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from helpers.cli import Parser, add_setting
-
     p = Parser(prog="python -m helpers.sweep", description="Sweep settings and seeds of a training run on Ray Tune, "
                "or one after another here (one trial per grid point and seed, each a normal run in DIR/trials/).")
     sweep = p.add_argument_group("the sweep")
@@ -455,8 +447,6 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from helpers.cli import given_settings, sigterm_as_interrupt
-
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     try:
         grid = dict(parse_grid(g) for g in args.grid)

@@ -11,6 +11,7 @@ a resumed run continues exactly. This module never plots.
 
 from __future__ import annotations
 
+import csv
 import json
 import os
 from collections.abc import Callable
@@ -21,17 +22,19 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from tqdm.auto import tqdm
 
 from helpers import distributed
 from helpers.checkpoints import (
-    CHECKPOINT_FORMAT,
+    Checkpoint,
     CheckpointError,
     CheckpointWriter,
-    apply_weights,
-    check_weights,
-    load_checkpoint,
+    RunInfo,
+    capture,
+    read_checkpoint,
+    restore,
 )
-from helpers.config import TrainConfig
+from helpers.config import TrainConfig, tta_name
 from helpers.engine import TrainStep, clock
 from helpers.utils import (
     amp_dtype,
@@ -44,9 +47,16 @@ from helpers.utils import (
 )
 
 __all__ = ["TrainConfig", "History", "EvalResult", "TrainingDiverged", "CheckpointError", "fit", "evaluate",
-           "load_checkpoint", "load_weights", "resolve_device", "seed_everything", "amp_dtype"]
+           "read_checkpoint", "load_weights", "resolve_device", "seed_everything", "amp_dtype"]
 
+# what a History record holds: every epoch's columns, then those some epochs or some runs add
 EPOCH_COLUMNS = ("epoch", "lr", "train_loss", "train_acc", "test_loss", "test_acc", "seconds")
+EXTRA_COLUMNS = (
+    "lr_end", "steps", "lr_max", "lr_max_step",  # the LR at the epoch's last step, its steps, its peak and where
+    "train_seconds",  # the training steps alone (seconds adds the test pass)
+    "test_acc_tta",  # with test-time augmentation (config.tta; the last epoch)
+    "test_acc_trained",  # the trained weights' accuracy when a weight average is evaluated (the last epoch)
+)
 
 
 @dataclass
@@ -65,20 +75,26 @@ class History:
         return len(self.records)
 
     def __getattr__(self, name: str) -> list:  # history.test_acc -> [per-epoch values]
-        if name in EPOCH_COLUMNS or name in ("lr_end", "lr_max", "test_acc_tta", "test_acc_trained", "train_seconds"):
+        if name in EPOCH_COLUMNS or name in EXTRA_COLUMNS:
             return [r.get(name) for r in self.records]
         raise AttributeError(name)
 
     def append(self, **record) -> None:
+        unknown = set(record) - set(EPOCH_COLUMNS) - set(EXTRA_COLUMNS)
+        if unknown:
+            raise ValueError(f"History records have no column {', '.join(sorted(unknown))}: add it to EXTRA_COLUMNS")
         self.records.append({k: record[k] for k in EPOCH_COLUMNS} | record)
+
+    @classmethod
+    def of(cls, ckpt: Checkpoint) -> History:
+        """The history saved in a checkpoint."""
+        return cls(list(ckpt.history), ckpt.warmup_seconds, ckpt.mode)
 
     def to_json(self, path: str | os.PathLike) -> None:
         atomic_write_text(path, json.dumps({"epochs": self.records, "warmup_seconds": self.warmup_seconds,
                                             "mode": self.mode}, indent=1))
 
     def to_csv(self, path: str | os.PathLike) -> None:
-        import csv
-
         keys = list(dict.fromkeys(k for r in self.records for k in r))
 
         def write(tmp: Path) -> None:
@@ -128,7 +144,7 @@ def tta_logits(model: nn.Module, x: torch.Tensor, tta: str | bool = "flip") -> t
     """Logits (B, C) averaged over test-time views: 'flip' (the image and its mirror), 'flip_translate' (airbench's
     level 2: half the flip average, half the flip average of the image shifted 1 px up-left and down-right with
     reflect padding), or 'none'/False."""
-    tta = {True: "flip", False: "none"}.get(tta, tta)
+    tta = tta_name(tta)
     logits = _logits(model, x)
     if tta == "none":
         return logits
@@ -158,7 +174,7 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     dtype = amp_dtype(device, amp)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
-    tta = {True: "flip", False: "none", None: "none"}.get(tta, tta)
+    tta = tta_name(tta)
     logits, augmented, targets = [], [], []
     with preserved_modes(model), torch.autocast(device.type, dtype=dtype or torch.float32,
                                                 enabled=dtype is not None):
@@ -192,13 +208,9 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
 def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str | None = None) -> History:
     """Load a checkpoint's evaluated weights (the weight average, for recipes with `ema`) into `model`; returns
     the run's History."""
-    return restore_weights(model, load_checkpoint(path, model_name=model_name), path)
-
-
-def restore_weights(model: nn.Module, state: dict, path) -> History:
-    """`load_weights` from a checkpoint already read (`state`, from the file at `path`)."""
-    apply_weights(model, state, path)
-    return History(state["history"], state.get("warmup_seconds", 0.0), state.get("mode", "eager"))
+    ckpt = read_checkpoint(path, model_name=model_name)
+    ckpt.apply_to(model)
+    return History.of(ckpt)
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -207,17 +219,18 @@ def restore_weights(model: nn.Module, state: dict, path) -> History:
 
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
         device: str | torch.device | None = "auto", checkpoint: str | os.PathLike | None = None,
-        resume: str | os.PathLike | None = None, quiet: bool = False, checkpoint_extra: dict | None = None,
+        resume: str | os.PathLike | Checkpoint | None = None, quiet: bool = False, run_info: RunInfo | None = None,
         on_epoch: Callable[[dict], None] | None = None) -> History:
     """Train `model` per `config`; returns the History (one record per epoch; `history.evaluation` is the last
     epoch's evaluation). With weight averaging the model ends as evaluated: the average; the last epoch's record
     also holds the trained weights' accuracy (`test_acc_trained`). config.tta's accuracy (`test_acc_tta`) is the
-    last epoch's alone: it scores the final model, and on every epoch its views (6 forward passes for
-    flip_translate) cost as much as the training (CPU, fast recipe on 2,000 images: 58 s against 59 s an epoch).
+    last epoch's alone: it scores the final model (on every epoch its views cost about as much as the training:
+    BENCHMARKS.md, "Test-time augmentation").
 
-    checkpoint: path written (atomically, in the background) after every epoch, with `checkpoint_extra`'s entries
-    (helpers.run adds the class names, normalisation and data fingerprint). resume: a checkpoint to continue
-    from; the run then continues exactly where it stopped (same History on the CPU as an uninterrupted run).
+    checkpoint: path written (atomically, in the background) after every epoch, with `run_info` (helpers.run
+    adds the settings asked for, class names, normalisation and data fingerprints). resume: a checkpoint (a path,
+    or a Checkpoint already read) to continue from; the run then continues exactly where it stopped (same History
+    on the CPU as an uninterrupted run).
     on_epoch(record): called after each epoch's record (a sweep reports it to Ray Tune), on rank 0.
 
     Under torchrun (helpers.distributed) every process runs this on its shard of the loader: the records hold the
@@ -234,7 +247,8 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
     warmup = step.prepare(train_loader, test_loader)
     history = History(warmup_seconds=warmup, mode=step.mode)
     if resume is not None:
-        history.records = _resume(step, generator, resume, config)
+        ckpt = resume if isinstance(resume, Checkpoint) else read_checkpoint(resume, model_name=config.model)
+        history.records = restore(step, generator, ckpt)
     if not quiet:
         print(f"mode: {step.mode_reason} | one-time warm-up {warmup:.1f} s (before epoch 1, not in the epoch times)")
         print_table_header()
@@ -246,32 +260,32 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
             t0 = clock(device)
             step.start_epoch(epoch)
             record = _train_epoch(step, train_loader, epoch, quiet=quiet, checkpoint=checkpoint)
-            distributed.broadcast_buffers(step.model, *([step.ema] if step.ema is not None else []))
+            step.sync_buffers()
             record["train_seconds"] = clock(device) - t0  # the training steps alone (seconds adds the test pass)
             last = epoch == config.epochs  # TTA scores the final model only: every epoch, it cost as much as training
-            result = evaluate(step.eval_model, test_loader, device=device, amp=config.amp,
+            result = evaluate(step.evaluated_model, test_loader, device=device, amp=config.amp,
                               channels_last=config.channels_last, tta=config.tta if last else "none")
             step.end_epoch(result.loss)
             record.update(test_loss=result.loss, test_acc=result.accuracy, seconds=clock(device) - t0)
             if result.tta_accuracy is not None:
                 record["test_acc_tta"] = result.tta_accuracy
-            if step.ema is not None and last:  # what averaging gained (or lost) over training
-                record["test_acc_trained"] = evaluate(step.forward, test_loader, device=device, amp=config.amp,
+            if step.averaging and last:  # what averaging gained (or lost) over training
+                record["test_acc_trained"] = evaluate(step.trained_forward, test_loader, device=device, amp=config.amp,
                                                       channels_last=config.channels_last).accuracy
             history.append(**record)
             history.evaluation = result
             if not quiet:
                 print_table_row(record)
             if checkpoint is not None:
-                state = _checkpoint_state(step, generator, config, history)  # every process: it gathers RNG states
+                state = capture(step, generator, config, history.records, warmup_seconds=history.warmup_seconds,
+                                mode=history.mode, info=run_info)  # every process: it gathers RNG states
                 if main:
-                    writer.save(checkpoint, state | (checkpoint_extra or {}))
+                    writer.save(checkpoint, state)
             if on_epoch is not None and main:
                 on_epoch(record)
     finally:
         writer.wait()  # also when stopped (NaN, Ctrl-C): the last finished epoch's checkpoint is complete on disk
-    if step.ema is not None:  # leave the model as it was evaluated: the weight average
-        model.load_state_dict(step.ema.module.state_dict())
+    step.end_training()  # the model leaves as it was evaluated (the weight average, if any)
     if not quiet:
         print_table_rule()
     return history
@@ -279,8 +293,6 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
 
 def _train_epoch(step: TrainStep, loader, epoch: int, *, quiet: bool, checkpoint) -> dict:
     """One pass of `step` over `loader`: the epoch's record without its test columns."""
-    from tqdm.auto import tqdm
-
     step.model.train()
     on_cpu = step.device.type == "cpu"  # a host read is free on the CPU and a sync on a GPU
     lr_start, lrs, losses, preds, labels = step.lr, [], [], [], []
@@ -325,39 +337,6 @@ def _stop_if_diverged(losses, epoch: int, lrs: list[float], checkpoint, *, offse
         f"loss became NaN/inf at epoch {epoch}, step {index + 1} (learning rate {lrs[index]:.4g}); {kept}. "
         "Lower --max-lr (try the LR range test: --max-lr auto) or turn off --amp."
     )
-
-
-def _checkpoint_state(step: TrainStep, generator: torch.Generator, config: TrainConfig, history: History) -> dict:
-    return {
-        "format": CHECKPOINT_FORMAT,
-        "epoch": len(history),
-        "config": config.to_dict(),
-        "model_state": step.model.state_dict(),  # the trained weights, to resume from
-        # the weights evaluated (the average, with `ema`): what load_weights gives
-        "eval_state": step.ema.module.state_dict() if step.ema is not None else None,
-        "step_state": step.state_dict(),
-        "rng": step.rng_state() | {"sampler": generator.get_state()},  # this process's (rank 0's)
-        "world_size": distributed.world().world_size,
-        # every process's, in rank order: an exact resume restores each its own
-        "rng_ranks": distributed.all_gather_object(step.rng_state() | {"sampler": generator.get_state()}),
-        "history": history.records,  # snapshotted (copied) by the writer
-        "warmup_seconds": history.warmup_seconds,
-        "mode": history.mode,
-    }
-
-
-def _resume(step: TrainStep, generator: torch.Generator, path, config: TrainConfig) -> list[dict]:
-    """Load a checkpoint into the step and the loader's generator; returns the finished epochs' records."""
-    state = load_checkpoint(path, model_name=config.model)
-    distributed.check_world(state, path)
-    check_weights(step.model, state["model_state"], path)
-    step.load_weights_in_place(state["model_state"])
-    step.load_state_dict(state.get("step_state") or {  # format 1 kept them at the top level
-        "optimizer": state["optimizer_state"], "scheduler": state["scheduler_state"], "scaler": state["scaler_state"]})
-    rng = state["rng_ranks"][distributed.world().rank] if state.get("rng_ranks") else state["rng"]
-    step.set_rng_state(rng)
-    generator.set_state(rng["sampler"])
-    return list(state["history"])
 
 
 # ---------------------------------------------------------------------------------------------------------

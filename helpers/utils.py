@@ -6,6 +6,8 @@ from __future__ import annotations
 import contextlib
 import os
 import random
+import re
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -83,9 +85,7 @@ def unwrap(model: nn.Module) -> nn.Module:
 def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path:
     """Call write(tmp) on a temporary file beside `path`, then move it over `path` in one step: a crash or a
     full disk mid-write leaves the previous file intact (and never a half-written one). The temporary name is
-    unique to this writer, so two writers never share one."""
-    import tempfile
-
+    unique to this writer, so two writers never share one (TEMPORARY names them)."""
     path = Path(path)
     try:
         fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
@@ -103,6 +103,26 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
                              "any earlier version of it is kept") from err
         raise
     return path
+
+
+# atomic_write's temporary files: .<name>.<8 random characters, tempfile's>.tmp beside <name>
+TEMPORARY = re.compile(r"\.(?P<name>.+)\.[a-z0-9_]{8}\.tmp")
+
+
+def remove_stale_temporaries(folder: str | os.PathLike, ours: Callable[[str], bool]) -> list[Path]:
+    """Remove atomic_write's temporary files in `folder` for the files `ours(name)` says we write (left by a
+    process killed mid-write) and return them. Call it only while no writer of ours is at work there (helpers.run
+    does, holding the folder)."""
+    stale = [p for p in Path(folder).iterdir()
+             if (m := TEMPORARY.fullmatch(p.name)) and ours(m["name"]) and p.is_file()]
+    for path in stale:
+        path.unlink(missing_ok=True)
+    return stale
+
+
+class RunError(Exception):
+    """A mistake in how a run was asked for or pointed to (its folder, its checkpoint, its data): one line that
+    says what to do."""
 
 
 class WriteError(OSError):

@@ -29,7 +29,7 @@ def no_bn_model() -> nn.Module:
 
 def fit_no_bn(data_dir: str, loader: str, batch: int) -> tuple[dict, list[dict]]:
     """(weights, history records) of a model without batch norm after 2 epochs at global batch `batch`."""
-    from helpers.data import prepare_data
+    from helpers.run import prepare_data
     from helpers.train import fit
     from helpers.utils import seed_everything
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from helpers import cli
-from helpers.checkpoints import load_checkpoint
+from helpers.checkpoints import read_checkpoint
 
 BASE = ["--model", "depthwise_net", "--device", "cpu", "--workers", "0", "--no-figures", "--quiet"]
 
@@ -66,7 +66,7 @@ def test_resume_writes_into_the_checkpoints_folder_and_nowhere_else(interrupted,
     assert cli.main(["--resume", str(interrupted), "--device", "cpu", "--no-figures", "--quiet",
                      "--data-dir", str(tiny_data)]) == 0
     assert other.read_bytes() == b"another run's checkpoint"  # untouched
-    assert load_checkpoint(interrupted)["epoch"] == 3
+    assert read_checkpoint(interrupted).epoch == 3
     assert len(json.loads((interrupted / "history.json").read_text())["epochs"]) == 3
 
 
@@ -75,7 +75,7 @@ def test_resume_refuses_flags_that_would_change_the_run(interrupted, capsys):
     assert "epochs 5" in err and "one-cycle" in err and "new run" in err and "--init-from" in err
     err = usage_error(["--resume", str(interrupted), "--max-lr", "0.3"], capsys)
     assert "max_lr 0.3" in err
-    assert load_checkpoint(interrupted)["epoch"] == 1  # nothing trained
+    assert read_checkpoint(interrupted).epoch == 1  # nothing trained
 
 
 def test_a_finished_run_is_not_offered_to_continue(tiny_data, tmp_path, capsys):
@@ -84,9 +84,13 @@ def test_a_finished_run_is_not_offered_to_continue(tiny_data, tmp_path, capsys):
     capsys.readouterr()
     err = usage_error([*BASE, "--data-dir", str(tiny_data), "--out", str(out)], capsys)
     assert "finished run (1/1 epochs)" in err and "--resume" not in err and "--overwrite" in err
-    # --overwrite sets the old checkpoint aside instead of deleting it
+    # --overwrite moves the whole old run aside (a sibling folder) instead of deleting any of it
+    old = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
     assert train(tiny_data, out, "--epochs", "1", "--batch-size", "20", "--max-lr", "0.05", "--overwrite") == 0
-    assert load_checkpoint(out / "checkpoint-1.pt")["epoch"] == 1
+    kept = tmp_path / "run-1"
+    assert {p.name: p.read_bytes() for p in kept.iterdir() if not p.name.startswith(".")} == old
+    assert not (kept / ".lock.owner").exists() and "moved, whole, to" in capsys.readouterr().err
+    assert read_checkpoint(out).epoch == 1 and (out / "metrics.json").is_file()
 
 
 @pytest.mark.parametrize("damage", [b"", b"PK\x03\x04 not really a zip"])

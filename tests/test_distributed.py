@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -12,7 +13,7 @@ import pytest
 import torch
 
 from helpers import distributed
-from helpers.checkpoints import CheckpointError
+from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.data import GpuLoader, SeededSampler
 from tests.conftest import REPO
 
@@ -44,17 +45,18 @@ def test_gpu_loader_shards_are_the_single_process_batches(tiny_arrays):
         assert torch.equal(torch.cat([x0, x1]), x) and torch.equal(torch.cat([y0, y1]), y)
 
 
-def test_refusals_say_what_to_do(monkeypatch, tiny_arrays):
+def test_refusals_say_what_to_do(monkeypatch, tiny_arrays, trained_run):
+    ckpt = read_checkpoint(trained_run)
     _as_world(monkeypatch, 0, 3)
     with pytest.raises(ValueError, match="multiple of 3"):
         distributed.local_batch(512)
     with pytest.raises(ValueError, match="fewer than one global batch"):
         GpuLoader(tiny_arrays[0], batch_size=50, world_size=3)
     with pytest.raises(CheckpointError, match="trained on 2 process.*this run has 3.*nproc_per_node 2"):
-        distributed.check_world({"world_size": 2}, "ckpt.pt")
+        dataclasses.replace(ckpt, world_size=2).check_world()
     with pytest.raises(ValueError, match="SyncBatchNorm has no CPU kernel"):
         distributed.convert_sync_bn(torch.nn.BatchNorm2d(4), torch.device("cpu"))
-    distributed.check_world({"world_size": 3}, "ckpt.pt")  # the same world size resumes
+    dataclasses.replace(ckpt, world_size=3).check_world()  # the same world size resumes
 
 
 def test_exit_process_is_sys_exit_without_a_process_group():

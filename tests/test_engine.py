@@ -153,8 +153,6 @@ def test_bias_lr_scaling_and_frozen_bn_scales(tiny_arrays):
 
 def test_weight_average_is_evaluated_and_resumes_exactly(tiny_arrays, tmp_path):
     """EMA over the last 2 of 3 epochs: evaluation runs the average; an interrupted run resumes to the same."""
-    from helpers.checkpoints import load_checkpoint
-
     cfg = config(epochs=3, batch_size=50, ema=0.9, ema_epochs=2, augment="davidnet")  # 2 steps an epoch
 
     def run(**kw):
@@ -162,7 +160,7 @@ def test_weight_average_is_evaluated_and_resumes_exactly(tiny_arrays, tmp_path):
         return fit(build_model(cfg.model), *loaders(tiny_arrays, cfg), cfg, device="cpu", quiet=True, **kw)
 
     full = run(checkpoint=tmp_path / "full.pt")
-    state = load_checkpoint(tmp_path / "full.pt")
+    state = torch.load(tmp_path / "full.pt", weights_only=True)
     assert state["step_state"]["ema"] is not None and int(state["step_state"]["ema"]["n_averaged"]) == 4
     torch.manual_seed(0)
     no_ema = fit(build_model(cfg.model), *loaders(tiny_arrays, cfg), replace_mode(cfg, "eager", ema=0.0),

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from helpers import cli
-from helpers.checkpoints import CheckpointError, load_checkpoint
+from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.config import RECIPES, ConfigError, TrainConfig, evolve
 from helpers.run import RunError, adapt_to_data, hold_run_folder, train_run
 
@@ -50,9 +50,9 @@ def test_python_and_the_command_line_make_the_same_run(tiny_data, tmp_path):
     # the result holds what a notebook needs next, evaluated once
     assert len(result.evaluation.predictions) == len(result.test_arrays) == 50
     assert set(result.paths) >= {"checkpoint", "history", "metrics"}
-    state = load_checkpoint(result.paths["checkpoint"])
-    assert state["classes"][0] == "airplane" and len(state["normalization"]["mean"]) == 3
-    assert state["data"]["train"]["images"] == 100
+    ckpt = read_checkpoint(result.paths["checkpoint"])
+    assert ckpt.classes[0] == "airplane" and len(ckpt.mean) == 3
+    assert ckpt.data["train"]["images"] == 100
 
 
 def test_the_small_run_rule_applies_in_python_and_says_so(tiny_data, tmp_path, capsys):
@@ -100,7 +100,7 @@ def test_max_lr_auto_is_resolved_by_the_run(tiny_data, tmp_path):
                        quiet=True, figures=False)
     assert isinstance(result.config.max_lr, float) and result.config.max_lr == result.lr_test.suggested_lr
     assert (tmp_path / "run" / "lr_finder.png").is_file()
-    assert load_checkpoint(tmp_path / "run")["requested"]["max_lr"] == "auto"
+    assert read_checkpoint(tmp_path / "run").requested.max_lr == "auto"
 
 
 def test_readme_python_example_runs_from_another_folder(tmp_path):
@@ -144,12 +144,45 @@ def test_a_second_run_into_a_held_folder_is_refused_naming_the_first(tiny_data, 
     assert train_run(tiny(tiny_data, epochs=1), out, device="cpu", quiet=True, figures=False).status == "trained"
 
 
+def test_resume_of_a_finished_run_completes_its_missing_outputs_and_clears_stale_temporaries(tiny_data, tmp_path):
+    """A process killed after the last checkpoint, before metrics, history and figures; or mid-checkpoint-write."""
+    out = tmp_path / "run"
+    train_run(tiny(tiny_data, epochs=1), out, device="cpu", quiet=True)
+    metrics = json.loads((out / "metrics.json").read_text())
+    kept = {name: (out / name).stat().st_mtime_ns for name in ("checkpoint.pt", "gradcam.png", "confusion_matrix.png")}
+    for name in ("metrics.json", "history.json", "history.csv", "curves.png"):
+        (out / name).unlink()
+    stale, mine = out / ".checkpoint.pt.k3x_9abc.tmp", out / ".notes.k3x_9abc.tmp"  # a killed write's; the user's
+    stale.write_bytes(b"half a checkpoint")
+    mine.write_text("not ours")
+    result = train_run(tiny(tiny_data, epochs=1), out, device="cpu", resume=True, quiet=True)
+    assert result.status == "finished"
+    assert any("missing outputs (history.json, history.csv, metrics.json, curves.png)" in n for n in result.notes)
+    assert any("removed 1 temporary file" in n and stale.name in n for n in result.notes)
+    assert not stale.exists() and mine.exists()
+    assert json.loads((out / "metrics.json").read_text())["test_acc"] == metrics["test_acc"]
+    assert len(json.loads((out / "history.json").read_text())["epochs"]) == 1 and (out / "curves.png").is_file()
+    assert {name: (out / name).stat().st_mtime_ns for name in kept} == kept  # nothing else rewritten
+    again = train_run(tiny(tiny_data, epochs=1), out, device="cpu", resume=True, quiet=True)
+    assert any("nothing rewritten" in n for n in again.notes)
+
+
+def test_overwrite_moves_the_old_run_aside_before_the_new_one_writes(tiny_data, tmp_path, monkeypatch):
+    out = tmp_path / "run"
+    train_run(tiny(tiny_data, epochs=1), out, device="cpu", quiet=True, figures=False)
+    old = {p.name for p in out.iterdir()}
+    interrupted_run(tiny(tiny_data, epochs=3), out, monkeypatch, at_epoch=2, overwrite=True)
+    assert {p.name for p in (tmp_path / "run-1").iterdir()} == old - {".lock.owner"}
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"checkpoint.pt"}  # the new run alone
+    assert read_checkpoint(out).describe() == "an unfinished run (1/3 epochs)"
+
+
 def cli_args(tiny_data, out) -> list[str]:
     return ["--model", "depthwise_net", "--epochs", "1", "--batch-size", "20", "--max-lr", "0.05", "--workers", "0",
             "--data-dir", str(tiny_data), "--out", str(out), "--device", "cpu", "--quiet", "--no-figures"]
 
 
-def interrupted_run(config, out, monkeypatch, at_epoch: int = 2) -> None:
+def interrupted_run(config, out, monkeypatch, at_epoch: int = 2, **run_options) -> None:
     """`config` trained into `out` and stopped by Ctrl-C at the start of epoch `at_epoch`."""
     from helpers import run as run_module
     from helpers import train as train_module
@@ -164,7 +197,7 @@ def interrupted_run(config, out, monkeypatch, at_epoch: int = 2) -> None:
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "_train_epoch", stop)
         with pytest.raises(run_module.RunInterrupted, match=f"--resume {out}"):
-            train_run(config, out, device="cpu", quiet=True, figures=False)
+            train_run(config, out, device="cpu", quiet=True, figures=False, **run_options)
 
 
 def test_resume_refuses_other_data_and_accepts_a_copy(tiny_data, tmp_path, monkeypatch):
@@ -176,7 +209,7 @@ def test_resume_refuses_other_data_and_accepts_a_copy(tiny_data, tmp_path, monke
     other = write_cifar_folder(tmp_path / "other", n_train=100, n_test=50, seed=1)
     with pytest.raises(RunError, match="other train images"):
         train_run(tiny(other), out, device="cpu", resume=True, quiet=True)
-    assert load_checkpoint(out)["epoch"] == 1  # nothing trained on the wrong data
+    assert read_checkpoint(out).epoch == 1  # nothing trained on the wrong data
     copy = write_cifar_folder(tmp_path / "copy", n_train=100, n_test=50)  # the same images, elsewhere
     assert train_run(tiny(copy), out, device="cpu", resume=True, quiet=True, figures=False).status == "resumed"
 
@@ -198,7 +231,7 @@ def test_init_from_starts_a_new_run_from_trained_weights(tiny_data, tmp_path):
                        init_from=tmp_path / "a")
     assert second.status == "trained" and any("init_from" in n for n in second.notes)
     assert json.loads((tmp_path / "b" / "metrics.json").read_text())["init_from"] == str(tmp_path / "a")
-    assert load_checkpoint(tmp_path / "b")["init_from"] == str(tmp_path / "a")
+    assert read_checkpoint(tmp_path / "b").init_from == str(tmp_path / "a")
     assert second.history.train_loss[0] < first.history.train_loss[0]  # it starts trained
     with pytest.raises(RunError, match="checkpoint of 'depthwise_net', not 'resnet18'"):
         train_run(TrainConfig(model="resnet18", epochs=1, data_dir=str(tiny_data)), tmp_path / "c", device="cpu",
@@ -212,7 +245,7 @@ def test_init_from_starts_a_new_run_from_trained_weights(tiny_data, tmp_path):
 def finished_checkpoint(tiny_data, tmp_path_factory) -> dict:
     out = tmp_path_factory.mktemp("ckpt") / "run"
     train_run(tiny(tiny_data, epochs=1), out, device="cpu", quiet=True, figures=False)
-    return load_checkpoint(out)
+    return torch.load(out / "checkpoint.pt", weights_only=True)  # the file as it is, to damage
 
 
 @pytest.mark.parametrize("damage", [
@@ -224,7 +257,7 @@ def test_damaged_checkpoints_are_one_line_errors(finished_checkpoint, tmp_path, 
     damage(state)
     torch.save(state, tmp_path / "checkpoint.pt")
     with pytest.raises(CheckpointError):
-        load_checkpoint(tmp_path / "checkpoint.pt")
+        read_checkpoint(tmp_path / "checkpoint.pt")
     assert cli.main(["--resume", str(tmp_path)]) == 2
     err = capsys.readouterr().err
     assert err.startswith("error:") and "Traceback" not in err and len(err.strip().splitlines()) == 1
@@ -302,7 +335,7 @@ def test_sigterm_stops_a_command_line_run_with_a_hint(tiny_data, tmp_path):
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130 and f"--resume {out}" in err and "Traceback" not in err
-    assert load_checkpoint(out)["epoch"] >= 1
+    assert read_checkpoint(out).epoch >= 1
 
 
 def test_python_m_helpers_runs_the_command_line():
@@ -333,7 +366,7 @@ def test_a_torch_save_failure_of_any_type_is_one_line_and_keeps_the_last_checkpo
     err = capsys.readouterr().err
     assert "could not write" in err and str(out / "checkpoint.pt") in err and "unexpected pos" in err
     assert "Traceback" not in err and len([line for line in err.splitlines() if line.startswith("error")]) == 1
-    assert load_checkpoint(out)["epoch"] == 1  # the complete one is kept
+    assert read_checkpoint(out).epoch == 1  # the complete one is kept
     assert not list(out.glob(".*.tmp"))
 
 

@@ -13,7 +13,7 @@ from helpers import cli, data, train
 from helpers.checkpoints import CheckpointWriter
 from helpers.data import make_loader
 from helpers.models import build_model
-from helpers.train import CheckpointError, TrainConfig, TrainingDiverged, evaluate, fit, load_checkpoint
+from helpers.train import CheckpointError, TrainConfig, TrainingDiverged, evaluate, fit, read_checkpoint
 
 from .conftest import without_time
 
@@ -108,7 +108,7 @@ def test_resume_equals_an_uninterrupted_run(tiny_arrays, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(build_model(config.model), StopAtEpoch(train_loader, 3), test_loader, config, device="cpu",
             checkpoint=ckpt, quiet=True)
-    assert load_checkpoint(ckpt)["epoch"] == 2
+    assert read_checkpoint(ckpt).epoch == 2
 
     resumed, resumed_model = run(tiny_arrays, config, checkpoint=ckpt, resume=ckpt)
     assert without_time(resumed) == without_time(full)
@@ -138,7 +138,7 @@ def test_nan_loss_stops_with_epoch_step_and_lr_and_keeps_last_checkpoint(tiny_ar
     model = NanAfter(build_model(config.model), after=5)  # 3 steps per epoch: step 2 of epoch 2
     with pytest.raises(TrainingDiverged, match=r"epoch 2, step 2 \(learning rate [0-9.e-]+\).*last good checkpoint"):
         fit(model, *loaders(tiny_arrays, config), config, device="cpu", checkpoint=ckpt, quiet=True)
-    state = load_checkpoint(ckpt)
+    state = torch.load(ckpt, weights_only=True)
     assert state["epoch"] == 1
     assert all(torch.isfinite(t).all() for t in state["model_state"].values() if t.is_floating_point())
 
@@ -158,7 +158,7 @@ def test_damaged_checkpoint(tiny_arrays, tmp_path, damage):
     blob = ckpt.read_bytes()
     ckpt.write_bytes(blob[: len(blob) // 3] if damage == "truncate" else b"not a checkpoint")
     with pytest.raises(CheckpointError, match="not a readable checkpoint"):
-        load_checkpoint(ckpt)
+        read_checkpoint(ckpt)
 
 
 def test_evaluate_returns_per_image_predictions_and_restores_mode(tiny_arrays):
@@ -303,7 +303,7 @@ def test_a_checkpoint_of_the_previous_format_resumes(tiny_arrays, tmp_path):
     with pytest.raises(KeyboardInterrupt):
         fit(build_model(config.model), StopAtEpoch(train_loader, 3), test_loader, config, device="cpu",
             checkpoint=stopped, quiet=True)
-    state = load_checkpoint(stopped)
+    state = torch.load(stopped, weights_only=True)
     step_state = state.pop("step_state")
     state.update(format=1, optimizer_state=step_state["optimizer"], scheduler_state=step_state["scheduler"],
                  scaler_state=step_state["scaler"])
@@ -313,7 +313,7 @@ def test_a_checkpoint_of_the_previous_format_resumes(tiny_arrays, tmp_path):
     for key in ("eval_state", "warmup_seconds", "mode"):
         state.pop(key)
     torch.save(state, stopped)
-    saved = train.TrainConfig.from_dict(load_checkpoint(stopped)["config"])
+    saved = read_checkpoint(stopped).config
     assert saved.mode == "auto" and saved.tta == "none" and saved.recipe == "writeup"
     resumed, _ = run(tiny_arrays, saved, checkpoint=stopped, resume=stopped)
     assert without_time(resumed) == without_time(full)

@@ -13,10 +13,9 @@ import sys
 import torch
 
 from helpers.config import TrainConfig, evolve
-from helpers.data import load_run_data, prepare_data
 from helpers.engine import TrainStep
 from helpers.models import build_model
-from helpers.run import adapt_to_data
+from helpers.run import adapt_to_data, load_run_data, prepare_data
 from helpers.train import evaluate
 from helpers.utils import seed_everything
 
