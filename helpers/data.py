@@ -228,6 +228,14 @@ def balanced_subset(arrays: CifarArrays, n: int | None, *, seed: int = 0) -> Cif
     return CifarArrays(arrays.images[keep], arrays.labels[keep], arrays.classes)
 
 
+def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
+    """uint8 images (B, 32, 32, 3), an array or a tensor, -> the normalised float (B, 3, 32, 32) a test loader
+    gives (albumentations' Normalize: (pixel - 255 mean) / (255 std), per channel)."""
+    x = torch.as_tensor(np.asarray(images, dtype=np.uint8)).float()
+    x = (x - torch.tensor(mean) * 255) / (torch.tensor(std) * 255)
+    return x.permute(0, 3, 1, 2).contiguous()
+
+
 def denormalize(x: torch.Tensor, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> np.ndarray:
     """Normalised (B, 3, H, W) or (3, H, W) tensors back to float images (B, H, W, 3) in [0, 1] for display."""
     x = x.detach().float().cpu()

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.data import build_transform
+from helpers.data import normalize
 from helpers.utils import preserved_modes, unwrap
 
 
@@ -57,8 +57,7 @@ def misclassified(result, test_arrays, *, n: int = 10) -> list[Misclassified]:
 
 def normalize_images(images: np.ndarray) -> torch.Tensor:
     """uint8 (B, 32, 32, 3) images -> the normalised float (B, 3, 32, 32) tensor a test loader would give."""
-    transform = build_transform("none")
-    return torch.stack([transform(image=img)["image"] for img in np.asarray(images)])
+    return normalize(images)
 
 
 # ---------------------------------------------------------------------------------------------------------

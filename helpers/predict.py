@@ -40,6 +40,7 @@ from torch import nn
 
 from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.config import TrainConfig
+from helpers.data import normalize
 from helpers.gradcam import gradcam_maps, overlay
 from helpers.models import build_model
 from helpers.utils import resolve_device
@@ -194,9 +195,7 @@ class Predictor:
 
     def normalize(self, seen: np.ndarray) -> torch.Tensor:
         """uint8 (B, 32, 32, 3) -> the normalised float (B, 3, 32, 32) on the model's device."""
-        x = torch.from_numpy(np.array(seen, dtype=np.uint8)).permute(0, 3, 1, 2).float() / 255
-        mean, std = torch.tensor(self.mean).view(1, 3, 1, 1), torch.tensor(self.std).view(1, 3, 1, 1)
-        return ((x - mean) / std).to(self.device)
+        return normalize(seen, self.mean, self.std).to(self.device)
 
     def predict(self, image, *, name: str | None = None) -> Prediction:
         """Read `image` (a path, a PIL image or an array), resize it as the module docstring says, classify it."""

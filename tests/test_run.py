@@ -408,13 +408,12 @@ def test_two_writers_to_one_path_never_share_a_temporary_file(tmp_path):
 
 
 def test_ctrl_c_in_the_lr_range_test_leaves_no_empty_folder(tiny_data, tmp_path, monkeypatch):
-    from helpers import lr_finder
     from helpers import run as run_module
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(lr_finder, "lr_range_test", interrupt)
+    monkeypatch.setattr(run_module, "lr_range_test", interrupt)
     out = tmp_path / "run"
     with pytest.raises(run_module.RunInterrupted, match="before the first epoch"):
         train_run(tiny(tiny_data, max_lr="auto"), out, device="cpu", quiet=True)
