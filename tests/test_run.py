@@ -170,9 +170,11 @@ def test_resume_of_a_finished_run_completes_its_missing_outputs_and_clears_stale
 def test_overwrite_moves_the_old_run_aside_before_the_new_one_writes(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train_run(tiny(tiny_data, epochs=1), out, device="cpu", quiet=True, figures=False)
-    old = {p.name for p in out.iterdir()}
+    old = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
     interrupted_run(tiny(tiny_data, epochs=3), out, monkeypatch, at_epoch=2, overwrite=True)
-    assert {p.name for p in (tmp_path / "run-1").iterdir()} == old - {".lock.owner"}
+    kept = tmp_path / "run-1"
+    assert {p.name: p.read_bytes() for p in kept.iterdir() if not p.name.startswith(".")} == old  # all of it
+    assert not (kept / ".lock.owner").exists()  # no claim of a live owner travels with it
     assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"checkpoint.pt"}  # the new run alone
     assert read_checkpoint(out).describe() == "an unfinished run (1/3 epochs)"
 
