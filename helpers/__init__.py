@@ -10,3 +10,5 @@ compare · demo · sweep.
 Modules are imported explicitly (`from helpers.train import fit`), so that `python -m helpers.train` runs without
 importing itself twice.
 """
+
+__version__ = "0.2.0"  # the one place it is written: pyproject.toml reads it, runs record it (metrics.json)
