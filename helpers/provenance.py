@@ -65,7 +65,7 @@ def provenance(device: torch.device, *, started: str | None, finished: str | Non
     return {
         "version": __version__, **{f"git_{k}": v for k, v in git_commit().items()},
         "python": platform.python_version(),
-        **{name: _version(name) for name in LIBRARIES},
+        **{name: _version(name) for name in LIBRARIES}, "torch": torch.__version__,  # with its build tag (+cu128)
         "torch_cuda": torch.version.cuda,
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "command": command_line(),
