@@ -37,7 +37,7 @@ from helpers.cli import Parser, add_setting, given_settings, sigterm_as_interrup
 from helpers.config import ConfigError, TrainConfig, evolve
 from helpers.data import find_cifar10
 from helpers.run import RunInterrupted, train_run
-from helpers.utils import RunError, atomic_write, atomic_write_text
+from helpers.utils import RunError, add_version_flag, atomic_write, atomic_write_text
 
 SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
 ENGINES = ("ray", "local")
@@ -425,8 +425,9 @@ class _Progress:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m helpers.sweep", description="Sweep settings and seeds of a training run on Ray Tune, "
+    p = Parser(prog="cifar10 sweep", description="Sweep settings and seeds of a training run on Ray Tune, "
                "or one after another here (one trial per grid point and seed, each a normal run in DIR/trials/).")
+    add_version_flag(p)
     sweep = p.add_argument_group("the sweep")
     sweep.add_argument("--engine", choices=ENGINES, default="ray", help="ray: trials on Ray Tune (side by side as "
                        "the resources allow); local: one after another in this process, no Ray (default: ray)")

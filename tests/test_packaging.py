@@ -82,6 +82,7 @@ def built(tmp_path_factory) -> Path:
     return dist
 
 
+@pytest.mark.slow  # python -m build: half a minute, more with a cold pip cache
 def test_the_sdist_ships_the_package_and_licence_and_no_half_test_suite(built):
     (sdist,) = built.glob("*.tar.gz")
     with tarfile.open(sdist) as tar:
@@ -90,6 +91,7 @@ def test_the_sdist_ships_the_package_and_licence_and_no_half_test_suite(built):
     assert not [n for n in names if n.startswith("tests/")]  # the tests need the whole clone: none, not a part
 
 
+@pytest.mark.slow  # python -m build: half a minute, more with a cold pip cache
 def test_the_wheel_installs_a_working_cifar10_command(built, tmp_path):
     (wheel,) = built.glob("*.whl")
     with zipfile.ZipFile(wheel) as zf:
