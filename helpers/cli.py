@@ -149,8 +149,11 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt():
             device = resolve_device(args.device)
             config, out = config_from_args(args)
-            if args.print_config:
-                print(config_text(resolve_config(config)[0]), end="")
+            if args.print_config:  # the file on stdout, what the small-run rule changed on stderr
+                resolved, notes = resolve_config(config)
+                for note in notes:
+                    print(note, file=sys.stderr)
+                print(config_text(resolved), end="")
                 return 0
             result = train_run(config, out, device=device, resume=args.resume or False,
                                init_from=args.init_from, overwrite=args.overwrite, figures=args.figures,
