@@ -2,7 +2,7 @@
 with and without helpers.utils.deterministic_algorithms, interleaved. It measures the process's CPU time (user and
 system, all threads), not wall time: on a shared, loaded machine wall time stretches, a step's CPU time much less.
 
-    python benchmarks/deterministic_cost.py   # from the repository root; results: BENCHMARKS.md
+    python -m benchmarks.deterministic_cost   # from the repository root; results: BENCHMARKS.md
 """
 
 import statistics
