@@ -29,7 +29,7 @@ class BoardLog:
 
     def __init__(self, out: Path):
         try:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # deferred: optional (needs tensorboard)
         except ImportError:
             raise BoardError("tensorboard=True (--tensorboard) needs the tensorboard package: pip install tensorboard "
                              "(Colab has it), or leave it off") from None
@@ -44,7 +44,7 @@ class BoardLog:
 
     def figures(self, paths: list[Path], *, step: int) -> None:
         """The run's PNG figures as images, tagged by file name (figures/curves, figures/gradcam, ...)."""
-        import matplotlib.image
+        import matplotlib.image  # deferred: matplotlib, at the end of a run that drew figures
 
         for path in paths:
             if path.suffix == ".png" and path.is_file():

@@ -196,7 +196,7 @@ COMMANDS = {  # name -> (module whose main(argv) it runs, what it does)
 def command_line(argv: list[str] | None = None) -> int:
     """`cifar10 COMMAND [flags]` (= `python -m helpers COMMAND [flags]`): runs COMMAND's main; flags alone train
     (`python -m helpers --epochs 2`, as before there were commands)."""
-    import importlib
+    import importlib  # deferred: with the command's module, imported when it is asked for
 
     from helpers import __version__
 

@@ -346,7 +346,7 @@ def recipe_table() -> str:
 
 def _yaml():
     try:
-        import yaml  # PyYAML: Colab has it; optional elsewhere (pip install pyyaml), JSON without it
+        import yaml  # deferred: optional (Colab has PyYAML; elsewhere pip install pyyaml), JSON without it
     except ImportError:
         return None
     return yaml
@@ -363,7 +363,7 @@ def config_text(config: TrainConfig, *, fmt: str | None = None) -> str:
     fmt = fmt or config_file_name().rsplit(".", 1)[1]
     if fmt == "json":
         return json.dumps(config.to_dict(), indent=1) + "\n"
-    from helpers import __version__
+    from helpers import __version__  # deferred: the package's version, for the file's header
 
     header = (f"# cifar10-helpers {__version__}: every setting of a run. `cifar10 train --config THIS --out DIR` "
               "makes it again;\n# flags given after --config change a setting.\n")

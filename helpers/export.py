@@ -21,7 +21,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from helpers.checkpoints import CheckpointError
+from helpers.checkpoints import CheckpointError, check_weights, read_weights_file
 from helpers.utils import add_version_flag, atomic_write
 
 WEIGHT_TYPES = (".safetensors", ".pt", ".pth")
@@ -34,7 +34,7 @@ class ExportError(ValueError):
 
 def metadata(predictor) -> dict[str, str]:
     """The text metadata every exported file carries (ONNX and safetensors hold strings: lists are JSON)."""
-    from helpers import __version__
+    from helpers import __version__  # deferred: the package's version, read when a file is written
 
     return {"model": predictor.model_name, "classes": json.dumps(list(predictor.classes)),
             "mean": json.dumps(list(predictor.mean)), "std": json.dumps(list(predictor.std)), "input": INPUT,
@@ -43,7 +43,7 @@ def metadata(predictor) -> dict[str, str]:
 
 def _predictor(run):
     """A helpers.predict.Predictor on the CPU: `run` itself, or the one of a run folder or checkpoint."""
-    from helpers.predict import Predictor, load_predictor
+    from helpers.predict import Predictor, load_predictor  # deferred: PIL and the predictor, on demand
 
     return run if isinstance(run, Predictor) else load_predictor(run, device="cpu")
 
@@ -51,7 +51,7 @@ def _predictor(run):
 def export_onnx(run, path: str | os.PathLike) -> Path:
     """The model of `run` (a run folder, checkpoint or Predictor) as ONNX at `path` (helpers.models.export_onnx),
     with `metadata` in its metadata_props."""
-    from helpers.models import export_onnx as write_onnx
+    from helpers.models import export_onnx as write_onnx  # deferred: the layer above is imported on demand
 
     predictor = _predictor(run)
     return write_onnx(predictor.model, path, metadata=metadata(predictor))
@@ -69,7 +69,7 @@ def export_weights(run, path: str | os.PathLike) -> Path:
     meta = metadata(predictor)
     if path.suffix == ".safetensors":
         try:
-            from safetensors.torch import save_file
+            from safetensors.torch import save_file  # deferred: optional (the [export] extra)
         except ImportError:
             raise ExportError("writing .safetensors needs the safetensors package: pip install safetensors, or "
                               "export a .pt file") from None
@@ -82,14 +82,14 @@ def read_weights(path: str | os.PathLike) -> tuple[dict[str, torch.Tensor], dict
     """(state dict, metadata with classes/mean/std as lists) of a file written by `export_weights`."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        from safetensors import safe_open
+        from safetensors import safe_open  # deferred: optional (the [export] extra)
 
         with safe_open(str(path), framework="pt") as f:
             meta = dict(f.metadata() or {})
             weights = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         meta = {k: json.loads(v) if k in ("classes", "mean", "std") else v for k, v in meta.items()}
     else:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
+        saved = read_weights_file(path)
         if not isinstance(saved, dict) or not isinstance(saved.get("state_dict"), dict):
             raise ExportError(f"{path} is not a file written by cifar10 export: pass one, or a run folder")
         weights, meta = saved["state_dict"], {k: v for k, v in saved.items() if k != "state_dict"}
@@ -102,8 +102,7 @@ def load_model(weights: str | os.PathLike, *, model: str | None = None) -> nn.Mo
     """The model in `weights` (a run folder or checkpoint written by cifar10 train, or a file from `export_weights`),
     on the CPU in eval mode, with `classes`, `mean` and `std` attributes. model: the architecture expected (a
     different one is an error)."""
-    from helpers.checkpoints import check_weights
-    from helpers.models import build_model
+    from helpers.models import build_model  # deferred: the models, on demand
     path = Path(weights).expanduser()
     is_export = path.is_file() and (path.suffix == ".safetensors" or (path.suffix in WEIGHT_TYPES and
                                                                       _is_export(path)))
@@ -124,11 +123,12 @@ def load_model(weights: str | os.PathLike, *, model: str | None = None) -> nn.Mo
 
 
 def _is_export(path: Path) -> bool:
+    """A .pt file written by `export_weights` (a checkpoint, or anything else, is not)."""
     try:
-        saved = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception:  # noqa: BLE001 - not ours either way; load_predictor then says what it is
-        return False
-    return isinstance(saved, dict) and "state_dict" in saved and "format" not in saved
+        saved = read_weights_file(path)
+    except CheckpointError:
+        return False  # not ours either way: load_predictor then says what it is
+    return isinstance(saved, dict) and isinstance(saved.get("state_dict"), dict) and "exported_by" in saved
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -136,7 +136,7 @@ def _is_export(path: Path) -> bool:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from helpers.cli import Parser
+    from helpers.cli import Parser  # deferred: the command line's parser, for the command line only
 
     p = Parser(prog="cifar10 export", description="Write a trained run's model for use outside this package, "
                "with its class names, mean and std in the file's metadata.")

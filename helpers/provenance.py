@@ -60,7 +60,7 @@ def _version(distribution: str) -> str | None:
 def provenance(device: torch.device, *, started: str | None, finished: str | None) -> dict:
     """The package and library versions, the git commit, Python, the GPU, the command line and the UTC start and
     end times of a run on `device`."""
-    from helpers import __version__
+    from helpers import __version__  # deferred: the package's version, read when a run ends
 
     return {
         "version": __version__, **{f"git_{k}": v for k, v in git_commit().items()},

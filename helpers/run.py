@@ -520,7 +520,7 @@ def _open_board(config: TrainConfig, out):
     """A TensorBoard log in `out` when the config asks for one (helpers.board), else None."""
     if not config.tensorboard or out is None:
         return None
-    from helpers.board import BoardError, BoardLog
+    from helpers.board import BoardError, BoardLog  # deferred: TensorBoard, for runs that ask for it
 
     try:
         return BoardLog(out)

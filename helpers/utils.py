@@ -18,7 +18,7 @@ from torch import nn
 
 def add_version_flag(parser) -> None:
     """`--version` on an argparse parser: the package's version (every command has it)."""
-    from helpers import __version__
+    from helpers import __version__  # deferred: the package's version, for --version
 
     parser.add_argument("--version", action="version", version=f"cifar10-helpers {__version__}")
 

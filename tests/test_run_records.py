@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helpers import cli
-from helpers.checkpoints import load_checkpoint
+from helpers.checkpoints import read_checkpoint
 from helpers.config import ConfigError, TrainConfig, config_file_name, config_text, read_config_file
 from helpers.run import RunError, train_run
 from helpers.utils import deterministic_algorithms
@@ -94,7 +94,7 @@ def test_a_run_folder_keeps_a_config_that_replays_it(trained_run, tmp_path):
 def _history(run: Path):
     from types import SimpleNamespace
 
-    return SimpleNamespace(records=load_checkpoint(run)["history"])
+    return SimpleNamespace(records=list(read_checkpoint(run).history))
 
 
 def test_print_config_gives_the_resolved_settings_and_flags_after_config_win(tiny_data, trained_run, capsys,
@@ -149,9 +149,9 @@ def test_deterministic_runs_repeat_bit_for_bit_and_leave_torch_as_it_was(board_r
     again = tmp_path / "again"
     assert cli.main(["--config", str(board_run / config_file_name()), "--no-tensorboard", "--no-figures",
                      "--out", str(again), *BASE]) == 0
-    first, second = load_checkpoint(board_run), load_checkpoint(again)
-    assert second["config"]["deterministic"] is True
-    assert all(torch.equal(first["model_state"][k], second["model_state"][k]) for k in first["model_state"])
+    first, second = read_checkpoint(board_run), read_checkpoint(again)
+    assert second.config.deterministic is True
+    assert all(torch.equal(first.weights[k], second.weights[k]) for k in first.weights)
     assert without_time(_history(board_run)) == without_time(_history(again))
 
 
