@@ -263,6 +263,16 @@ def restore(step, generator: torch.Generator, ckpt: Checkpoint) -> list[dict]:
     return list(ckpt.history)
 
 
+def read_weights_file(path: str | os.PathLike) -> object:
+    """The contents of a plain PyTorch file of tensors and values (`cifar10 export --weights FILE.pt` writes one),
+    read with weights_only=True: no code in it runs. A CheckpointError that says what to do when it is unreadable."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - zip, pickle and EOF errors all mean the same to the user
+        raise CheckpointError(f"{path} is not a readable PyTorch file ({type(err).__name__}): pass a file written "
+                              "by cifar10 export, or a run folder") from None
+
+
 def check_weights(model: torch.nn.Module, weights: dict, path) -> None:
     """A CheckpointError unless `weights` (a state dict) fits `model`: the same names and shapes."""
     own = model.state_dict()

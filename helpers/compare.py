@@ -21,7 +21,7 @@ from pathlib import Path
 from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.predict import InputError, new_figure_path
 from helpers.train import History
-from helpers.utils import RunError
+from helpers.utils import RunError, add_version_flag
 
 COLUMNS = {  # row key: (header, format)
     "run": ("run", "{}"), "model": ("model", "{}"), "recipe": ("recipe", "{}"), "epochs": ("epochs", "{}"),
@@ -103,7 +103,8 @@ def compare_runs(runs: list[str | os.PathLike], *, save=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helpers.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cifar10 compare", description=__doc__.split("\n\n")[0])
+    add_version_flag(p)
     p.add_argument("runs", metavar="RUN", nargs="+", help="run folders written by python -m helpers.train")
     p.add_argument("--out", metavar="FILE.png", help="draw test accuracy and loss per epoch into this new file")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")

@@ -28,6 +28,7 @@ from PIL import Image
 from helpers.checkpoints import CheckpointError
 from helpers.data import DataError, load_cifar10
 from helpers.predict import DISPLAY, InputError, Predictor, load_predictor, overlay_on_square
+from helpers.utils import add_version_flag
 
 HOST = "127.0.0.1"  # loopback: the page is reachable from this machine only, unless --host says otherwise
 # small images (the 32x32s) fill their box with square pixels, not a blur
@@ -144,7 +145,8 @@ def serve(run: str | os.PathLike, *, port: int | None = None, share: bool | None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helpers.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cifar10 demo", description=__doc__.split("\n\n")[0])
+    add_version_flag(p)
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder (holding checkpoint.pt) or a checkpoint")
     p.add_argument("--port", type=int, help="(default: 7860, or the next free port)")
     p.add_argument("--share", action="store_true", default=None, help="also a temporary public link, through "

@@ -145,7 +145,7 @@ class TrainStep:
                     module.weight.requires_grad_(False)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not config.deterministic:  # autotuning picks kernels by timing them
             torch.backends.cudnn.benchmark = True
         self.dtype = amp_dtype(self.device, config.amp)
         self.optimizer = make_optimizer(model, config, self.device)

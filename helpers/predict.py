@@ -43,7 +43,7 @@ from helpers.config import TrainConfig
 from helpers.data import normalize
 from helpers.gradcam import gradcam_maps, overlay
 from helpers.models import build_model
-from helpers.utils import resolve_device
+from helpers.utils import add_version_flag, resolve_device
 
 SIZE = 32  # the model's input side, px
 DISPLAY = 256  # side of the centre square kept for display and overlays, px
@@ -290,9 +290,10 @@ def plot_predictions(predictor: Predictor, predictions: list[Prediction], *, tar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helpers.predict", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="cifar10 predict", description=__doc__.split("\n\n")[0],
                                 epilog="Images are centre-cropped to a square and resized to 32x32 (Lanczos); "
                                        "transparent pixels become white.")
+    add_version_flag(p)
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (holding checkpoint.pt) or a "
                    "checkpoint file written by helpers.train")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files: PNG, JPEG, WebP, ...; any size")

@@ -38,16 +38,18 @@ from torch import nn
 from helpers import data, distributed
 from helpers.checkpoints import NAME as CHECKPOINT
 from helpers.checkpoints import Checkpoint, CheckpointError, RunInfo, checkpoint_path, read_checkpoint
-from helpers.config import RECIPES, RESUME_FREE, TrainConfig, evolve
+from helpers.config import RECIPES, RESUME_FREE, TrainConfig, config_file_name, config_text, evolve
 from helpers.data import CifarArrays, steps_per_epoch
 from helpers.lr_finder import lr_range_test
 from helpers.models import build_model, count_parameters
+from helpers.provenance import provenance, utc_now
 from helpers.train import EvalResult, History, evaluate, fit
 from helpers.utils import (
     RunError,
     WriteError,
     amp_dtype,
     atomic_write_text,
+    deterministic_algorithms,
     precision_name,
     remove_stale_temporaries,
     resolve_device,
@@ -81,6 +83,7 @@ class RunResult:
     paths: dict[str, Path] = field(default_factory=dict)  # what was written: checkpoint, history, metrics, figures
     lr_test: object | None = None  # the LRFinderResult, when max_lr was "auto"
     requested: TrainConfig | None = None  # the config as asked for
+    started: str | None = None  # UTC, ISO 8601 (helpers.provenance.utc_now)
 
     @property
     def accuracy(self) -> float:
@@ -170,6 +173,17 @@ def adapt_to_data(config: TrainConfig, images: int) -> tuple[TrainConfig, list[s
         notes.append(f"warning: only {steps} training step(s) in all ({images:,} images, batch {config.batch_size}, "
                      f"{config.epochs} epoch(s)): too few to learn much; use a smaller batch size or more data")
     return config, [n for n in notes if n]
+
+
+def resolve_config(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """The settings a run of `config` trains with, and what the small-run rule changed: the recipe's values fitted
+    to its training set (`adapt_to_data`; the data is read to count it). max_lr 'auto' stays: the run's LR range test
+    picks it. What --print-config prints and a run folder keeps (its config file): `--config` makes the run again."""
+    try:
+        train_arrays, _ = load_run_data(config)
+    except data.DataError as err:
+        raise RunError(str(err)) from None
+    return adapt_to_data(config, len(train_arrays))
 
 
 def _smaller_batch(config: TrainConfig, images: int) -> tuple[TrainConfig, str | None]:
@@ -282,7 +296,8 @@ class RunFolder:
     def remove_stale_temporaries(self) -> list[Path]:
         """Temporary files of ours a killed write left behind (kill -9 mid-checkpoint): nobody else writes while
         we hold the folder, so every one is stale. Returns those removed."""
-        return remove_stale_temporaries(self.out, lambda name: name in (CHECKPOINT, ".lock.owner", *OUTPUTS)
+        return remove_stale_temporaries(self.out, lambda name: name in (CHECKPOINT, ".lock.owner", "config.yaml",
+                                                                        "config.json", *OUTPUTS)
                                         or name.endswith(".png"))
 
 
@@ -403,6 +418,7 @@ class _Run:
     def __init__(self, config: TrainConfig, device: torch.device, *, quiet: bool, figures: bool, on_epoch):
         self.requested, self.device, self.quiet, self.figures, self.on_epoch = config, device, quiet, figures, on_epoch
         self.notes: list[str] = []
+        self.started = utc_now()
 
     def say(self, note: str) -> None:
         """Print `note` (rank 0) and keep it in the result's notes."""
@@ -427,6 +443,8 @@ class _Run:
             config, changed = adapt_to_data(config, len(train_arrays))
             for note in changed:
                 self.say(note)
+            if out is not None and distributed.world().is_main:  # what --config replays: before the range test
+                atomic_write_text(out / config_file_name(), config_text(config))
         try:
             if config.sync_bn and distributed.world().distributed:
                 distributed.convert_sync_bn(nn.BatchNorm2d(1), self.device)  # the CPU's refusal, before anything runs
@@ -438,7 +456,8 @@ class _Run:
         if not self.quiet:
             print(_header(model, config, self.device, train_arrays, test_arrays, train_loader))
         result = RunResult(config, model, History(), None, train_arrays, test_arrays, self.device, out,
-                           "resumed" if ckpt is not None else "trained", self.notes, requested=self.requested)
+                           "resumed" if ckpt is not None else "trained", self.notes, requested=self.requested,
+                           started=self.started)
         if ckpt is not None and ckpt.finished:
             return self.complete_finished(result, ckpt, test_loader)
         return self.train(result, ckpt, init_from, train_loader, test_loader)
@@ -446,23 +465,36 @@ class _Run:
     def train(self, result: RunResult, ckpt: Checkpoint | None, init_from, train_loader, test_loader) -> RunResult:
         """The LR range test when max_lr is 'auto', `fit` (from `ckpt` when resuming), the outputs."""
         out, config = result.out, result.config
+        board = _open_board(config, out) if distributed.world().is_main else None
+
+        def each_epoch(record: dict) -> None:  # fit calls it on rank 0 as each epoch ends
+            for log in filter(None, (board and board.epoch, self.on_epoch)):
+                log(record)
+
         try:
-            if config.max_lr == "auto":
-                result.config = config = _find_max_lr(result, result.model, train_loader, self.quiet, self.say)
-            info = RunInfo(requested=self.requested, classes=tuple(result.train_arrays.classes),
-                           data={"train": fingerprint(result.train_arrays), "test": fingerprint(result.test_arrays)},
-                           init_from=str(init_from) if init_from and ckpt is None else ckpt and ckpt.init_from)
-            result.history = fit(result.model, train_loader, test_loader, config, device=self.device, resume=ckpt,
-                                 quiet=self.quiet, checkpoint=out / CHECKPOINT if out else None, run_info=info,
-                                 on_epoch=self.on_epoch)
+            with deterministic_algorithms(config.deterministic):
+                if config.max_lr == "auto":
+                    result.config = config = _find_max_lr(result, result.model, train_loader, self.quiet, self.say)
+                info = RunInfo(requested=self.requested, classes=tuple(result.train_arrays.classes),
+                               data={"train": fingerprint(result.train_arrays),
+                                     "test": fingerprint(result.test_arrays)},
+                               init_from=str(init_from) if init_from and ckpt is None else ckpt and ckpt.init_from)
+                result.history = fit(result.model, train_loader, test_loader, config, device=self.device,
+                                     resume=ckpt, quiet=self.quiet, checkpoint=out / CHECKPOINT if out else None,
+                                     run_info=info, on_epoch=each_epoch)
+            if out is not None:
+                result.paths["checkpoint"] = out / CHECKPOINT
+            result.evaluation = result.history.evaluation
+            _compare_average(result, self.say)
+            if out is not None and distributed.world().is_main:
+                write_outputs(result, figures=self.figures, init_from=info.init_from)
+            if board is not None:
+                board.figures([p for p in result.paths.values() if p.suffix == ".png"], step=len(result.history))
         except KeyboardInterrupt:
             raise RunInterrupted(interrupted_message(out)) from None
-        if out is not None:
-            result.paths["checkpoint"] = out / CHECKPOINT
-        result.evaluation = result.history.evaluation
-        _compare_average(result, self.say)
-        if out is not None and distributed.world().is_main:
-            write_outputs(result, figures=self.figures, init_from=info.init_from)
+        finally:
+            if board is not None:
+                board.close()
         return result
 
     def complete_finished(self, result: RunResult, ckpt: Checkpoint, test_loader) -> RunResult:
@@ -482,6 +514,18 @@ class _Run:
         if result.out is not None:
             result.paths["checkpoint"] = ckpt.path
         return result
+
+
+def _open_board(config: TrainConfig, out):
+    """A TensorBoard log in `out` when the config asks for one (helpers.board), else None."""
+    if not config.tensorboard or out is None:
+        return None
+    from helpers.board import BoardError, BoardLog  # deferred: TensorBoard, for runs that ask for it
+
+    try:
+        return BoardLog(out)
+    except BoardError as err:
+        raise RunError(str(err)) from None
 
 
 def _build_model(config: TrainConfig, init_from, say) -> nn.Module:
@@ -613,6 +657,8 @@ def run_metrics(result: RunResult, init_from=None) -> dict:
         "train_images": len(result.train_arrays), "test_images": len(result.test_arrays),
         "init_from": init_from, "notes": result.notes, "settings": config.to_dict(),
         "requested": result.requested.to_dict() if result.requested is not None else None,
+        # the code, libraries, machine, command and times that made these numbers
+        "provenance": provenance(device, started=result.started, finished=utc_now()),
     }
 
 

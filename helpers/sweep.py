@@ -37,7 +37,7 @@ from helpers.cli import Parser, add_setting, given_settings, sigterm_as_interrup
 from helpers.config import ConfigError, TrainConfig, evolve
 from helpers.data import find_cifar10
 from helpers.run import RunInterrupted, train_run
-from helpers.utils import RunError, atomic_write, atomic_write_text
+from helpers.utils import RunError, add_version_flag, atomic_write, atomic_write_text
 
 SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
 ENGINES = ("ray", "local")
@@ -190,7 +190,9 @@ def _quiet_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials keep the working directory (paths are absolute)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its engine prints an experiment box even at verbose 0
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers of its own
+    # Tune's automatic loggers off: its TensorBoard one warns without tensorboardX; _tuner adds the JSON and CSV ones
+    # (result.json, progress.csv: what Tune's ExperimentAnalysis(DIR/tune).dataframe() reads) itself
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home().joinpath(
         ".ray", "auth_token").is_file()
     if (address or os.environ.get("RAY_ADDRESS")) and token:  # a cluster from `ray start` (Ray 2.5x) checks a token,
@@ -332,11 +334,14 @@ def _tuner(trainable, points: list[dict], out: Path, storage: str, epochs: int, 
 
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=max(1, epochs // 4),
                                   reduction_factor=2)
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     # CLIReporter at verbose 0 says nothing; Tune's notebook reporter would clear the cell's output first
+    loggers = [JsonLoggerCallback(), CSVLoggerCallback()]  # silent; Tune's result API reads them
     return tune.Tuner(trainable, param_space={"point": tune.grid_search(points)}, tune_config=tune.TuneConfig(
         metric="test_acc", mode="max", scheduler=scheduler, reuse_actors=False),
         run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0, progress_reporter=tune.CLIReporter(),
-                                  callbacks=[_Progress(len(points))] if progress else []))
+                                  callbacks=loggers + ([_Progress(len(points))] if progress else [])))
 
 
 def _same_sweep(out: Path, base: TrainConfig, grid, seeds: int) -> None:
@@ -420,8 +425,9 @@ class _Progress:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m helpers.sweep", description="Sweep settings and seeds of a training run on Ray Tune, "
+    p = Parser(prog="cifar10 sweep", description="Sweep settings and seeds of a training run on Ray Tune, "
                "or one after another here (one trial per grid point and seed, each a normal run in DIR/trials/).")
+    add_version_flag(p)
     sweep = p.add_argument_group("the sweep")
     sweep.add_argument("--engine", choices=ENGINES, default="ray", help="ray: trials on Ray Tune (side by side as "
                        "the resources allow); local: one after another in this process, no Ray (default: ray)")

@@ -16,6 +16,13 @@ import torch
 from torch import nn
 
 
+def add_version_flag(parser) -> None:
+    """`--version` on an argparse parser: the package's version (every command has it)."""
+    from helpers import __version__  # deferred: the package's version, for --version
+
+    parser.add_argument("--version", action="version", version=f"cifar10-helpers {__version__}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA) for a repeatable run."""
     random.seed(seed)
@@ -72,6 +79,29 @@ def preserved_modes(model: nn.Module, *, grads: bool = False) -> Iterator[nn.Mod
                 param.grad = grad
 
 
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool = True) -> Iterator[None]:
+    """While the block runs (on=True): torch's deterministic algorithms only (an operation that has none raises,
+    naming itself), cuDNN's deterministic kernels and no autotuning, and cuBLAS's fixed workspace; everything is
+    put back afterwards. Bit-for-bit repeatable runs on one machine, at a cost in speed (README)."""
+    if not on:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for repeatable results
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
+
+
 # every batch-norm type torch has, by its public names (the lazy ones subclass these)
 BATCH_NORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.SyncBatchNorm)
 
@@ -95,6 +125,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, _mode_for(path))  # mkstemp's file is private (0600); the file we leave is not
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
@@ -103,6 +134,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
                              "any earlier version of it is kept") from err
         raise
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions a plain open() would give a new `path` (0666 less the umask), or those of the file it
+    replaces (a file the user made private stays so)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc (reading it is thread-safe, and checkpoints are written on a
+    thread); elsewhere os.umask, which can only be read by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # atomic_write's temporary files: .<name>.<8 random characters, tempfile's>.tmp beside <name>

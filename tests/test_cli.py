@@ -164,3 +164,30 @@ def test_checkpoint_write_failure_is_reported_with_the_path(tiny_data, tmp_path,
     assert train(tiny_data, out, "--epochs", "1", "--batch-size", "50", "--max-lr", "0.05") == 1
     err = error_of(capsys)
     assert str(out / "checkpoint.pt") in err and "No space left" in err
+
+
+# --- one command line: cifar10 COMMAND (= python -m helpers COMMAND)
+
+
+def test_every_command_is_reached_and_has_version(capsys):
+    import helpers
+
+    assert cli.command_line(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name}" in listed for name in cli.COMMANDS)
+    assert cli.command_line([]) == 2  # no command: the list, and a failing status
+    capsys.readouterr()
+    assert cli.command_line(["trian", "--epochs", "2"]) == 2
+    assert error_of(capsys).strip() == ("error: no command 'trian': choose one of train, predict, compare, demo, "
+                                        "sweep, export (see cifar10 --help)")
+    for argv in (["--version"], *([name, "--version"] for name in cli.COMMANDS)):
+        try:
+            code = cli.command_line(argv)
+        except SystemExit as stop:  # argparse's version action exits
+            code = stop.code
+        assert code in (0, None) and capsys.readouterr().out.strip() == f"cifar10-helpers {helpers.__version__}"
+
+
+def test_flags_alone_train_as_before_there_were_commands(tiny_data, tmp_path):
+    assert cli.command_line([*BASE, "--epochs", "1", "--data-dir", str(tiny_data), "--out", str(tmp_path / "r"),
+                             "--print-config"]) == 0

@@ -71,12 +71,3 @@ def test_a_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert demo.main([str(tmp_path)]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith("error: no checkpoint at") and len(err.splitlines()) == 1
-
-
-def test_the_demo_extra_pins_the_gradio_that_is_tested():
-    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
-    from .conftest import REPO
-
-    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
-    dev = [line.strip() for line in (REPO / "requirements-dev.txt").read_text().splitlines()]
-    assert [pin for pin in extra if pin.startswith("gradio==")] == [p for p in dev if p.startswith("gradio==")]

@@ -341,7 +341,8 @@ def test_sigterm_stops_a_command_line_run_with_a_hint(tiny_data, tmp_path):
 
 
 def test_python_m_helpers_runs_the_command_line():
-    done = subprocess.run([sys.executable, "-m", "helpers", "--help"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "helpers", "train", "--help"], cwd=REPO, capture_output=True,
+                          text=True)
     assert done.returncode == 0 and "--init-from" in done.stdout
     bad = subprocess.run([sys.executable, "-m", "helpers.train", "--epochs", "x"], cwd=REPO, capture_output=True,
                          text=True)

@@ -142,6 +142,11 @@ def test_a_two_trial_sweep_on_ray_and_its_restore(tiny_data, tmp_path):
         ("0.02", "0", "trained", "2"), ("0.05", "0", "trained", "2")]
     assert all(0 <= float(r["test_acc"]) <= 100 for r in rows)
     assert (out / "sweep.png").is_file()
+    from ray.tune import ExperimentAnalysis  # Tune's own result API reads the sweep folder
+
+    frame = ExperimentAnalysis(str(out / "tune")).dataframe()
+    assert sorted(frame["config/point/max_lr"]) == [0.02, 0.05] and set(frame["epoch"]) == {2}
+    assert sorted(frame["test_acc"]) == sorted(float(r["test_acc"]) for r in rows)
     checkpoints = {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/checkpoint.pt")}
     assert len(checkpoints) == 2
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
