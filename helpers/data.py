@@ -15,6 +15,8 @@ Both read the recipes from one table, `AUGMENTATIONS`, and share one small proto
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import random
@@ -29,7 +31,10 @@ from typing import Protocol
 import numpy as np
 import torch
 from filelock import FileLock  # a dependency of torch
+from PIL import Image, ImageOps, UnidentifiedImageError  # a dependency of torchvision and matplotlib
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from helpers.utils import atomic_write
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates on import
 
@@ -280,8 +285,6 @@ BACKGROUND = (255, 255, 255)  # what transparent pixels become
 
 def to_rgb(img):
     """A PIL image as RGB: gray repeated, 16-bit gray scaled to 8 bits, transparency composited on BACKGROUND."""
-    from PIL import Image
-
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit gray: PNG 16-bit reads as I or I;16
         a = np.asarray(img, dtype=np.float64)
         top = 65535.0 if a.max() > 255 else 255.0
@@ -303,16 +306,12 @@ def square_input(rgb) -> np.ndarray:
     """An RGB PIL image -> uint8 (32, 32, 3): its centre square resized with Lanczos (which spans the whole
     footprint when it shrinks, so a large photo does not alias). Square, because CIFAR photos are square with
     the object in the middle, and squashing a 4:3 photo would distort every shape."""
-    from PIL import Image
-
     return np.asarray(rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS, box=centre_square(*rgb.size)))
 
 
 def read_image_file(path: Path) -> np.ndarray:
     """One image file of a folder data set -> uint8 (32, 32, 3); a DataError naming the file when it is not an
     image, too large to decode safely, or damaged."""
-    from PIL import Image, ImageOps, UnidentifiedImageError
-
     try:
         with Image.open(path) as img:
             width, height = img.size
@@ -382,9 +381,6 @@ def _folder_layout(root: Path) -> dict[str, list[tuple[str, list[Path]]]]:
 
 
 def _folder_key(root: Path, layout) -> str:
-    import hashlib
-    import json
-
     entries = [FOLDER_CACHE_VERSION, SIZE]
     for split, classes in layout.items():
         for name, files in classes:
@@ -411,10 +407,6 @@ def _decode_folder(layout) -> dict[str, np.ndarray]:
 def folder_arrays(root: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
     """Every image of an ImageFolder-layout folder as arrays (images uint8 (N, 32, 32, 3), labels, split,
     classes, layout), from the cache in data_dir/folder-cache when the folder is unchanged."""
-    from filelock import FileLock
-
-    from helpers.utils import atomic_write
-
     root = Path(root).expanduser().resolve()
     layout = _folder_layout(root)
     cache_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser() / "folder-cache"
