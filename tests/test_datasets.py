@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from helpers import cli, data
-from helpers.checkpoints import load_checkpoint
+from helpers.checkpoints import read_checkpoint
 from helpers.config import ConfigError, TrainConfig
 from helpers.run import RunError, train_run
 
@@ -227,8 +227,8 @@ def test_a_run_with_a_validation_split_selects_on_it_and_tests_once(tiny_data, t
     metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
     assert metrics["selected_on"] == "validation split" and metrics["val_acc"] == result.history.val_acc[-1]
     assert metrics["test_acc"] == result.accuracy and metrics["val_images"] == 20
-    state = load_checkpoint(tmp_path / "run")
-    assert state["val_indices"] == data.validation_indices(
+    ckpt = read_checkpoint(tmp_path / "run")
+    assert list(ckpt.val_indices) == data.validation_indices(
         data.load_cifar10(tiny_data, download=False), 20, seed=0).tolist()
 
 
@@ -239,14 +239,14 @@ def test_resume_keeps_the_validation_split_of_the_checkpoint(tiny_data, tmp_path
 
     config = TrainConfig(**{**TINY, "epochs": 2, "data_dir": str(tiny_data), "val_split": 20})
     interrupted_run(config, tmp_path / "run", monkeypatch)
-    saved = load_checkpoint(tmp_path / "run")["val_indices"]
+    saved = read_checkpoint(tmp_path / "run").val_indices
 
     def moved(train, n, *, seed=0):  # a later version choosing differently must not move a run's split
         return np.arange(n)
 
     monkeypatch.setattr(data_module, "validation_indices", moved)
     resumed = train_run(config, tmp_path / "run", device="cpu", resume=True, quiet=True, figures=False)
-    assert resumed.status == "resumed" and load_checkpoint(tmp_path / "run")["val_indices"] == saved
+    assert resumed.status == "resumed" and read_checkpoint(tmp_path / "run").val_indices == saved
     monkeypatch.undo()
     uninterrupted = train_run(config, tmp_path / "whole", device="cpu", quiet=True, figures=False)
     assert resumed.history.val_loss == uninterrupted.history.val_loss  # resume is exact, on the same split
@@ -266,10 +266,9 @@ def test_a_one_epoch_run_on_each_data_set_from_the_command_line_and_python(kind,
     err = capsys.readouterr().err
     assert err.count("recipe was tuned on CIFAR-10") == 1 and "--max-lr auto" in err
     classes = 100 if kind == "cifar100" else 3
-    state = load_checkpoint(tmp_path / "cli")
-    assert len(state["classes"]) == classes and state["model_state"]["head.1.weight"].shape[0] == classes
-    mean = state["normalization"]["mean"]
-    assert tuple(mean) != data.CIFAR10_MEAN
+    ckpt = read_checkpoint(tmp_path / "cli")
+    assert len(ckpt.classes) == classes and ckpt.weights["head.1.weight"].shape[0] == classes
+    assert ckpt.mean != data.CIFAR10_MEAN
     assert (tmp_path / "cli" / "confusion_matrix.png").is_file() and (tmp_path / "cli" / "gradcam.png").is_file()
     result = train_run(TrainConfig(**{**TINY, "dataset": dataset, "data_dir": str(data_dir)}), tmp_path / "py",
                        device="cpu", quiet=True, figures=False)
@@ -287,7 +286,7 @@ def test_a_sweep_on_cifar100_runs(cifar100, tmp_path):
     rows = run_sweep(base, {"max_lr": [0.05]}, tmp_path / "sweep", engine="local", progress=False, device="cpu",
                      figures=False)
     assert rows[0]["status"] == "trained" and rows[0]["val_acc"] is None and 0 <= rows[0]["test_acc"] <= 100
-    assert len(load_checkpoint(rows[0]["trial_dir"])["classes"]) == 100
+    assert len(read_checkpoint(rows[0]["trial_dir"]).classes) == 100
 
 
 def test_a_sweep_over_a_folder_selects_on_the_validation_split(images, tmp_path):
