@@ -96,8 +96,9 @@ class RunInfo:
     classes: tuple[str, ...] = CIFAR10_CLASSES
     mean: tuple[float, ...] = CIFAR10_MEAN
     std: tuple[float, ...] = CIFAR10_STD
-    data: dict | None = None  # {"train": fingerprint, "test": fingerprint}
+    data: dict | None = None  # {"train": fingerprint, "test": fingerprint} (and "val" with a validation split)
     init_from: str | None = None
+    val_indices: tuple[int, ...] | None = None  # the validation split's images, indices into the training set
 
 
 def capture(step, generator: torch.Generator, config: TrainConfig, records: list[dict], *, warmup_seconds: float,
@@ -125,6 +126,7 @@ def capture(step, generator: torch.Generator, config: TrainConfig, records: list
         "normalization": {"mean": list(info.mean), "std": list(info.std)},
         "data": info.data,
         "init_from": info.init_from,
+        "val_indices": list(info.val_indices) if info.val_indices is not None else None,
     }
 
 
@@ -153,6 +155,8 @@ class Checkpoint:
     warmup_seconds: float
     mode: str  # the execution mode it ran in
     _state: dict = field(repr=False)  # the whole file, for `restore`
+    # the validation split it held out of its training images (TrainConfig.val_split), kept so a resume keeps it
+    val_indices: tuple[int, ...] | None = field(default=None, repr=False)
 
     @property
     def finished(self) -> bool:
@@ -235,6 +239,7 @@ def _checked(path: Path, state) -> Checkpoint:
         weights=state.get("eval_state") or state["model_state"], world_size=state.get("world_size", 1),
         data=state.get("data"), init_from=state.get("init_from"), warmup_seconds=state.get("warmup_seconds", 0.0),
         mode=state.get("mode", "eager"), _state=state,
+        val_indices=tuple(state["val_indices"]) if state.get("val_indices") is not None else None,
     )
 
 

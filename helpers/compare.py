@@ -74,7 +74,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_runs(rows: list[dict], histories: list, *, save=None):
-    """Test accuracy (%) and test loss per epoch of each run, on two panels that share the epoch axis."""
+    """Test accuracy (%) and test loss per epoch of each run, on two panels that share the epoch axis (a run with
+    a validation split: its validation curves, dashed)."""
     import matplotlib.pyplot as plt  # deferred, with helpers.plots: matplotlib, for --out alone
     from matplotlib.ticker import MaxNLocator
 
@@ -83,8 +84,11 @@ def plot_runs(rows: list[dict], histories: list, *, save=None):
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True)
     for row, hist in zip(rows, histories):
         label = f"{row['run']} ({row['model']}, {row['recipe']})"
-        ax_acc.plot(hist.epoch, hist.test_acc, "o-", ms=3, label=label)
-        ax_loss.plot(hist.epoch, hist.test_loss, "o-", ms=3, label=label)
+        # a run with a validation split was evaluated on it every epoch (its test set once, in the table)
+        split = hist.eval_split
+        style, label = ("o-", label) if split == "test" else ("s--", f"{label} (validation split)")
+        ax_acc.plot(hist.epoch, getattr(hist, f"{split}_acc"), style, ms=3, label=label)
+        ax_loss.plot(hist.epoch, getattr(hist, f"{split}_loss"), style, ms=3, label=label)
     ax_acc.set(title="Test accuracy", ylabel="%")
     ax_loss.set(title="Test loss", ylabel="cross-entropy")
     for ax in (ax_acc, ax_loss):

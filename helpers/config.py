@@ -89,7 +89,8 @@ class ConfigError(ValueError):
 
 def setting(default, help: str, kind: str, *, allowed: str = "", ok=None, choices=None, recipe: bool = False,
             nullable: bool = False, const=None, resume_free: bool = False):
-    """A TrainConfig field with its schema. kind: int | float | bool | str | path | peak (a float or 'auto').
+    """A TrainConfig field with its schema. kind: int | float | bool | str | path | peak (a float or 'auto') | dataset
+    (cifar10, cifar100 or folder:PATH).
     ok(value) -> bool checks the range and `allowed` says it in words; choices: the allowed strings; recipe: None
     means the recipe's value; nullable: None is a value of its own (after the recipe's are filled in); const: the
     flag's value when given bare; resume_free: a resumed run may change it (where the data is, how the step
@@ -140,7 +141,8 @@ class TrainConfig:
     label_smoothing: float | None = _recipe("share of each target spread over all classes", "float", ok=_fraction,
                                             allowed="in [0, 1)")
     l1: float | None = _recipe("L1 penalty factor on all parameters", "float", ok=lambda v: v >= 0, allowed=">= 0")
-    scheduler: str | None = _recipe("onecycle (per batch), plateau (per epoch, on test loss) or none", "str",
+    scheduler: str | None = _recipe("onecycle (per batch), plateau (per epoch, on the validation loss with "
+                                    "--val-split, else the test loss) or none", "str",
                                     choices=SCHEDULERS)
     augment: str | None = _recipe("training augmentation (helpers.data.AUGMENTATIONS)", "str",
                                   choices=tuple(AUGMENTATIONS))
@@ -169,13 +171,22 @@ class TrainConfig:
                                 "OUT/tensorboard (needs the tensorboard package)", "bool", resume_free=True)
     seed: int = setting(0, "seed of weights, data order, augmentation and subsets", "int",
                         ok=lambda v: 0 <= v <= SEED_MAX, allowed=f"between 0 and {SEED_MAX}")
-    data_dir: str = setting(default_data_dir, "folder holding cifar-10-batches-py, or that folder itself; "
-                            "downloaded if missing (default: $CIFAR_DIR, else the clone's data/)", "path",
+    dataset: str = setting("cifar10", "cifar10, cifar100 (downloaded into --data-dir like CIFAR-10), or folder:PATH: "
+                           "your images in class folders (PATH/<class>/*.jpg, or PATH/train/<class> and "
+                           "PATH/test/<class>), resized to 32x32 once and cached in --data-dir; the recipes are "
+                           "CIFAR-10's", "dataset", allowed="cifar10, cifar100 or folder:PATH")
+    data_dir: str = setting(default_data_dir, "folder holding cifar-10-batches-py (cifar-100-python), or that folder "
+                            "itself; downloaded if missing (default: $CIFAR_DIR, else the clone's data/)", "path",
                             resume_free=True)
     subset_train: int | None = setting(None, "class-balanced training subset size", "int", nullable=True,
                                        ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
     subset_test: int | None = setting(None, "class-balanced test subset size", "int", nullable=True,
                                       ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
+    val_split: int | None = setting(None, "hold out this many training images (class-balanced, seeded, kept by "
+                                    "--resume) for validation: the per-epoch table, the plateau scheduler and "
+                                    "sweeps select on it and the test set is evaluated once, at the end (default: "
+                                    "none, every epoch is tested on the test set)", "int", nullable=True,
+                                    ok=_positive, allowed="> 0 (and at least one image per class)")
     workers: int | None = setting(None, "DataLoader workers (default: CPU cores - 1, at most 8)", "int",
                                   nullable=True, ok=lambda v: v >= 0, allowed=">= 0", resume_free=True)
     loader: str = setting("auto", "gpu: the whole set on the device, batched augmentation (auto: gpu with CUDA)",
@@ -304,6 +315,12 @@ def _checked(f, value):
     if kind == "path":
         return str(Path(os.fspath(value)).expanduser()) if isinstance(value, (str, os.PathLike)) and str(value) \
             else fail("a folder path")
+    if kind == "dataset":  # a folder is kept as an absolute path: a run resumed or a trial run elsewhere finds it
+        if value in ("cifar10", "cifar100"):
+            return value
+        if not isinstance(value, str) or not value.startswith("folder:") or not value[len("folder:"):]:
+            fail(allowed)
+        return "folder:" + str(Path(value[len("folder:"):]).expanduser().absolute())
     if kind == "str" or (kind == "peak" and isinstance(value, str)):
         choices = meta["choices"] or (("auto",) if kind == "peak" else None)
         if not isinstance(value, str) or (choices and value not in choices):

@@ -239,7 +239,8 @@ class TrainStep:
             self.model.load_state_dict(self.ema.module.state_dict())
 
     def end_epoch(self, test_loss: float) -> None:
-        """Per-epoch scheduling: ReduceLROnPlateau steps on the test loss."""
+        """Per-epoch scheduling: ReduceLROnPlateau steps on the loss fit evaluates each epoch (the validation
+        split's when the run has one, else the test set's)."""
         if self.config.scheduler == "plateau":
             self.scheduler.step(test_loss)
 

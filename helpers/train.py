@@ -56,14 +56,20 @@ EXTRA_COLUMNS = (
     "train_seconds",  # the training steps alone (seconds adds the test pass)
     "test_acc_tta",  # with test-time augmentation (config.tta; the last epoch)
     "test_acc_trained",  # the trained weights' accuracy when a weight average is evaluated (the last epoch)
+    # a run with a validation split (TrainConfig.val_split) evaluates every epoch on it: val_loss and val_acc in
+    # place of test_loss and test_acc (and val_acc_trained in place of test_acc_trained)
+    "val_loss", "val_acc", "val_acc_trained",
 )
+# what a run with a validation split does not record per epoch: its test set is evaluated once, after the last
+OPTIONAL_COLUMNS = ("test_loss", "test_acc")
 
 
 @dataclass
 class History:
     """Per-epoch records (epoch, lr at the epoch's start, lr_end at its last step, train/test loss, train/test
     accuracy in %, seconds of training and evaluation, train_seconds of training alone), plus the run's one-time
-    warm-up and execution mode."""
+    warm-up and execution mode. A run with a validation split has val_loss and val_acc in place of test_loss and
+    test_acc (`eval_split`): its test set is evaluated once, after the last epoch, outside the history."""
 
     records: list[dict] = field(default_factory=list)
     warmup_seconds: float = 0.0  # capture/compile/autotuning before epoch 1 (of the last process, when resumed)
@@ -79,11 +85,19 @@ class History:
             return [r.get(name) for r in self.records]
         raise AttributeError(name)
 
+    @property
+    def eval_split(self) -> str:
+        """'val' when every epoch was evaluated on a validation split, else 'test'."""
+        return "val" if self.records and "val_acc" in self.records[0] else "test"
+
     def append(self, **record) -> None:
         unknown = set(record) - set(EPOCH_COLUMNS) - set(EXTRA_COLUMNS)
         if unknown:
             raise ValueError(f"History records have no column {', '.join(sorted(unknown))}: add it to EXTRA_COLUMNS")
-        self.records.append({k: record[k] for k in EPOCH_COLUMNS} | record)
+        missing = set(EPOCH_COLUMNS) - set(record) - set(OPTIONAL_COLUMNS)
+        if missing or not {"test_acc", "val_acc"} & set(record):
+            raise ValueError(f"a History record lacks {', '.join(sorted(missing)) or 'test_acc or val_acc'}")
+        self.records.append({k: record[k] for k in EPOCH_COLUMNS if k in record} | record)
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> History:
@@ -220,7 +234,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str |
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
         device: str | torch.device | None = "auto", checkpoint: str | os.PathLike | None = None,
         resume: str | os.PathLike | Checkpoint | None = None, quiet: bool = False, run_info: RunInfo | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> History:
+        on_epoch: Callable[[dict], None] | None = None, eval_split: str = "test") -> History:
     """Train `model` per `config`; returns the History (one record per epoch; `history.evaluation` is the last
     epoch's evaluation). With weight averaging the model ends as evaluated: the average; the last epoch's record
     also holds the trained weights' accuracy (`test_acc_trained`). config.tta's accuracy (`test_acc_tta`) is the
@@ -232,6 +246,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
     or a Checkpoint already read) to continue from; the run then continues exactly where it stopped (same History
     on the CPU as an uninterrupted run).
     on_epoch(record): called after each epoch's record (a sweep reports it to Ray Tune), on rank 0.
+    eval_split: what `test_loader` holds, 'test' or 'val' (a validation split: the records' columns are then
+    val_loss and val_acc, the plateau scheduler steps on the validation loss, and no TTA is scored: helpers.run
+    tests the final model once on the test set).
 
     Under torchrun (helpers.distributed) every process runs this on its shard of the loader: the records hold the
     global batch's numbers, rank 0 alone prints and writes the checkpoint (with every process's RNG state).
@@ -251,7 +268,7 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
         history.records = restore(step, generator, ckpt)
     if not quiet:
         print(f"mode: {step.mode_reason} | one-time warm-up {warmup:.1f} s (before epoch 1, not in the epoch times)")
-        print_table_header()
+        print_table_header(eval_split)
         for record in history.records:
             print_table_row(record)
     writer = CheckpointWriter()
@@ -263,15 +280,18 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
             step.sync_buffers()
             record["train_seconds"] = clock(device) - t0  # the training steps alone (seconds adds the test pass)
             last = epoch == config.epochs  # TTA scores the final model only: every epoch, it cost as much as training
+            tta = config.tta if last and eval_split == "test" else "none"
             result = evaluate(step.evaluated_model, test_loader, device=device, amp=config.amp,
-                              channels_last=config.channels_last, tta=config.tta if last else "none")
+                              channels_last=config.channels_last, tta=tta)
             step.end_epoch(result.loss)
-            record.update(test_loss=result.loss, test_acc=result.accuracy, seconds=clock(device) - t0)
+            record.update({f"{eval_split}_loss": result.loss, f"{eval_split}_acc": result.accuracy,
+                           "seconds": clock(device) - t0})
             if result.tta_accuracy is not None:
                 record["test_acc_tta"] = result.tta_accuracy
             if step.averaging and last:  # what averaging gained (or lost) over training
-                record["test_acc_trained"] = evaluate(step.trained_forward, test_loader, device=device, amp=config.amp,
-                                                      channels_last=config.channels_last).accuracy
+                record[f"{eval_split}_acc_trained"] = evaluate(step.trained_forward, test_loader, device=device,
+                                                               amp=config.amp,
+                                                               channels_last=config.channels_last).accuracy
             history.append(**record)
             history.evaluation = result
             if not quiet:
@@ -349,19 +369,22 @@ def print_table_rule() -> None:
     print("-" * (sum(_WIDTHS) + 3 * len(_WIDTHS) + 1), flush=True)
 
 
-def print_table_header() -> None:
+def print_table_header(eval_split: str = "test") -> None:
     print_table_rule()
-    names = ("Epoch", "LR start -> end", "Time", "TrainLoss", "TrainAcc", "TestLoss", "TestAcc")
+    evaluated = ("TestLoss", "TestAcc") if eval_split == "test" else ("ValLoss", "ValAcc")
+    names = ("Epoch", "LR start -> end", "Time", "TrainLoss", "TrainAcc", *evaluated)
     print("| " + " | ".join(f"{n:>{w}}" for n, w in zip(names, _WIDTHS)) + " |")
     print_table_rule()
 
 
 def print_table_row(r: dict) -> None:
     """| Epoch | LR start -> end | Time | TrainLoss | TrainAcc | TestLoss | TestAcc |: the LR at the epoch's first
-    and last step (one-cycle's peak ends the last rising epoch); Time in seconds, one format."""
+    and last step (one-cycle's peak ends the last rising epoch); Time in seconds, one format. A record of a run
+    with a validation split shows its val_loss and val_acc in the last two columns (ValLoss, ValAcc)."""
+    split = "val" if "val_acc" in r else "test"
     cells = (
         f"{r['epoch']}", f"{r['lr']:.3g} -> {r.get('lr_end', r['lr']):.3g}", f"{r['seconds']:.1f}s",
-        f"{r['train_loss']:.4f}", f"{r['train_acc']:.2f}%", f"{r['test_loss']:.4f}", f"{r['test_acc']:.2f}%",
+        f"{r['train_loss']:.4f}", f"{r['train_acc']:.2f}%", f"{r[split + '_loss']:.4f}", f"{r[split + '_acc']:.2f}%",
     )
     print("| " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS)) + " |", flush=True)
 

@@ -102,8 +102,8 @@ def test_an_interrupted_local_sweep_says_what_it_kept(monkeypatch, tmp_path):
     def trial(base, point, trials, **kwargs):
         if point["max_lr"] == 0.2:
             raise RunInterrupted("interrupted: ...")
-        return SimpleNamespace(accuracy=50.0, tta_accuracy=None, history=History([{"train_seconds": 1.0}]),
-                               status="trained", out=None)
+        return SimpleNamespace(accuracy=50.0, tta_accuracy=None, val_accuracy=None,
+                               history=History([{"train_seconds": 1.0}]), status="trained", out=None)
 
     monkeypatch.setattr(sweep, "trial", trial)
     with pytest.raises(RunInterrupted, match=r"at trial 2 of 2: the trials before it are kept in .*trials; run the "
