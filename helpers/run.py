@@ -317,8 +317,10 @@ class RunFolder:
 
     def release(self) -> None:
         self._let_go(self.out)
-        if self.created and {p.name for p in self.out.iterdir()} <= {".lock"}:
-            (self.out / ".lock").unlink(missing_ok=True)
+        unused = {".lock", "config.yaml", "config.json"}  # the lock, and the settings of a run that never trained
+        if self.created and {p.name for p in self.out.iterdir()} <= unused:
+            for name in unused:
+                (self.out / name).unlink(missing_ok=True)
             self.out.rmdir()  # nothing was written: leave no empty folder behind
 
     def holds_run(self) -> bool:

@@ -16,7 +16,7 @@ import torch
 
 from helpers import cli
 from helpers.checkpoints import CheckpointError, read_checkpoint
-from helpers.config import RECIPES, ConfigError, TrainConfig, evolve
+from helpers.config import RECIPES, ConfigError, TrainConfig, config_file_name, evolve
 from helpers.run import RunError, adapt_to_data, hold_run_folder, train_run
 
 from .conftest import REPO, write_cifar_folder
@@ -175,7 +175,7 @@ def test_overwrite_moves_the_old_run_aside_before_the_new_one_writes(tiny_data, 
     kept = tmp_path / "run-1"
     assert {p.name: p.read_bytes() for p in kept.iterdir() if not p.name.startswith(".")} == old  # all of it
     assert not (kept / ".lock.owner").exists()  # no claim of a live owner travels with it
-    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"checkpoint.pt"}  # the new run alone
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"checkpoint.pt", config_file_name()}
     assert read_checkpoint(out).describe() == "an unfinished run (1/3 epochs)"
 
 
