@@ -3,7 +3,7 @@
 # a Python 3.12 venv that holds only what the device image is taken to have (torch 2.11.0, torchvision 0.26.0,
 # numpy, matplotlib, seaborn, pandas, tqdm, pillow, opencv-python-headless, scipy, pyyaml, packaging, filelock: of its
 # package list), the carried wheels installed as the device installs them (pip --no-index --no-deps --target).
-#   bash benchmarks/device_rehearsal.sh            (from the project's root, with .device/ filled: BENCHMARKS.md)
+#   bash benchmarks/device_rehearsal.sh [flags for benchmarks.gpu_check, e.g. --items resnet9,nb04]
 # Environment: PY312 (a Python 3.12 to make the venv with; default: pyenv's 3.12, else python3.12), VENV
 # (/tmp/venv312; made if missing, from PyPI), OUT (/tmp/rehearsal-out), WORK (/tmp/rehearsal-work).
 # It prints what travels (the tree plus .device: must stay under 64 MiB) and the check's SUMMARY.md; its exit
@@ -26,4 +26,4 @@ echo "travels: tree $(( tree / 1048576 )) MiB + .device $(( carry / 1048576 )) M
 export OUT=${OUT:-/tmp/rehearsal-out} WORK=${WORK:-/tmp/rehearsal-work} SITE=${SITE:-/tmp/rehearsal-site}
 export DATA=${DATA:-/tmp/rehearsal-cifar} BUDGET=${BUDGET:-3000} PATH="$venv/bin:$PATH"
 rm -rf "$OUT" "$SITE"
-bash benchmarks/device_check.sh --quick --device cpu
+bash benchmarks/device_check.sh --quick --device cpu "$@"
