@@ -44,15 +44,51 @@ def save_checkpoint(path: str | os.PathLike, state: dict) -> None:
     atomic_write(path, lambda tmp: torch.save(state, tmp))
 
 
-def _snapshot(value):
-    """A host copy of a state tree: training goes on changing the live tensors while a checkpoint is written."""
+def _map_tensors(fn, value):
+    """`value`, a tree of dicts, lists and tuples, with fn(t) in place of each tensor t (in tree order)."""
     if isinstance(value, torch.Tensor):
-        return value.detach().to("cpu", copy=True)
+        return fn(value)
     if isinstance(value, dict):
-        return {k: _snapshot(v) for k, v in value.items()}
+        return {k: _map_tensors(fn, v) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_snapshot(v) for v in value)
+        return type(value)(_map_tensors(fn, v) for v in value)
     return value  # numbers, strings, None: immutable
+
+
+def _snapshot(value) -> tuple[object, torch.cuda.Event | None]:
+    """A host copy of a state tree (training goes on changing the live tensors while a checkpoint is written),
+    without a host sync: device tensors of one device and dtype are packed into one buffer (torch.cat) and copied
+    at once, non-blocking, into pinned memory (one launch per dtype, where a copy per tensor blocked 80-188 times).
+    Returns (tree, event): the host tensors, views of those buffers, hold their values once `event` (None when
+    nothing came from a GPU) has completed; the writer thread waits on it, the training thread never does."""
+    tensors: list[torch.Tensor] = []
+    _map_tensors(lambda t: tensors.append(t.detach()), value)
+    copies, event = _host_copies(tensors)
+    found = iter(copies)
+    return _map_tensors(lambda t: next(found), value), event
+
+
+def _host_copies(tensors: list[torch.Tensor]) -> tuple[list[torch.Tensor], torch.cuda.Event | None]:
+    """Host copies of `tensors`, in order, as views of one host buffer per (device, dtype): pinned and filled by
+    a non-blocking copy for CUDA tensors (the event marks the copies' end on the current stream), the packed
+    copy itself for CPU tensors."""
+    groups: dict[tuple, list[int]] = {}
+    for i, t in enumerate(tensors):
+        groups.setdefault((t.device, t.dtype), []).append(i)
+    copies: list[torch.Tensor | None] = [None] * len(tensors)
+    event = None
+    for (device, dtype), indices in groups.items():
+        flat = torch.cat([tensors[i].reshape(-1) for i in indices])  # one buffer (a copy) on their device
+        host = flat
+        if device.type != "cpu":
+            host = torch.empty(flat.shape, dtype=dtype, pin_memory=device.type == "cuda")
+            host.copy_(flat, non_blocking=True)
+        for i, part in zip(indices, host.split([tensors[i].numel() for i in indices])):
+            copies[i] = part.view(tensors[i].shape)
+    if any(device.type == "cuda" for device, _ in groups):
+        event = torch.cuda.Event()
+        event.record()  # after every copy above, on the current stream
+    return copies, event
 
 
 class CheckpointWriter:
@@ -66,11 +102,15 @@ class CheckpointWriter:
 
     def save(self, path: str | os.PathLike, state: dict) -> None:
         self.wait()
-        state = _snapshot(state)
+        state, copied = _snapshot(state)
 
         def write() -> None:
             try:
-                save_checkpoint(path, state)
+                if copied is not None:
+                    copied.synchronize()  # the host copies have landed (this thread waits, training does not)
+                # each tensor in a storage of its own, as state_dict gives them (torch.set_rng_state refuses a
+                # view): a host copy, off the training thread
+                save_checkpoint(path, _map_tensors(torch.clone, state))
             except BaseException as err:  # noqa: BLE001 - handed to the training thread by wait()
                 self._error = err
 

@@ -818,14 +818,14 @@ def affine_theta(rotate: torch.Tensor, scale: torch.Tensor, translate: torch.Ten
     return torch.cat([m, b], -1).float()
 
 
-def draw_augmentation(n: int, recipe: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def draw_augmentation(n: int, recipe: str, generator: torch.Generator) -> dict[str, torch.Tensor | int]:
     """Random parameters for `n` images of an `AUGMENTATIONS` recipe (CPU tensors).
 
     Every recipe: shift (n, 2) in -pad..pad, flip (n,), hole (n, 2) top-left, hole_on (n,), size (the hole side,
-    a scalar). With an affine: affine (n,) on or off, rotate (n,) degrees, scale (n, 2) and translate (n, 2) px as
-    (x, y), and theta (n, 2, 3) for `warp_affine` (the identity where off). With gray: gray (n,). Every draw comes
-    from `generator`, in a fixed order (affine and gray draws only for recipes that have them), so its state fixes
-    the whole epoch.
+    a Python int: the recipe's, and a shape, so never a tensor the loop would have to read back). With an
+    affine: affine (n,) on or off, rotate (n,) degrees, scale (n, 2) and translate (n, 2) px as (x, y), and theta
+    (n, 2, 3) for `warp_affine` (the identity where off). With gray: gray (n,). Every draw comes from `generator`,
+    in a fixed order (affine and gray draws only for recipes that have them), so its state fixes the whole epoch.
     """
     spec = AUGMENTATIONS[recipe]
     pad, (size, p) = spec.get("pad", 0), spec.get("hole", (0, 0.0))
@@ -834,7 +834,7 @@ def draw_augmentation(n: int, recipe: str, generator: torch.Generator) -> dict[s
         "flip": torch.rand(n, generator=generator) < spec.get("flip", 0.0),
         "hole": torch.randint(0, 32 - size + 1, (n, 2), generator=generator),
         "hole_on": torch.rand(n, generator=generator) < p,
-        "size": torch.tensor(size),
+        "size": size,
     }
     if spec.get("affine"):
         a = spec["affine"]
@@ -872,7 +872,7 @@ def to_gray(images: torch.Tensor) -> torch.Tensor:
     return y.to(torch.uint8)[..., None].expand_as(images)
 
 
-def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor], fill: torch.Tensor) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor | int], fill: torch.Tensor) -> torch.Tensor:
     """Crop (reflect-padded shift), flip, affine, gray and cutout uint8 images (B, 32, 32, 3) -> uint8 (B, 32, 32, 3),
     in `AUGMENTATIONS` order; the affine and gray steps only where `params` has them (`draw_augmentation`).
 
@@ -891,7 +891,7 @@ def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor], fill: t
         out = warp_affine(out, params["theta"], params["affine"])
     if "gray" in params:
         out = torch.where(params["gray"][:, None, None, None], to_gray(out), out)
-    size = int(params["size"])
+    size = params["size"]
     if size:
         y0, x0 = params["hole"][:, 0, None], params["hole"][:, 1, None]  # (B, 1)
         in_rows = (ar >= y0) & (ar < y0 + size)  # (B, H)
@@ -946,8 +946,8 @@ class GpuLoader:
         n = len(self.labels)
         if self.train:  # one small CPU draw and one copy per epoch: no host sync inside the loop
             order = torch.randperm(n, generator=self.generator).to(self.device, non_blocking=True)
-            # the hole size stays a CPU scalar: reading a device tensor with int() would sync every batch
-            params = {k: v.to(self.device, non_blocking=True) if v.ndim else v for k, v in
+            # the hole size is a Python int: reading a device tensor with int() would sync every batch
+            params = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in
                       draw_augmentation(n, self.recipe, self.generator).items()}
         for step in range(len(self)):
             window = slice(step * self.batch_size, (step + 1) * self.batch_size)
@@ -958,7 +958,7 @@ class GpuLoader:
                 start = step * self.batch_size * self.world_size + self.rank * self.batch_size
                 window = slice(start, start + self.batch_size)
             index = order[window]
-            batch = {k: (v if v.ndim == 0 else v[window]) for k, v in params.items()}
+            batch = {k: v[window] if isinstance(v, torch.Tensor) else v for k, v in params.items()}
             yield self.normalize(augment_batch(self.images[index], batch, self.fill)), self.labels[index]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

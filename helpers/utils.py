@@ -56,6 +56,21 @@ def amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The tensors as numpy arrays (same shapes and dtypes) through one device-to-host copy: one host sync where a
+    read per tensor costs one each. Packed as float64, exact for float32 values and integers below 2**53."""
+    if not tensors:
+        return {}
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors.values()]).cpu().numpy()
+    parts = np.split(flat, np.cumsum([t.numel() for t in tensors.values()])[:-1])
+    return {name: part.reshape(tuple(t.shape)).astype(_NUMPY_DTYPES.get(t.dtype, np.float64))
+            for (name, t), part in zip(tensors.items(), parts)}
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64,
+                 torch.int32: np.int32, torch.bool: np.bool_, torch.float16: np.float32, torch.bfloat16: np.float32}
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     """'fp32', 'bf16' or 'fp16' for an autocast dtype from `amp_dtype`."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
