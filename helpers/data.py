@@ -28,6 +28,8 @@ import torch
 from filelock import FileLock  # a dependency of torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from helpers.utils import UserError
+
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates on import
 
 # Per-channel mean and std over all 50,000 official training pixels (computed with `channel_stats`).
@@ -54,7 +56,7 @@ def default_data_dir() -> str:
     return str(Path("~/.cache/cifar10").expanduser())
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The CIFAR-10 files are missing or unreadable; the message says what to do."""
 
 
@@ -112,11 +114,21 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     data, labels = entry.get("data"), entry.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path} is not a CIFAR-10 batch file: 'data' must be uint8 rows of 3072 values.")
+    if not _integers(labels):
+        raise DataError(f"{path} is not a CIFAR-10 batch file: 'labels' must be a list of integer classes 0..9.")
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(data),) or (len(labels) and (labels.min() < 0 or labels.max() > 9)):
         raise DataError(f"{path} is not a CIFAR-10 batch file: 'labels' must be {len(data)} classes in 0..9.")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # channel-major rows -> (N, 32, 32, 3)
     return np.ascontiguousarray(images), labels
+
+
+def _integers(values) -> bool:
+    """Whether `values` is a flat list or array of integers (not strings, floats, booleans or None)."""
+    if isinstance(values, np.ndarray):
+        return values.ndim == 1 and values.dtype.kind in "iu"
+    return isinstance(values, (list, tuple)) and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
 
 
 def _try(fn, *args):
@@ -201,7 +213,9 @@ def load_cifar10(
         raise DataError(f"{folder} is incomplete: missing {', '.join(missing)}. Re-copy the whole folder.")
     parts = [_read_batch(folder / n) for n in names]
     meta = _read_pickle(folder / "batches.meta")
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get("label_names", [])]
+    names = meta.get("label_names")
+    names = names if isinstance(names, (list, tuple)) else []
+    classes = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c) for c in names]
     if len(classes) != 10:
         raise DataError(f"{folder / 'batches.meta'} does not list the 10 CIFAR-10 class names.")
     images = np.concatenate([p[0] for p in parts])

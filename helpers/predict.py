@@ -38,19 +38,23 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from helpers.checkpoints import CheckpointError, read_checkpoint
+from helpers.checkpoints import read_checkpoint
+from helpers.cli import Parser
 from helpers.config import TrainConfig
 from helpers.data import normalize
 from helpers.gradcam import gradcam_maps, overlay
 from helpers.models import build_model
-from helpers.utils import add_version_flag, resolve_device
+from helpers.utils import UserError, add_version_flag, check_can_write, resolve_device, run_command, safe_text
 
 SIZE = 32  # the model's input side, px
+# the largest image read: 50 megapixels (a 48 MP phone photo fits) decode into 150 MB as RGB, 400 MB as 16-bit
+# gray through to_rgb; Pillow's own bomb check lets 179 MP through (a 13000x13000 16-bit PNG: 3.8 GB and 25 s)
+MAX_PIXELS = 50_000_000
 DISPLAY = 256  # side of the centre square kept for display and overlays, px
 BACKGROUND = (255, 255, 255)  # what transparent pixels become
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A bad input (not a readable image, a wrong class name or flag); the message says which and what to do."""
 
 
@@ -65,8 +69,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise InputError(f"{path} is a folder, not an image: pass image files (PNG, JPEG, WebP, ...)")
     if not path.exists():
         raise InputError(f"no such file: {path}")
+    if not path.is_file():  # a FIFO or a device would block the read or never end it
+        raise InputError(f"{path} is not a regular file (a pipe or a device?): pass image files")
     try:
         with Image.open(path) as img:
+            check_pixels(img.size, str(path))  # from the header, before anything is decoded
             img.load()
             return ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
@@ -79,6 +86,13 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{path} could not be decoded ({err}): the file is damaged or cut short; use "
                          "another copy") from None
+
+
+def check_pixels(size: tuple[int, int], name: str) -> None:
+    """An InputError when an image of `size` (width, height) is larger than MAX_PIXELS."""
+    if size[0] * size[1] > MAX_PIXELS:
+        raise InputError(f"{name} is {size[0]}x{size[1]} pixels, more than the {MAX_PIXELS / 1e6:.0f} megapixels "
+                         "read here: shrink it first (the model sees 32x32 anyway)")
 
 
 def image_from_array(array) -> Image.Image:
@@ -103,6 +117,7 @@ def as_pil(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         return open_image(image)
     if isinstance(image, Image.Image):
+        check_pixels(image.size, "the image")
         try:
             return ImageOps.exif_transpose(image)  # upright, as a file would be; a copy
         except (OSError, SyntaxError, ValueError) as err:
@@ -115,7 +130,7 @@ def as_pil(image) -> Image.Image:
 def to_rgb(img: Image.Image) -> Image.Image:
     """RGB: gray repeated, 16-bit gray scaled to 8 bits, transparency composited on BACKGROUND."""
     if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit gray: PNG 16-bit reads as I or I;16
-        a = np.asarray(img, dtype=np.float64)
+        a = np.asarray(img, dtype=np.float32)  # 4 bytes a pixel, not 8: 16-bit needs no more
         top = 65535.0 if a.max() > 255 else 255.0
         img = Image.fromarray(np.rint(np.clip(a, 0, top) * (255 / top)).astype(np.uint8))
     if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
@@ -254,23 +269,24 @@ def plot_predictions(predictor: Predictor, predictions: list[Prediction], *, tar
     (and of class index `target`), and the top-`top` probabilities."""
     import matplotlib.pyplot as plt  # deferred, with helpers.plots: matplotlib, for figures alone
 
-    from helpers.plots import finish_figure
+    from helpers.plots import finish_figure, plain
 
     cols = 5 if target is not None else 4
     fig, axes = plt.subplots(len(predictions), cols, figsize=(cols * 2.6, len(predictions) * 2.7), squeeze=False,
                              gridspec_kw={"width_ratios": [1] * (cols - 1) + [1.3]})
     for row, p in zip(axes, predictions):
-        panels = [(p.square, f"{p.name}\n({p.describe()})"), (p.seen, f"what the model saw ({SIZE}x{SIZE})")]
+        panels = [(p.square, f"{plain(p.name)}\n({p.describe()})"), (p.seen, f"what the model saw ({SIZE}x{SIZE})")]
         for k in [p.index] + ([target] if target is not None else []):
             cam = predictor.gradcam(p, k)
             none = "\nno evidence for it: map all 0" if cam.max() == 0 else ""
-            panels.append((overlay_on_square(p, cam), f"GradCAM: {p.classes[k]} ({p.probabilities[k]:.0%}){none}"))
+            title = f"GradCAM: {plain(p.classes[k])} ({p.probabilities[k]:.0%}){none}"
+            panels.append((overlay_on_square(p, cam), title))
         for ax, (picture, title) in zip(row, panels):
             ax.imshow(picture, interpolation="nearest" if picture.shape[0] == SIZE else "antialiased")
             ax.set_title(title, fontsize=8)
             ax.axis("off")
         ranked = p.top(top)[::-1]
-        bars = row[-1].barh([c for c, _ in ranked], [100 * v for _, v in ranked], color="tab:blue")
+        bars = row[-1].barh([plain(c) for c, _ in ranked], [100 * v for _, v in ranked], color="tab:blue")
         bars[-1].set_color("tab:orange")
         row[-1].bar_label(bars, fmt="%.1f%%", fontsize=8, padding=2)
         row[-1].set_xlim(0, 119)
@@ -290,7 +306,7 @@ def plot_predictions(predictor: Predictor, predictions: list[Prediction], *, tar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifar10 predict", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="cifar10 predict", description=__doc__.split("\n\n")[0],
                                 epilog="Images are centre-cropped to a square and resized to 32x32 (Lanczos); "
                                        "transparent pixels become white.")
     add_version_flag(p)
@@ -312,8 +328,9 @@ FIGURE_TYPES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
 
 def new_figure_path(path: str, *, overwrite: bool, flag: str = "--gradcam") -> Path:
     """A figure file named on the command line, checked before any work: a name matplotlib writes, not a folder,
-    not an existing file unless `overwrite` (nothing of the user's is replaced unasked)."""
-    out = Path(path).expanduser()
+    not an existing file unless `overwrite` (nothing of the user's is replaced unasked), in a folder that can be
+    made and written to on a disk with space (check_can_write)."""
+    out = check_can_write(path, f"{flag} {path}")
     if out.is_dir():
         raise InputError(f"{flag} {out} is a folder: give a file name, e.g. {out / 'figure.png'}")
     if out.suffix.lower() not in FIGURE_TYPES:
@@ -324,35 +341,35 @@ def new_figure_path(path: str, *, overwrite: bool, flag: str = "--gradcam") -> P
 
 
 def format_prediction(p: Prediction, top: int, target: int | None = None) -> str:
-    lines = [f"{p.name} ({p.describe()}):"]
-    lines += [f"  {name:<12} {100 * prob:5.1f}%" for name, prob in p.top(top)]
+    """One image's lines: its name and size, then its top classes; names from files are made safe (safe_text)."""
+    lines = [f"{safe_text(p.name)} ({p.describe()}):"]
+    lines += [f"  {safe_text(name):<12} {100 * prob:5.1f}%" for name, prob in p.top(top)]
     if target is not None and p.classes[target] not in dict(p.top(top)):
-        lines.append(f"  {p.classes[target]:<12} {100 * p.probabilities[target]:5.1f}%  (--class)")
+        lines.append(f"  {safe_text(p.classes[target]):<12} {100 * p.probabilities[target]:5.1f}%  (--class)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         out = new_figure_path(args.gradcam, overwrite=args.overwrite) if args.gradcam else None
         predictor = load_predictor(args.checkpoint, device=args.device)
         if not 1 <= args.top <= len(predictor.classes):
             raise InputError(f"--top {args.top}: choose 1 to {len(predictor.classes)}")
         target = predictor.class_index(args.target) if args.target else None
         images = [(Path(path).name, open_image(path)) for path in args.images]  # all read before any output
-    except (InputError, CheckpointError, RuntimeError) as err:  # RuntimeError: --device cuda without a GPU
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{predictor.describe()}")
-    predictions = [predictor.predict(img, name=name) for name, img in images]
-    for p in predictions:
-        print(format_prediction(p, args.top, target))
-    if out is not None:
-        from helpers.plots import save_figure  # deferred: matplotlib, for --gradcam alone
+        print(safe_text(predictor.describe()))
+        predictions = [predictor.predict(img, name=name) for name, img in images]
+        for p in predictions:
+            print(format_prediction(p, args.top, target))
+        if out is not None:
+            from helpers.plots import save_figure  # deferred: matplotlib, for --gradcam alone
 
-        save_figure(plot_predictions(predictor, predictions, target=target, top=args.top), out)
-        print(f"GradCAM figure: {out}")
-    return 0
+            save_figure(plot_predictions(predictor, predictions, target=target, top=args.top), out)
+            print(f"GradCAM figure: {safe_text(out)}")
+
+    return run_command(run)
 
 
 if __name__ == "__main__":
