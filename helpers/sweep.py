@@ -34,6 +34,7 @@ import json
 import logging
 import math
 import os
+import secrets
 import signal
 import socket
 import subprocess
@@ -45,6 +46,7 @@ from urllib.parse import quote
 
 import torch
 
+from helpers import reaper
 from helpers.cli import Parser, add_setting, given_settings, sigterm_as_interrupt
 from helpers.config import TrainConfig, evolve
 from helpers.data import find_cifar10
@@ -262,7 +264,7 @@ def ray_for_sweep(address: str | None):
 
 
 def _connect_ray(address: str | None, where: str) -> None:
-    import ray
+    import ray  # deferred: Ray, an optional extra
 
     try:
         _check_reachable(where)  # Ray itself retries an address nobody listens at for minutes
@@ -275,11 +277,7 @@ def _connect_ray(address: str | None, where: str) -> None:
 def _start_local_ray() -> subprocess.Popen:
     """Start a local Ray on the loopback address, its processes marked for helpers.reaper, and the reaper that
     ends them when this process ends; returns the reaper (its stdin is the pipe it waits on)."""
-    import secrets
-
-    import ray
-
-    from helpers import reaper
+    import ray  # deferred: Ray, an optional extra
 
     token = secrets.token_hex(8)
     os.environ[reaper.MARK] = token  # inherited by gcs_server, raylet, the agents and every worker
