@@ -211,9 +211,10 @@ def command_line(argv: list[str] | None = None) -> int:
               + "\n\ncifar10 COMMAND --help lists its flags; cifar10 --version prints the version")
         return 0 if argv else 2
     if not argv[0].startswith("-"):
-        print(f"error: no command {argv[0]!r}: choose one of {', '.join(COMMANDS)} (see cifar10 --help)",
-              file=sys.stderr)
-        return 2
+        def unknown() -> None:
+            raise RunError(f"no command {argv[0]!r}: choose one of {', '.join(COMMANDS)} (see cifar10 --help)")
+
+        return utils.run_command(unknown)
     return main(argv)
 
 
