@@ -355,7 +355,7 @@ def _list_classes(folder: Path) -> list[tuple[str, list[Path]]]:
                         f"class ({safe_text(folder)}/<class>/*.png|jpg)")
     listed = []
     for c in classes:
-        if not c.name.issafe_text():
+        if not c.name.isprintable():
             raise DataError(f"class folder {safe_text(c)} has control characters in its name: rename it")
         files = sorted(f for f in c.rglob("*") if f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(c).parts))

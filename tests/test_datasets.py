@@ -205,20 +205,18 @@ def test_validation_indices_are_class_balanced_seeded_and_disjoint(tiny_arrays):
 
 
 def test_a_run_with_a_validation_split_selects_on_it_and_tests_once(tiny_data, tmp_path, monkeypatch):
-    from helpers import run as run_module
     from helpers import train as train_module
 
     config = TrainConfig(**{**TINY, "epochs": 2, "data_dir": str(tiny_data), "val_split": 20,
                             "scheduler": "plateau", "lr": 0.01, "loader": "gpu"})  # GpuLoader runs on the CPU too
     seen = []  # the arrays every evaluation ran on
-    real = train_module.evaluate
+    real = train_module.evaluate_on_device  # every evaluation: fit's per epoch, and evaluate's (the run's test)
 
     def spy(model, loader, **kw):
         seen.append(loader.num_images)
         return real(model, loader, **kw)
 
-    monkeypatch.setattr(train_module, "evaluate", spy)
-    monkeypatch.setattr(run_module, "evaluate", spy)
+    monkeypatch.setattr(train_module, "evaluate_on_device", spy)
     result = train_run(config, tmp_path / "run", device="cpu", quiet=True, figures=False)
     assert seen == [20, 20, 50]  # each epoch on the 20 validation images, the 50 test images once, at the end
     assert "val_acc" in result.history.records[0] and "test_acc" not in result.history.records[0]

@@ -102,7 +102,9 @@ def hostile_data(tmp_path, port: int):
 
 
 def test_example_images_are_named_by_index_whatever_the_class_names(trained_run, tmp_path):
-    predictor = load_predictor(trained_run, device="cpu")
+    from tests.conftest import hostile_run
+
+    predictor = load_predictor(hostile_run(trained_run, tmp_path / "run", port=9), device="cpu")  # its data's names
     (tmp_path / "ex").mkdir()
     paths, labels = demo.example_images(predictor, tmp_path / "ex", data_dir=str(hostile_data(tmp_path, 9)))
     assert len(paths) == 10 and "a/b\\c" in labels

@@ -100,7 +100,7 @@ def test_an_image_larger_than_the_budget_is_refused_before_decoding(tmp_path):
     with pytest.raises(predict.InputError, match="13000x13000 pixels, more than the 67 megapixels"):
         predict.open_image(bomb)
     with pytest.raises(predict.InputError, match="megapixels"):
-        predict.as_pil(Image.new("L", (8000, 8000)))
+        predict.as_pil(Image.new("L", (9000, 9000)))
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
