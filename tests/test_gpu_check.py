@@ -19,6 +19,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import gpu_check
+from helpers.models import MODELS
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -238,7 +239,7 @@ def test_quick_cli_part_writes_a_summary(tiny_data, tmp_path):
     summary = (out / "SUMMARY.md").read_text()
     results = json.loads((out / "summary.json").read_text())["results"]
     assert code == 0, summary
-    assert [r["name"] for r in results] == ["cli_custom_resnet", "cli_resnet18", "cli_depthwise_net"]
+    assert [r["name"] for r in results] == [f"cli_{m}" for m in MODELS]  # every model, in the registry's order
     assert "QUICK smoke run" in summary and "cli_resnet18 | ok" in summary
     assert "% in 1 epochs" in summary  # the headline read from metrics.json
 
