@@ -448,6 +448,15 @@ def make_loader(
     return loader
 
 
+def augmented_copies(image: np.ndarray, recipe: str, *, n: int, seed: int = 0) -> torch.Tensor:
+    """`n` draws of augmentation `recipe` on one uint8 image (32, 32, 3) -> normalised float (n, 3, 32, 32), drawn
+    exactly as training draws them: one epoch of a training loader (`make_loader`) over n copies of the image, so
+    the steps decide independently, as they do in a run (what notebook 01's preview shows)."""
+    copies = CifarArrays(np.repeat(image[None], n, 0), np.zeros(n, np.int64), list(CIFAR10_CLASSES))
+    images, _ = next(iter(make_loader(copies, batch_size=n, recipe=recipe, workers=0, seed=seed, pin_memory=False)))
+    return images
+
+
 # ---------------------------------------------------------------------------------------------------------
 # GpuLoader: the whole uint8 set on the device, augmentation on whole batches with tensor ops
 #
