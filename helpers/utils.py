@@ -33,6 +33,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     return device
 
 
+def describe_device(device: str | torch.device | None = "auto") -> str:
+    """The device a run asked for `device` uses, in words: 'cuda (NVIDIA L4)', or 'cpu (2 cores; no CUDA GPU)'."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    gpu = "" if torch.cuda.is_available() else "; no CUDA GPU"
+    return f"{device.type} ({os.cpu_count()} cores{gpu})" if device.type == "cpu" else str(device)
+
+
 class DeviceError(RuntimeError):
     """The device asked for is not on this machine."""
 
