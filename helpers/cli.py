@@ -98,10 +98,29 @@ def given_settings(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
+# what a run started with --init-from takes from its source unless typed: the same network and the same images (a
+# source trained on a 2,000-image subset must not start a 50,000-image run); the subsets are drawn with the seed
+INHERITED = ("model", "data_dir", "subset_train", "subset_test", "seed")
+
+
+def inherited_settings(source: dict, given: dict) -> dict:
+    """The settings of `source` (a checkpoint's config) that a run started from it takes, those not in `given`
+    (the recipe too when the model is the source's)."""
+    keep = INHERITED + (() if "model" in given else ("recipe",))
+    return {k: source[k] for k in keep if k not in given and k in source}
+
+
 def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
     """(config, out folder); with --resume, the checkpoint's settings with the flags typed on top (helpers.run
-    refuses those that would change what the run computes)."""
+    refuses those that would change what the run computes); with --init-from, the source's model and data
+    settings unless typed (`INHERITED`)."""
     given = given_settings(args)
+    if args.init_from and not args.resume:
+        source = load_checkpoint(args.init_from)["config"]
+        taken = inherited_settings(source, given)
+        shown = [f"--{k.replace('_', '-')} {v}" for k, v in taken.items() if k != "data_dir" and v is not None]
+        print(f"--init-from: as the source run: {' '.join(shown) or 'its data folder'} (type a flag to change one)")
+        given = taken | given
     if not args.resume:
         return TrainConfig(**given), Path(args.out or DEFAULT_OUT)
     if args.init_from:

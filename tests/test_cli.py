@@ -164,3 +164,25 @@ def test_checkpoint_write_failure_is_reported_with_the_path(tiny_data, tmp_path,
     assert train(tiny_data, out, "--epochs", "1", "--batch-size", "50", "--max-lr", "0.05") == 1
     err = error_of(capsys)
     assert str(out / "checkpoint.pt") in err and "No space left" in err
+
+
+def test_init_from_keeps_the_source_runs_data_unless_told(tiny_data, tmp_path, capsys):
+    """A run started from a subset run trains on that subset, not on every image (the README's 'train some more')."""
+    source = tmp_path / "source"
+    assert train(tiny_data, source, "--epochs", "1", "--subset-train", "50", "--subset-test", "20", "--seed", "3",
+                 "--max-lr", "0.05") == 0
+    capsys.readouterr()
+    more = tmp_path / "more"
+    assert cli.main(["--init-from", str(source), "--epochs", "1", "--out", str(more), "--device", "cpu",
+                     "--workers", "0", "--no-figures", "--quiet", "--max-lr", "0.05"]) == 0
+    out = capsys.readouterr().out
+    assert "--init-from: as the source run: --model depthwise_net" in out and "--subset-train 50" in out
+    first, second = (json.loads((run / "metrics.json").read_text()) for run in (source, more))
+    for key in ("model", "subset_train", "subset_test", "seed", "data_dir", "recipe"):
+        assert second["settings"][key] == first["settings"][key], key
+    assert (second["train_images"], second["test_images"]) == (50, 20)
+    assert load_checkpoint(more)["data"] == load_checkpoint(source)["data"]  # the very same images
+    told = tmp_path / "told"
+    assert cli.main(["--init-from", str(source), "--epochs", "1", "--out", str(told), "--device", "cpu", "--workers",
+                     "0", "--no-figures", "--quiet", "--max-lr", "0.05", "--subset-train", "100"]) == 0
+    assert json.loads((told / "metrics.json").read_text())["train_images"] == 100
