@@ -3,9 +3,10 @@
     python -m helpers.compare RUN [RUN ...] [--out FILE.png]
 
 prints one row per run (model, recipe, epochs, final and test-time-augmented test accuracy, training seconds,
-test images, device) and, with --out, draws their test accuracy and test loss per epoch on shared axes. A RUN is
-a folder written by `python -m helpers.train` (metrics.json and history.json; for a run stopped before its end,
-its checkpoint.pt), or any file inside it. From Python: `rows, fig = compare_runs(["runs/a", "runs/b"])`.
+test images, device, the run it was started from with --init-from) and, with --out, draws their test accuracy
+and test loss per epoch on shared axes. A RUN is a folder written by `python -m helpers.train` (metrics.json and
+history.json; for a run stopped before its end, its checkpoint.pt), or any file inside it. From Python:
+`rows, fig = compare_runs(["runs/a", "runs/b"])`.
 
 Accuracies are comparable only on the same test images: the table shows how many each run was tested on.
 """
@@ -27,7 +28,11 @@ COLUMNS = {  # row key: (header, format)
     "run": ("run", "{}"), "model": ("model", "{}"), "recipe": ("recipe", "{}"), "epochs": ("epochs", "{}"),
     "test_acc": ("test acc %", "{:.2f}"), "test_acc_tta": ("TTA acc %", "{:.2f}"),
     "train_seconds": ("train s", "{:.1f}"), "test_images": ("test images", "{:,}"), "device": ("device", "{}"),
+    "init_from": ("started from", "{}"),  # --init-from: the run whose weights it started from
 }
+# why `train s` is less than the total a run prints at its end
+TRAIN_SECONDS = ("train s: the training steps alone; the total a run prints at its end adds each epoch's test pass "
+                 "(and its warm-up apart)")
 
 
 def read_run(path: str | os.PathLike):
@@ -59,7 +64,7 @@ def read_run(path: str | os.PathLike):
             "epochs": f"{ckpt.epoch}/{ckpt.config.epochs} (unfinished)",
             "test_acc": last.get("test_acc"), "test_acc_tta": last.get("test_acc_tta"),
             "train_seconds": sum(seconds) if seconds and None not in seconds else None,
-            "test_images": None, "device": None}, hist
+            "test_images": None, "device": None, "init_from": ckpt.init_from}, hist
 
 
 def format_table(rows: list[dict]) -> str:
@@ -120,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     rows, histories = [r for r, _ in read], [h for _, h in read]
     print(format_table(rows))
+    print(TRAIN_SECONDS)
     if len({r["test_images"] for r in rows} - {None}) > 1:
         print("note: these runs were tested on different numbers of images: their accuracies are not comparable")
     if out is None:

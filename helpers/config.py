@@ -22,6 +22,7 @@ from pathlib import Path
 
 from helpers.data import AUGMENTATIONS, default_data_dir
 from helpers.models import MODELS
+from helpers.utils import setting_name
 
 MODES = ("auto", "eager", "graphs", "compile")
 SCHEDULERS = ("onecycle", "plateau", "none")
@@ -290,7 +291,7 @@ def _checked(f, value):
     kind, allowed = meta["kind"], meta["allowed"]
 
     def fail(what: str):
-        raise ConfigError(f"{f.name} must be {what}, got {value!r}")
+        raise ConfigError(f"{setting_name(f.name)} must be {what}, got {value!r}")
 
     if value is None:
         return None if meta["nullable"] else fail(allowed or kind)

@@ -80,3 +80,13 @@ def test_the_demo_extra_pins_the_gradio_that_is_tested():
     extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
     dev = [line.strip() for line in (REPO / "requirements-dev.txt").read_text().splitlines()]
     assert [pin for pin in extra if pin.startswith("gradio==")] == [p for p in dev if p.startswith("gradio==")]
+
+
+def test_the_command_names_our_flag_not_gradios_keyword(trained_run, monkeypatch, capsys):
+    pytest.importorskip("gradio")
+    port = free_port()
+    monkeypatch.setattr("gradio.Blocks.block_thread", lambda self: self.close())  # serve, then stop at once
+    assert demo.main([str(trained_run), "--port", str(port), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"demo page on http://127.0.0.1:{port}/ (this machine only); add --share for a public link" in out
+    assert "share=True" not in out and "launch()" not in out

@@ -61,7 +61,9 @@ def test_the_small_run_rule_applies_in_python_and_says_so(tiny_data, tmp_path, c
     assert config.batch_size == 512  # the config given is left alone
     assert result.config.batch_size == 16 and result.config.max_lr == pytest.approx(0.45 * 16 / 512)
     assert any("using batch 16" in note for note in result.notes)
-    assert "using batch 16" in capsys.readouterr().err  # printed as it happens, in a notebook too
+    out = capsys.readouterr().out
+    assert "using batch 16" in out  # printed as it happens, on stdout: a note, not an error (Jupyter shows stderr red)
+    assert "adapt_small_runs=False (--no-adapt-small-runs)" in out  # Python words in Python, the flag beside them
     off = evolve(config, adapt_small_runs=False)
     assert adapt_to_data(off, 100)[0].batch_size == 512
 
