@@ -17,12 +17,11 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.predict import InputError, new_figure_path
 from helpers.train import History
-from helpers.utils import RunError
+from helpers.utils import RunError, follow_latest
 
 COLUMNS = {  # row key: (header, format)
     "run": ("run", "{}"), "model": ("model", "{}"), "recipe": ("recipe", "{}"), "epochs": ("epochs", "{}"),
@@ -37,7 +36,7 @@ TRAIN_SECONDS = ("train s: the training steps alone; the total a run prints at i
 
 def read_run(path: str | os.PathLike):
     """(row, History) of one run folder: the row has COLUMNS' keys (None where the run did not record it)."""
-    folder = Path(path).expanduser()
+    folder = follow_latest(path)  # runs/latest, also where it is a file naming the run
     folder = folder.parent if folder.is_file() else folder
     label = str(path).rstrip("/\\") or str(folder)
     if not folder.is_dir():
