@@ -131,7 +131,8 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path | None
         source = read_checkpoint(args.init_from).config.to_dict()
         taken = inherited_settings(source, given)
         shown = [f"--{k.replace('_', '-')} {v}" for k, v in taken.items() if k != "data_dir" and v is not None]
-        print(f"--init-from: as the source run: {' '.join(shown) or 'its data folder'} (type a flag to change one)")
+        if world().is_main:
+            print(f"--init-from: as the source run: {' '.join(shown) or 'its data folder'} (type a flag to change one)")
         given = taken | given
     if not args.resume:
         return TrainConfig(**given), Path(args.out) if args.out else None

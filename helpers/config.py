@@ -168,9 +168,10 @@ class TrainConfig:
     data_dir: str = setting(default_data_dir, "folder holding cifar-10-batches-py, or that folder itself; "
                             "downloaded if missing (default: $CIFAR_DIR, else the clone's data/)", "path",
                             resume_free=True)
-    subset_train: int | None = setting(None, "class-balanced training subset size", "int", nullable=True,
+    subset_train: int | None = setting(None, "class-balanced training subset size (default: all)", "int",
+                                       nullable=True,
                                        ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
-    subset_test: int | None = setting(None, "class-balanced test subset size", "int", nullable=True,
+    subset_test: int | None = setting(None, "class-balanced test subset size (default: all)", "int", nullable=True,
                                       ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
     workers: int | None = setting(None, "DataLoader workers (default: CPU cores - 1, at most 8)", "int",
                                   nullable=True, ok=lambda v: v >= 0, allowed=">= 0", resume_free=True)
