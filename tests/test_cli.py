@@ -91,7 +91,7 @@ def test_a_finished_run_is_not_offered_to_continue(tiny_data, tmp_path, capsys):
     assert train(tiny_data, out, "--epochs", "1", "--batch-size", "20", "--max-lr", "0.05", "--overwrite") == 0
     kept = tmp_path / "run-1"
     assert {p.name: p.read_bytes() for p in kept.iterdir() if not p.name.startswith(".")} == old
-    assert not (kept / ".lock.owner").exists() and "moved, whole, to" in capsys.readouterr().err
+    assert not (kept / ".lock.owner").exists() and "moved, whole, to" in capsys.readouterr().out  # a note
     assert read_checkpoint(out).epoch == 1 and (out / "metrics.json").is_file()
 
 
