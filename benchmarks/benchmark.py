@@ -7,7 +7,8 @@ Sections (--sections, comma-separated; default all but sweep):
   accuracy  each --accuracy-runs model:recipe over --seeds (helpers.sweep.trial each): final accuracy (with the
             recipe's TTA too), training time to airbench94's same-run accuracy (without TTA, and with), ratios
   airbench  airbench 0.1.8's train94 on the same arrays (needs CUDA and airbench; skipped with a note otherwise)
-  overhead  fit against a bare loop of the same helpers.engine.TrainStep: same model, loader, steps, test pass, mode
+  overhead  fit against the bare PyTorch loop (benchmarks.bare): same model, loader, optimizer, loss, autocast, steps,
+            test pass; both eager
   lrtest    the LR range test alone for each --sweep-runs model:recipe: every rule's pick beside the recipe's peak
   sweep     final accuracy against the one-cycle peak LR (--sweep-peaks) for each --sweep-runs model:recipe
             (helpers.sweep.peak_sweep: here one run after another, or on Ray Tune with --sweep-engine ray),
@@ -39,9 +40,10 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.bare import train_bare
 from helpers import data
 from helpers.config import TrainConfig, evolve
-from helpers.engine import TrainStep, clock, run_steps, time_epoch
+from helpers.engine import WARMUP_STEPS, clock, time_epoch
 from helpers.lr_finder import RULES, lr_range_test
 from helpers.models import build_model
 from helpers.sweep import SWEEP_PEAKS, describe_picks, peak_sweep, trial
@@ -126,8 +128,11 @@ def timing_recipe(model_name: str, args, **overrides) -> TrainConfig:
     return evolve(config, max_lr=0.01) if config.max_lr == "auto" else config
 
 
-def bench_epoch(model_name: str, amp: bool, kind: str, mode: str, args, train, test, device) -> dict:
-    config = timing_recipe(model_name, args, epochs=1, amp=amp, mode=mode)
+def bench_epoch(model_name: str, amp: bool, kind: str, mode: str, args, train, test, device, *,
+                batch_size: int | None = None) -> dict:
+    """One warm epoch's time of the model's default recipe (at `batch_size`, if given; --quick's stays)."""
+    sized = {"batch_size": batch_size} if batch_size and not args.quick else {}
+    config = timing_recipe(model_name, args, epochs=1, amp=amp, mode=mode, **sized)
     loader, test_loader = data.make_loaders(train, test, kind=kind, batch_size=config.batch_size,
                                             recipe=config.augment, device=device)
     seed_everything(0)
@@ -142,8 +147,10 @@ def bench_epochs(args, train, test, device) -> list[dict]:
         for amp in args.precisions:
             for kind in args.loaders:
                 for mode in args.modes:
-                    rows.append(bench_epoch(model_name, amp, kind, mode, args, train, test, device))
-                    print(_row_text(rows[-1]), flush=True)
+                    for batch_size in args.epoch_batch_sizes or [None]:
+                        rows.append(bench_epoch(model_name, amp, kind, mode, args, train, test, device,
+                                                batch_size=batch_size))
+                        print(_row_text(rows[-1]), flush=True)
     return rows
 
 
@@ -260,18 +267,20 @@ def bench_airbench(args, train, test, device) -> dict:
 # overhead: fit against a bare loop on the same model, loader and steps
 
 
-def bare_fit(step: TrainStep, loader, test_loader, epochs: int) -> None:
-    """The least a training run must do: the step for every batch, then one test pass per epoch."""
-    for epoch in range(1, epochs + 1):
-        step.start_epoch(epoch)
-        run_steps(step, loader)
-        evaluate(step.evaluated_model, test_loader, device=step.device, amp=step.config.amp)
+def bare_run(model, config, loader, test_loader, device) -> None:
+    """The least a training run must do, written plainly (benchmarks.bare): the bare loop for every batch, then one
+    test pass per epoch."""
+    for _ in range(config.epochs):
+        train_bare(model, loader, config, device=device)
+        evaluate(model, test_loader, device=device, amp=config.amp)
 
 
 def bench_overhead(args, train, test, device) -> dict:
-    """fit against the bare loop of the same TrainStep (same mode), each after its own warm-up (prepare)."""
-    config = timing_recipe("custom_resnet", args, epochs=args.overhead_epochs, mode=args.fit_mode)
-    result = {"model": "custom_resnet", "loader": args.fit_loader, "epochs": config.epochs}
+    """fit (eager, as the bare loop) against the bare PyTorch loop (benchmarks.bare: same model, loader, optimizer,
+    loss, autocast; no TrainStep), timed before and after fit. Each side's one-time work runs untimed first: fit's
+    warm-up (prepare), and for the bare loop a few steps on a throwaway copy (cuDNN autotuning, the allocator)."""
+    config = timing_recipe("custom_resnet", args, epochs=args.overhead_epochs, mode="eager")
+    result = {"model": "custom_resnet", "loader": args.fit_loader, "epochs": config.epochs, "mode": "eager"}
     for name in ("bare_s", "fit_s", "bare_again_s"):
         train_loader, test_loader = data.make_loaders(train, test, kind=args.fit_loader,
                                                       batch_size=config.batch_size, recipe=config.augment,
@@ -280,12 +289,11 @@ def bench_overhead(args, train, test, device) -> dict:
         model = build_model("custom_resnet")
         if name == "fit_s":
             history = fit(model, train_loader, test_loader, config, device=device, quiet=True)
-            result[name], result["mode"] = sum(history.seconds), history.mode  # warm-up apart, as bare
+            result[name] = sum(history.seconds)  # warm-up apart, as bare
             continue
-        step = TrainStep(model, config, device=device, steps_per_epoch=len(train_loader))
-        step.prepare(train_loader, test_loader)
+        train_bare(build_model("custom_resnet"), train_loader, config, device=device, max_steps=WARMUP_STEPS)
         t0 = clock(device)
-        bare_fit(step, train_loader, test_loader, config.epochs)
+        bare_run(model, config, train_loader, test_loader, device)
         result[name] = clock(device) - t0
     bare = min(result["bare_s"], result["bare_again_s"])  # before and after fit: drift shows as their difference
     result["overhead_pct"] = 100 * (result["fit_s"] / bare - 1)
@@ -347,7 +355,8 @@ def bench_sweep(args, train, test, device) -> list[dict]:
 def _row_text(r: dict) -> str:
     mem = f"{r['peak_gpu_mem_gib']:.2f} GiB" if r["peak_gpu_mem_gib"] is not None else "-"
     note = "" if r["full_epoch_timed"] else f" (from {r['steps_timed']} of {r['steps_per_epoch']} steps)"
-    return (f"  {r['model']:<14} {r['precision']:<5} {r['loader']:<6} {r['mode']:<8} {r['images_per_s']:>9.1f} img/s "
+    return (f"  {r['model']:<14} b{r['batch_size']:<4} {r['precision']:<5} {r['loader']:<6} {r['mode']:<8} "
+            f"{r['images_per_s']:>9.1f} img/s "
             f"{r['ms_per_step']:>8.2f} ms/step {r['seconds_per_epoch']:>8.2f} s/epoch  warm-up {r['warmup_s']:>5.1f} s"
             f" {mem:>10}{note}")
 
@@ -435,6 +444,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--models", default="custom_resnet,resnet18", help="epochs section")
     p.add_argument("--precisions", default="fp32,amp", help="epochs section: fp32 and/or amp")
     p.add_argument("--loaders", default="gpu,torch", help="epochs section: gpu and/or torch")
+    p.add_argument("--epoch-batch-sizes", default="", help="epochs section: batch sizes to time (default: each "
+                   "model's recipe's), e.g. 128,512")
     p.add_argument("--epoch-steps", type=int, help="epochs: time at most this many steps (default: one epoch)")
     p.add_argument("--warmup-steps", type=int, default=3, help="epochs: untimed steps first")
     p.add_argument("--seeds", type=int, default=3, help="accuracy and airbench: runs")
@@ -490,6 +501,7 @@ def parse_args(argv: list[str] | None):
     args.fit_loader = args.fit_loader if args.albumentations else "gpu"
     args.precisions = [p == "amp" for p in args.precisions.split(",")]
     args.modes = args.modes.split(",")
+    args.epoch_batch_sizes = [int(v) for v in args.epoch_batch_sizes.split(",") if v]
     args.sweep_runs = args.sweep_runs.split(",")
     args.accuracy_runs = args.accuracy_runs.split(",")
     args.sweep_peaks = {"sgd": [float(v) for v in args.sweep_peaks_sgd.split(",")],

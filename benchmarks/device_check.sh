@@ -7,7 +7,8 @@
 #   .device/whl   the wheels the machine's image lacks (benchmarks/fetch_wheels.sh fetches them), installed into a
 #                 side folder ($SITE) on PYTHONPATH: the machine's own torch is left alone
 #   .device/COMMIT  the commit the tree is at (the machine's copy of the tree has no .git)
-# Then runs `python -m benchmarks.gpu_check --budget B`, B what is left of DEADLINE seconds (default 585, inside a
+# Then imports every module the items use (`--preflight-only`: a few seconds; what is missing goes into
+# $OUT/SUMMARY.md at once), and runs `python -m benchmarks.gpu_check --budget B`, B what is left of DEADLINE seconds (default 585, inside a
 # 600 s call) after the setup, less PACK_S for packing, at most MAX_BUDGET (540), and packs into $OUT at most
 # 8 files: SUMMARY.md and summary.json (also rewritten there after every item, so a call cut short still returns
 # them), device_check.log and gpu-check.tar.gz (logs, JSON, figures, notebooks; no checkpoints), the archive split
@@ -50,7 +51,12 @@ fi
 export NO_ALBUMENTATIONS_UPDATE=1 TQDM_DISABLE=1 MPLBACKEND=Agg
 export GIT_COMMIT=${GIT_COMMIT:-$(cat "$dev/COMMIT" 2>/dev/null || git rev-parse --short HEAD 2>/dev/null || echo)}
 
-# 3. the check, its budget what is left of the deadline
+# 3. the import preflight (a few seconds): SUMMARY.md in $OUT says what is missing before any item starts
+python3 -m benchmarks.gpu_check --preflight-only --data-dir "$data" --data-name "$name" --out "$work/check" \
+  --summary-to "$out" >> "$log" 2>&1 || say "warning: the preflight did not run (see the log)"
+grep -h "^preflight:" "$log" | tail -1 | sed "s/^/[device_check $(( SECONDS ))s] /"
+
+# 4. the check, its budget what is left of the deadline
 left=$(( deadline - SECONDS - pack_s ))
 budget=${BUDGET:-$(( left < max_budget ? left : max_budget ))}
 say "budget ${budget} s (commit ${GIT_COMMIT:-unknown})"
@@ -61,7 +67,7 @@ timeout --signal=TERM --kill-after=20 $(( budget + 15 )) \
 rc=$?
 say "check exited with $rc"
 
-# 4. pack: at most 8 files in $OUT
+# 5. pack: at most 8 files in $OUT
 tar czf "$work/gpu-check.tar.gz" --exclude='*.pt' --exclude='*.pth' --exclude='*.ckpt' -C "$work" check
 if [ "$(stat -c %s "$work/gpu-check.tar.gz")" -gt $(( 15 * 1024 * 1024 )) ]; then
   split -b 15m -d -a 1 "$work/gpu-check.tar.gz" "$out/gpu-check.tar.gz."

@@ -54,13 +54,16 @@ NOTEBOOKS = sorted((REPO / "notebooks").glob("[0-9][0-9]_*.ipynb"))
 # Replace them with a GPU run's measured seconds (its summary.json, "seconds") when there is one.
 ESTIMATES = {
     # name: (seconds, where the number comes from)
+    "resnet9": (140, "airbench94 3 x 2.1-2.5 s + warm-up ~10 s (airbench10.json); ResNet-9 writeup 3 x 18-20 s, "
+                     "fast 3 x 10 epochs at ~0.8 s/epoch + TTA, 6 s first-epoch warm-up (h100_acc.json); start and "
+                     "data ~15 s"),
+    "overhead": (35, "3 x 2 ResNet-9 epochs at ~0.8 s + test passes (h100_acc.json), warm-ups, process start"),
+    "resnet18_epochs": (40, "resnet18 1.0-4.4 s/epoch at batch 512/128 (steps.txt), 2 timed epochs + warm-ups + "
+                            "process start"),
+    "modes": (100, "4 epoch timings: compile warm-ups 10-22 s each (steps.txt), epochs 0.4-1.6 s "
+                   "(h100_epochs.log), graphs capture ~1 s, eager; + process start"),
     "cuda_tests": (60, "not measured; 2 compiles of custom_resnet at 10-22 s each (steps.txt) + pytest start"),
-    "airbench_fast": (75, "airbench94 2.1-2.5 s/run + warm-up (airbench10.json); ResNet-9 0.8 s/epoch warm "
-                          "(h100_acc.json): 3 x 10 epochs + warm-ups + process start ~15 s"),
-    "writeup": (40, "ResNet-9 writeup 18-20 s per warm 24-epoch run, 6 s warm-up (h100_acc.json) + start"),
     "resnet18_fast": (75, "ResNet-18 fast-recipe CLI run 25.8 s for 20 epochs (BENCHMARKS.md) x 2 + start"),
-    "modes": (110, "6 epoch timings: compile warm-ups 10-22 s each (steps.txt), epochs 0.5-1.6 s "
-                   "(h100_epochs.log), graphs capture ~1 s; + overhead section 3 x 2 epochs; + start"),
     "share": (150, "not measured; 9 CLI runs of custom_resnet `fast` (1 warm-up epoch, 4 at once, 4 in turn): "
                    "10 epochs at ~0.8 s (h100_acc.json) + ~15 s process start, data and warm-up each"),
     "sweep": (90, "<= 6 runs of 10 ResNet-9 epochs at ~0.8 s (h100_acc.json) + warm-ups + 100-step range test"),
@@ -69,11 +72,15 @@ ESTIMATES = {
     "nb04": (55, "notebook 04 cells 41.2 s (04_custom_resnet_mixed_precision.log) + kernel start"),
 }
 ITEMS = {  # name -> what it measures, in priority order (the order runs follow)
+    "resnet9": "airbench94 x 3, then custom_resnet `writeup` (24 epochs) and `fast` (10 epochs) x 3 seeds each in "
+               "the same process on the same data: accuracy, flip/translate TTA, time, time to airbench94's accuracy",
+    "overhead": "fit against the bare PyTorch loop (benchmarks.bare: same model, loader, optimizer, loss, autocast), "
+                "custom_resnet, 2 epochs, eager",
+    "resnet18_epochs": "resnet18 s/epoch at batch 128 (the seed's) and 512, mixed precision, GpuLoader, mode auto",
+    "modes": "s/epoch in eager, graphs and compile (warm-up apart), both models, mixed precision: what `auto` "
+             "weighs (helpers.engine.STEP_STUDY)",
     "cuda_tests": "the CUDA-only tests (graphs and compile train like eager, GpuLoader on CUDA)",
-    "airbench_fast": "airbench94 x 3 beside custom_resnet `fast` x 3 seeds: accuracy, time, ratio",
-    "writeup": "custom_resnet `writeup` x 1 seed against the same airbench94 run (the default recipe's numbers)",
     "resnet18_fast": "resnet18 `fast` x 2 seeds against airbench94",
-    "modes": "s/epoch in eager, graphs and compile (warm-up apart), both models, mixed precision; fit's overhead",
     "share": "4 custom_resnet `fast` runs at once on the GPU against the same 4 one after another (what "
              "helpers.sweep --gpus-per-trial 0.25 does; the target: at most 0.6x the time)",
     "sweep": "a reduced LR sweep: custom_resnet `fast` at peaks 0.2, 0.4, 0.8 and at each LR rule's pick",
@@ -81,7 +88,39 @@ ITEMS = {  # name -> what it measures, in priority order (the order runs follow)
     "nb02": "notebook 02 (LR range test), default parameters",
     "nb04": "notebook 04 (ResNet-9, mixed precision), default parameters",
 }
+AIRBENCH_ITEM = "resnet9"  # the item that measures airbench94; later accuracy items take its numbers
+CAP = 2.5  # no item runs past this many times its (scaled) estimate: one slow item cannot eat the others' time
+LOG_TAIL = 25  # lines of a failed item's log in SUMMARY.md
 SCALE_RANGE = (0.5, 3.0)  # how far a run's own timings may move the table's estimates
+
+
+# What the items import, and who needs it: checked in a few seconds before anything starts (`preflight`)
+PREFLIGHT = {
+    "torch": "everything", "torchvision": "helpers.data", "numpy": "everything", "matplotlib": "figures",
+    "seaborn": "helpers.plots", "tqdm": "fit", "filelock": "helpers.data, helpers.run", "PIL": "helpers.predict",
+    "yaml": "albumentations", "scipy": "albumentations", "cv2": "albumentations",
+    "albumentations": "the DataLoader path (modes' torch loader, notebooks)", "airbench": "resnet9 (airbench94)",
+    "pytest": "cuda_tests", "papermill": "nb02, nb04", "ipykernel": "nb02, nb04 (their kernel)",
+    "nbformat": "papermill", "jsonschema": "nbformat", "attr": "jsonschema (attrs)", "click": "papermill",
+    "requests": "papermill", "aiohttp": "papermill", "psutil": "ipython", "pygments": "ipython",
+    "pytorch_grad_cam": "helpers.gradcam (notebook 05)", "sklearn": "pytorch_grad_cam",
+    "torch_lr_finder": "helpers.lr_finder (nb02)", "torchinfo": "helpers.models (summaries)",
+}
+
+
+def preflight(python: str = sys.executable, timeout: float = 120) -> dict[str, str]:
+    """{module: why it did not import} for PREFLIGHT's modules, imported in one child process (the check's own
+    process stays free of CUDA); empty when all import."""
+    script = ("import importlib, json, sys\nmissing = {}\nfor name in sys.argv[1:]:\n    try:\n"
+              "        importlib.import_module(name)\n    except Exception as err:\n"
+              "        missing[name] = f'{type(err).__name__}: {err}'[:200]\nprint(json.dumps(missing))\n")
+    try:
+        done = subprocess.run([python, "-c", script, *PREFLIGHT], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout)
+        missing = json.loads(done.stdout.strip().splitlines()[-1])
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError) as err:
+        return {"(preflight)": f"could not run ({type(err).__name__}: {err})"}
+    return {name: f"{why} (needed by {PREFLIGHT[name]})" for name, why in missing.items()}
 
 
 class Killed(Exception):
@@ -127,13 +166,15 @@ def item_command(name: str, args, out: Path) -> tuple[list[str], dict] | str:
              "--device", args.device, "--out", str(out / f"{name}.json"), *(["--quick"] if args.quick else [])]
     accuracy = [*bench, "--sections", "accuracy", *airbench_targets(out)]
     argv = {
+        "resnet9": [*bench, "--sections", "airbench,accuracy", "--seeds", "3",
+                    "--accuracy-runs", "custom_resnet:writeup,custom_resnet:fast"],
+        "overhead": [*bench, "--sections", "overhead"],
+        "resnet18_epochs": [*bench, "--sections", "epochs", "--models", "resnet18", "--precisions", "amp",
+                            "--loaders", "gpu", "--modes", "auto", "--epoch-batch-sizes", "128,512"],
+        "modes": [*bench, "--sections", "epochs", "--models", "custom_resnet,resnet18", "--precisions", "amp",
+                  "--loaders", "gpu", "--modes", "eager" if args.quick else "eager,graphs,compile"],
         "cuda_tests": [py, "-m", "pytest", "-q", "-rs", "-p", "no:cacheprovider", "-k", "cuda", "tests"],
-        "airbench_fast": [*bench, "--sections", "airbench,accuracy", "--seeds", "3",
-                          "--accuracy-runs", "custom_resnet:fast"],
-        "writeup": [*accuracy, "--seeds", "1", "--accuracy-runs", "custom_resnet:writeup"],
         "resnet18_fast": [*accuracy, "--seeds", "2", "--accuracy-runs", "resnet18:fast"],
-        "modes": [*bench, "--sections", "epochs,overhead", "--models", "custom_resnet,resnet18", "--precisions",
-                  "amp", "--loaders", "gpu", "--modes", "eager" if args.quick else "eager,graphs,compile"],
         "sweep": [*bench, "--sections", "sweep", "--sweep-runs", "custom_resnet:fast", "--sweep-peaks-sgd",
                   "0.2,0.4,0.8"],
         "share": [py, "-m", "benchmarks.share", "--data-dir", args.data_dir, "--data-name", args.data_name,
@@ -151,29 +192,40 @@ def item_command(name: str, args, out: Path) -> tuple[list[str], dict] | str:
     return notebook_command(path, args, out), {"SMOKE": "1"} if args.quick else {}
 
 
-def airbench_targets(out: Path) -> list[str]:
-    """--target and --target-tta from airbench94's accuracy in this check's airbench_fast item, if it measured it."""
+def airbench_numbers(out: Path) -> dict | None:
+    """airbench94's summary as this check's AIRBENCH_ITEM measured it, or None (not run, skipped, or a file that
+    is not what the benchmark writes)."""
     try:
-        bench = json.loads((out / "airbench_fast.json").read_text())["results"]["airbench"]
+        bench = json.loads((out / f"{AIRBENCH_ITEM}.json").read_text())["results"]["airbench"]
+    except (OSError, ValueError, KeyError, TypeError, IndexError):
+        return None
+    return bench if isinstance(bench, dict) and "seconds_mean" in bench else None
+
+
+def airbench_targets(out: Path) -> list[str]:
+    """--target and --target-tta from airbench94's accuracy in this check's AIRBENCH_ITEM, if it measured it."""
+    bench = airbench_numbers(out)
+    try:
         return ["--target", f"{bench['acc_tta0_mean']:.4f}", "--target-tta", f"{bench['acc_tta2_mean']:.4f}"]
-    except (OSError, KeyError, ValueError, TypeError):
+    except (KeyError, TypeError, ValueError):
         return []
 
 
 def attach_airbench(out: Path, name: str) -> None:
-    """An accuracy item run apart from airbench94: its JSON gets the airbench_fast item's time and the ratios."""
-    path = out / f"{name}.json"
+    """An accuracy item run apart from airbench94: its JSON gets the AIRBENCH_ITEM's time and the ratios. A
+    missing or malformed JSON on either side leaves everything as it is."""
+    path, theirs = out / f"{name}.json", airbench_numbers(out)
     try:
         report = json.loads(path.read_text())
-        theirs = json.loads((out / "airbench_fast.json").read_text())["results"]["airbench"]
-    except (OSError, KeyError, ValueError):
-        return
-    if "accuracy" not in report["results"] or "airbench" in report["results"] or "seconds_mean" not in theirs:
+        results = report["results"]
+        if theirs is None or "accuracy" not in results or "airbench" in results:
+            return
+    except (OSError, ValueError, KeyError, TypeError):
         return
     from benchmarks.benchmark import add_airbench_ratios
 
-    report["results"]["airbench"] = {**theirs, "from": "airbench_fast.json (the same check, an earlier process)"}
-    add_airbench_ratios(report["results"])
+    results["airbench"] = {**theirs, "from": f"{AIRBENCH_ITEM}.json (the same check, an earlier process)"}
+    add_airbench_ratios(results)
     atomic_write(path, json.dumps(report, indent=1))
 
 
@@ -236,27 +288,46 @@ def fits(name: str, estimates: dict, scale: float, left: float) -> str | None:
 
 def run_budget(args, out: Path, estimates: dict = ESTIMATES, runner=run_one, clock=time.monotonic) -> dict:
     """Each of args.items in priority order, started only when its scaled estimate fits in what is left of
-    args.budget; the summary is rewritten before and after each, and when a signal ends the check."""
+    args.budget, and stopped at CAP times that estimate; the summary is rewritten before and after each, and when a
+    signal ends the check. No item can end the check: whatever goes wrong in one (its process, its command, its
+    JSON) is recorded as its failure, with its log's last lines, and the next one starts."""
     t0 = clock()
-    state = {"budget_s": args.budget, "state": "running", "results": [], "skipped": [], "running": None}
+    state = {"budget_s": args.budget, "state": "running", "results": [], "skipped": [], "running": None,
+             "preflight": getattr(args, "preflight", None)}
     pending = [name for name in ITEMS if name in args.items]
     try:
         while pending:
             name = pending.pop(0)
             scale, left = scale_factor(state["results"], estimates), args.budget - (clock() - t0)
+            need = estimates[name][0] * scale
             why = fits(name, estimates, scale, left)
-            command = item_command(name, args, out) if why is None else why
+            try:
+                command = item_command(name, args, out) if why is None else why
+            except Exception as err:  # noqa: BLE001 - a broken item is reported, the check goes on
+                command = f"could not build its command ({type(err).__name__}: {err})"
             if isinstance(command, str):
                 state["skipped"].append({"name": name, "why": command})
                 print(f"-- {name}: skipped ({command})", flush=True)
                 continue
-            state["running"] = {"name": name, "estimate_s": estimates[name][0] * scale, "since": time.time()}
+            state["running"] = {"name": name, "estimate_s": need, "since": time.time()}
             write_summary(out, args, state)
-            print(f"-- {name}: {ITEMS[name]} (estimate {estimates[name][0] * scale:.0f} s, {left:.0f} s left)",
-                  flush=True)
-            result = runner(name, *command, out, timeout=left)
-            attach_airbench(out, name)
-            state["results"].append({"part": "budget", **result, "estimate_s": estimates[name][0] * scale})
+            cap = left if args.quick else min(left, CAP * need)  # --quick on a CPU: estimates are the GPU's
+            print(f"-- {name}: {ITEMS[name]} (estimate {need:.0f} s, cap {cap:.0f} s, {left:.0f} s left)", flush=True)
+            started = clock()
+            try:
+                result = runner(name, *command, out, timeout=cap)
+            except Killed:
+                raise
+            except Exception as err:  # noqa: BLE001 - the runner itself failed: the item failed, not the check
+                result = {"name": name, "command": shlex.join(command[0]), "seconds": clock() - started,
+                          "status": f"failed ({type(err).__name__}: {err})", "log": f"logs/{name}.log"}
+            if result["status"] == "failed (timeout)":
+                result["status"] = f"failed (timeout: capped at {cap:.0f} s)"
+            try:
+                attach_airbench(out, name)
+            except Exception as err:  # noqa: BLE001 - an unreadable JSON costs the ratios, not the check
+                result["note"] = f"airbench94's ratios not added ({type(err).__name__}: {err})"
+            state["results"].append({"part": "budget", **result, "estimate_s": need})
             state["running"] = None
             print(f"   {result['status']} in {result['seconds']:.0f} s", flush=True)
             write_summary(out, args, state)
@@ -297,7 +368,7 @@ def headline(name: str, out: Path) -> str:
         if name in ("pytest", "cuda_tests"):  # pytest's last line: "5 passed, 2 skipped in 12.3s"
             lines = [line for line in (out / "logs" / f"{name}.log").read_text().splitlines() if line.strip()]
             return lines[-1].strip("= ") if lines else ""
-    except (OSError, KeyError, ValueError, TypeError, IndexError):
+    except Exception:  # noqa: BLE001 - a file that is not what the run writes: no headline, never a crash
         return ""
     return ""
 
@@ -368,9 +439,19 @@ def write_summary(out: Path, args, state: dict) -> Path:
     if state.get("running"):
         lines.append(f"| budget | {state['running']['name']} | running | - | {state['running']['estimate_s']:.0f} "
                      f"| | logs/{state['running']['name']}.log |")
+    if state.get("preflight"):
+        lines += ["", "Missing before the start (import preflight; the items that need them fail):", ""]
+        lines += [f"- `{module}`: {why}" for module, why in state["preflight"].items()]
     if state.get("skipped"):
         lines += ["", "Skipped:", ""] + [f"- {s['name']} ({ITEMS.get(s['name'], '')}): {s['why']}"
                                          for s in state["skipped"]]
+    for r in state["results"]:
+        if r["status"] != "ok":
+            lines += ["", f"### {r['name']}: {r['status']}", "", f"Last lines of {r['log']}:", "", "```",
+                      *log_tail(out / r["log"]), "```"]
+    notes = [f"- {r['name']}: {r['note']}" for r in state["results"] if r.get("note")]
+    if notes:
+        lines += ["", "Notes:", "", *notes]
     if args.budget:
         lines += ["", f"Estimates: ESTIMATES in benchmarks/gpu_check.py, scaled by this run's measured/estimated "
                       f"seconds ({scale_factor(state['results'], ESTIMATES):.2f} now)."]
@@ -381,6 +462,16 @@ def write_summary(out: Path, args, state: dict) -> Path:
         atomic_write(folder / "summary.json", payload)
         atomic_write(folder / "SUMMARY.md", text)
     return out / "SUMMARY.md"
+
+
+def log_tail(path: Path, lines: int = LOG_TAIL) -> list[str]:
+    """The last `lines` lines of a log, made safe to show: control characters out, a code fence broken."""
+    try:
+        text = path.read_text(errors="replace")
+    except OSError as err:
+        return [f"(no log: {err.strerror or err})"]
+    tail = text.splitlines()[-lines:]
+    return ["".join(c if c.isprintable() or c == "\t" else "?" for c in line).replace("```", "~~~") for line in tail]
 
 
 def atomic_write(path: Path, text: str) -> None:
@@ -408,6 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cuda", choices=["cuda", "cpu", "auto"])
     p.add_argument("--timeout", type=float, default=3600, help="seconds per run (without --budget)")
     p.add_argument("--quick", action="store_true", help="tiny settings: a smoke run of the plumbing")
+    p.add_argument("--preflight-only", action="store_true", help="import every module the items use (PREFLIGHT), "
+                   "write what is missing into SUMMARY.md, and stop (--budget runs it first anyway)")
     p.add_argument("--accuracy-runs", default=ACCURACY_RUNS,
                    help="benchmark part: the model:recipe pairs of its accuracy section (3 seeds each)")
     p.add_argument("--sections", default=SECTIONS, help="benchmark part: the benchmark's sections")
@@ -437,6 +530,13 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.preflight_only or args.budget:
+        args.preflight = preflight()
+        print("preflight: " + ("every module imports" if not args.preflight else
+                               "missing " + "; ".join(f"{k}: {v}" for k, v in args.preflight.items())), flush=True)
+    if args.preflight_only:  # device_check.sh's first step: SUMMARY.md says what is missing before anything runs
+        write_summary(out, args, {"state": "preflight only", "results": [], "preflight": args.preflight})
+        return 0
     handlers = {s: signal.signal(s, _raise_killed) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         state = run_budget(args, out) if args.budget else run_parts(args, out)

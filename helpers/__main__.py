@@ -1,6 +1,6 @@
-"""`python -m helpers ...`: the command line (helpers.cli), the same as `python -m helpers.train ...`."""
+"""`python -m helpers COMMAND ...`: the command line, the same as the installed `cifar10 COMMAND ...`
+(helpers.cli.command_line)."""
 
-from helpers.cli import main
-from helpers.distributed import exit_process
+from helpers.cli import run_command
 
-exit_process(main())
+run_command()

@@ -1,4 +1,6 @@
-"""The command line: `python -m helpers.train --model custom_resnet ...` (also `python -m helpers.cli`).
+"""The command line: `cifar10 COMMAND ...` once installed, `python -m helpers COMMAND ...` from a clone
+(`command_line`: train, predict, compare, demo, sweep, export; each command's flags live in its module). Training:
+`cifar10 train --model custom_resnet ...` (also `python -m helpers.train`).
 
 Argument parsing over helpers.run.train_run: every TrainConfig setting is a flag, generated from the schema
 (its type, choices and help), plus where the run goes and how it reports. A user mistake (a flag, a path, a
@@ -17,15 +19,16 @@ from pathlib import Path
 
 from helpers import distributed
 from helpers.checkpoints import CheckpointError, checkpoint_path, read_checkpoint
-from helpers.config import ConfigError, TrainConfig, recipe_table
+from helpers.config import ConfigError, TrainConfig, config_text, read_config_file, recipe_table
 from helpers.distributed import exit_process, world
-from helpers.run import RunInterrupted, interrupted_message, train_run
+from helpers.run import RunInterrupted, interrupted_message, resolve_config, train_run
 from helpers.train import TrainingDiverged
 from helpers.utils import (
     LATEST,
     DeviceError,
     RunError,
     WriteError,
+    add_version_flag,
     messages_in_flags,
     next_run_folder,
     point_latest,
@@ -78,10 +81,27 @@ def add_setting(parser: argparse.ArgumentParser, f) -> None:
     parser.add_argument(flag, **kwargs)
 
 
+class ConfigFile(argparse.Action):
+    """--config FILE: the file's settings, in the order of the command line: flags after it change them."""
+
+    def __call__(self, parser, namespace, path, option_string=None):
+        try:
+            settings = read_config_file(path)
+        except ConfigError as err:
+            raise argparse.ArgumentError(self, str(err)) from None
+        for name, value in settings.items():
+            setattr(namespace, name, value)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m helpers.train", formatter_class=argparse.RawDescriptionHelpFormatter,
+    p = Parser(prog="cifar10 train", formatter_class=argparse.RawDescriptionHelpFormatter,
                description="Train a CIFAR-10 model. Recipe flags left unset take the chosen recipe's value:\n  "
                            + recipe_table().replace("\n", "\n  "))
+    add_version_flag(p)
+    p.add_argument("--config", metavar="FILE", action=ConfigFile, help="take every setting from this file (a run "
+                   "folder's config.yaml, or --print-config's output); flags after it change them")
+    p.add_argument("--print-config", action="store_true", help="print the settings this run would train with (the "
+                   "recipe's, fitted to the data by the small-run rule) as a --config file, and exit")
     settings = p.add_argument_group("settings of the run (helpers.config.TrainConfig)")
     for f in fields(TrainConfig):
         add_setting(settings, f)
@@ -131,8 +151,9 @@ def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path | None
         source = read_checkpoint(args.init_from).config.to_dict()
         taken = inherited_settings(source, given)
         shown = [f"--{k.replace('_', '-')} {v}" for k, v in taken.items() if k != "data_dir" and v is not None]
-        if world().is_main:
-            print(f"--init-from: as the source run: {' '.join(shown) or 'its data folder'} (type a flag to change one)")
+        if world().is_main:  # a note: stdout, except under --print-config (stdout is then the config file)
+            print(f"--init-from: as the source run: {' '.join(shown) or 'its data folder'} (type a flag to change one)",
+                  file=sys.stderr if args.print_config else sys.stdout)
         given = taken | given
     if not args.resume:
         return TrainConfig(**given), Path(args.out) if args.out else None
@@ -175,6 +196,12 @@ def main(argv: list[str] | None = None) -> int:
         with sigterm_as_interrupt(), messages_in_flags():
             device = distributed.setup(resolve_device(args.device))  # joined before the processes agree on a name
             config, out = config_from_args(args)
+            if args.print_config:  # the file on stdout, what the small-run rule changed on stderr
+                resolved, notes = resolve_config(config)
+                for note in notes:
+                    print(note, file=sys.stderr)
+                print(config_text(resolved), end="")
+                return 0
             if out is None:
                 out = distributed.agree(lambda: next_run_folder(RUNS, f"{config.model}-{config.recipe}"))
             result = train_run(config, out, device=device, resume=args.resume or False,
@@ -204,6 +231,51 @@ def main(argv: list[str] | None = None) -> int:
     if checkpoint_path(Path(RUNS) / LATEST).parent.resolve() == out.resolve():
         print(f"{RUNS}/{LATEST} leads to {out.resolve().name}: pass it to predict, compare, demo or --init-from")
     return 0
+
+
+# ---------------------------------------------------------------------------------------------------------
+# cifar10 COMMAND: one command line over every module's
+
+
+COMMANDS = {  # name -> (module whose main(argv) it runs, what it does)
+    "train": ("helpers.cli", "train a model with its recipe into a run folder"),
+    "predict": ("helpers.predict", "classify your images with a trained run (top classes, GradCAM)"),
+    "compare": ("helpers.compare", "compare runs: a table and their curves"),
+    "demo": ("helpers.demo", "a demo page for a trained run (Gradio, on 127.0.0.1)"),
+    "sweep": ("helpers.sweep", "many runs: a grid of settings and seeds (Ray Tune, or one after another)"),
+    "export": ("helpers.export", "a trained run's weights for others: ONNX, safetensors, a plain state dict"),
+}
+
+
+def command_line(argv: list[str] | None = None) -> int:
+    """`cifar10 COMMAND [flags]` (= `python -m helpers COMMAND [flags]`): runs COMMAND's main; flags alone train
+    (`python -m helpers --epochs 2`, as before there were commands)."""
+    import importlib  # deferred: with the command's module, imported when it is asked for
+
+    from helpers import __version__
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in COMMANDS:
+        return importlib.import_module(COMMANDS[argv[0]][0]).main(argv[1:])
+    if argv[:1] == ["--version"]:
+        print(f"cifar10-helpers {__version__}")
+        return 0
+    if not argv or argv[0] in ("-h", "--help"):
+        width = max(map(len, COMMANDS))
+        print("usage: cifar10 COMMAND [flags]   (from a clone: python -m helpers COMMAND [flags])\n\ncommands:\n"
+              + "\n".join(f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items())
+              + "\n\ncifar10 COMMAND --help lists its flags; cifar10 --version prints the version")
+        return 0 if argv else 2
+    if not argv[0].startswith("-"):
+        print(f"error: no command {argv[0]!r}: choose one of {', '.join(COMMANDS)} (see cifar10 --help)",
+              file=sys.stderr)
+        return 2
+    return main(argv)
+
+
+def run_command() -> None:
+    """The `cifar10` console script and `python -m helpers`: the exit status of command_line."""
+    exit_process(command_line())  # under torchrun: no interpreter teardown (distributed.exit_process)
 
 
 if __name__ == "__main__":

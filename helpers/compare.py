@@ -21,7 +21,7 @@ import sys
 from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.predict import InputError, new_figure_path
 from helpers.train import History
-from helpers.utils import RunError, follow_latest
+from helpers.utils import RunError, add_version_flag, follow_latest
 
 COLUMNS = {  # row key: (header, format)
     "run": ("run", "{}"), "model": ("model", "{}"), "recipe": ("recipe", "{}"), "epochs": ("epochs", "{}"),
@@ -78,7 +78,8 @@ def format_table(rows: list[dict]) -> str:
 
 
 def plot_runs(rows: list[dict], histories: list, *, save=None):
-    """Test accuracy (%) and test loss per epoch of each run, on two panels that share the epoch axis."""
+    """Test accuracy (%) and test loss per epoch of each run, on two panels that share the epoch axis (a run with
+    a validation split: its validation curves, dashed)."""
     import matplotlib.pyplot as plt  # deferred, with helpers.plots: matplotlib, for --out alone
     from matplotlib.ticker import MaxNLocator
 
@@ -87,8 +88,11 @@ def plot_runs(rows: list[dict], histories: list, *, save=None):
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True)
     for row, hist in zip(rows, histories):
         label = f"{row['run']} ({row['model']}, {row['recipe']})"
-        ax_acc.plot(hist.epoch, hist.test_acc, "o-", ms=3, label=label)
-        ax_loss.plot(hist.epoch, hist.test_loss, "o-", ms=3, label=label)
+        # a run with a validation split was evaluated on it every epoch (its test set once, in the table)
+        split = hist.eval_split
+        style, label = ("o-", label) if split == "test" else ("s--", f"{label} (validation split)")
+        ax_acc.plot(hist.epoch, getattr(hist, f"{split}_acc"), style, ms=3, label=label)
+        ax_loss.plot(hist.epoch, getattr(hist, f"{split}_loss"), style, ms=3, label=label)
     ax_acc.set(title="Test accuracy", ylabel="%")
     ax_loss.set(title="Test loss", ylabel="cross-entropy")
     for ax in (ax_acc, ax_loss):
@@ -107,7 +111,8 @@ def compare_runs(runs: list[str | os.PathLike], *, save=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helpers.compare", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cifar10 compare", description=__doc__.split("\n\n")[0])
+    add_version_flag(p)
     p.add_argument("runs", metavar="RUN", nargs="+", help="run folders written by python -m helpers.train")
     p.add_argument("--out", metavar="FILE.png", help="draw test accuracy and loss per epoch into this new file")
     p.add_argument("--overwrite", action="store_true", help="let --out replace an existing file")

@@ -14,6 +14,7 @@ The write-ups the recipes come from (their published results, on the official CI
 
 from __future__ import annotations
 
+import json
 import math
 import numbers
 import os
@@ -89,7 +90,8 @@ class ConfigError(ValueError):
 
 def setting(default, help: str, kind: str, *, allowed: str = "", ok=None, choices=None, recipe: bool = False,
             nullable: bool = False, const=None, resume_free: bool = False):
-    """A TrainConfig field with its schema. kind: int | float | bool | str | path | peak (a float or 'auto').
+    """A TrainConfig field with its schema. kind: int | float | bool | str | path | peak (a float or 'auto') | dataset
+    (cifar10, cifar100 or folder:PATH).
     ok(value) -> bool checks the range and `allowed` says it in words; choices: the allowed strings; recipe: None
     means the recipe's value; nullable: None is a value of its own (after the recipe's are filled in); const: the
     flag's value when given bare; resume_free: a resumed run may change it (where the data is, how the step
@@ -140,7 +142,8 @@ class TrainConfig:
     label_smoothing: float | None = _recipe("share of each target spread over all classes", "float", ok=_fraction,
                                             allowed="in [0, 1)")
     l1: float | None = _recipe("L1 penalty factor on all parameters", "float", ok=lambda v: v >= 0, allowed=">= 0")
-    scheduler: str | None = _recipe("onecycle (per batch), plateau (per epoch, on test loss) or none", "str",
+    scheduler: str | None = _recipe("onecycle (per batch), plateau (per epoch, on the validation loss with "
+                                    "--val-split, else the test loss) or none", "str",
                                     choices=SCHEDULERS)
     augment: str | None = _recipe("training augmentation (helpers.data.AUGMENTATIONS)", "str",
                                   choices=tuple(AUGMENTATIONS))
@@ -163,16 +166,29 @@ class TrainConfig:
                         "eager, graphs, compile", "str", choices=MODES, resume_free=True)
     sync_bn: bool = setting(False, "under torchrun: batch-norm statistics over the global batch (SyncBatchNorm, "
                             "CUDA only) instead of each process's slice", "bool")
+    deterministic: bool = setting(False, "bit-for-bit repeatable on one machine: deterministic algorithms only, no "
+                                  "cuDNN autotuning (slower: see the README)", "bool", resume_free=True)
+    tensorboard: bool = setting(False, "also log each epoch's scalars and the run's figures for TensorBoard, in "
+                                "OUT/tensorboard (needs the tensorboard package)", "bool", resume_free=True)
     seed: int = setting(0, "seed of weights, data order, augmentation and subsets", "int",
                         ok=lambda v: 0 <= v <= SEED_MAX, allowed=f"between 0 and {SEED_MAX}")
-    data_dir: str = setting(default_data_dir, "folder holding cifar-10-batches-py, or that folder itself; "
-                            "downloaded if missing (default: $CIFAR_DIR, else the clone's data/)", "path",
+    dataset: str = setting("cifar10", "cifar10, cifar100 (downloaded into --data-dir like CIFAR-10), or folder:PATH: "
+                           "your images in class folders (PATH/<class>/*.jpg, or PATH/train/<class> and "
+                           "PATH/test/<class>), resized to 32x32 once and cached in --data-dir; the recipes are "
+                           "CIFAR-10's", "dataset", allowed="cifar10, cifar100 or folder:PATH")
+    data_dir: str = setting(default_data_dir, "folder holding cifar-10-batches-py (cifar-100-python), or that folder "
+                            "itself; downloaded if missing (default: $CIFAR_DIR, else the clone's data/)", "path",
                             resume_free=True)
     subset_train: int | None = setting(None, "class-balanced training subset size (default: all)", "int",
                                        nullable=True,
                                        ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
     subset_test: int | None = setting(None, "class-balanced test subset size (default: all)", "int", nullable=True,
                                       ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
+    val_split: int | None = setting(None, "hold out this many training images (class-balanced, seeded, kept by "
+                                    "--resume) for validation: the per-epoch table, the plateau scheduler and "
+                                    "sweeps select on it and the test set is evaluated once, at the end (default: "
+                                    "none, every epoch is tested on the test set)", "int", nullable=True,
+                                    ok=_positive, allowed="> 0 (and at least one image per class)")
     workers: int | None = setting(None, "DataLoader workers (default: CPU cores - 1, at most 8)", "int",
                                   nullable=True, ok=lambda v: v >= 0, allowed=">= 0", resume_free=True)
     loader: str = setting("auto", "gpu: the whole set on the device, batched augmentation (auto: gpu with CUDA)",
@@ -301,6 +317,12 @@ def _checked(f, value):
     if kind == "path":
         return str(Path(os.fspath(value)).expanduser()) if isinstance(value, (str, os.PathLike)) and str(value) \
             else fail("a folder path")
+    if kind == "dataset":  # a folder is kept as an absolute path: a run resumed or a trial run elsewhere finds it
+        if value in ("cifar10", "cifar100"):
+            return value
+        if not isinstance(value, str) or not value.startswith("folder:") or not value[len("folder:"):]:
+            fail(allowed)
+        return "folder:" + str(Path(value[len("folder:"):]).expanduser().absolute())
     if kind == "str" or (kind == "peak" and isinstance(value, str)):
         choices = meta["choices"] or (("auto",) if kind == "peak" else None)
         if not isinstance(value, str) or (choices and value not in choices):
@@ -335,3 +357,68 @@ def recipe_table() -> str:
             lines.append(f"{model} {name}{default}: {r['epochs']} epochs, batch {r['batch_size']}, {r['optimizer']}"
                          f"{r['nesterov']}, peak LR {r['max_lr']}, augment {r['augment']}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A config as a file: `--print-config` writes it, `--config FILE` reads it, a run folder keeps it (config.yaml)
+
+
+def _yaml():
+    try:
+        import yaml  # deferred: optional (Colab has PyYAML; elsewhere pip install pyyaml), JSON without it
+    except ImportError:
+        return None
+    return yaml
+
+
+def config_file_name() -> str:
+    """The name a run folder keeps its settings under: config.yaml with PyYAML, else config.json."""
+    return "config.yaml" if _yaml() is not None else "config.json"
+
+
+def config_text(config: TrainConfig, *, fmt: str | None = None) -> str:
+    """Every setting of `config`, as YAML (fmt 'yaml'; the default when PyYAML is installed) or JSON: the text
+    `read_config_file` reads back."""
+    fmt = fmt or config_file_name().rsplit(".", 1)[1]
+    if fmt == "json":
+        return json.dumps(config.to_dict(), indent=1) + "\n"
+    from helpers import __version__  # deferred: the package's version, for the file's header
+
+    header = (f"# cifar10-helpers {__version__}: every setting of a run. `cifar10 train --config THIS --out DIR` "
+              "makes it again;\n# flags given after --config change a setting.\n")
+    return header + _yaml().safe_dump(config.to_dict(), sort_keys=False)
+
+
+def read_config_file(path: str | os.PathLike) -> dict:
+    """The settings in a config file (.yaml/.yml: YAML, read with yaml.safe_load, so no code in it ever runs;
+    else JSON); a ConfigError that says what to do when it is missing, unreadable or names an unknown setting.
+    The values are checked when a TrainConfig is made of them."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ConfigError(f"cannot read config file {path} ({getattr(err, 'strerror', None) or err}): give a file "
+                          "written by --print-config or kept in a run folder (config.yaml)") from None
+    is_yaml = path.suffix.lower() in (".yaml", ".yml")
+    if is_yaml and _yaml() is None:
+        raise ConfigError(f"{path} is YAML and PyYAML is not installed: pip install pyyaml, or give a JSON config")
+    try:
+        settings = _yaml().safe_load(text) if is_yaml else json.loads(text)
+    except Exception as err:  # noqa: BLE001 - yaml's and json's parse errors: one line either way
+        mark = getattr(err, "problem_mark", None)  # yaml's; json's errors carry lineno
+        line = mark.line + 1 if mark is not None else getattr(err, "lineno", None)
+        raise ConfigError(f"{path} is not valid {'YAML' if is_yaml else 'JSON'}{f' (line {line})' if line else ''}: "
+                          "fix it, or write it anew with --print-config") from None
+    if not isinstance(settings, dict):
+        raise ConfigError(f"{path} must hold settings as `name: value` lines, got a {type(settings).__name__}")
+    kinds = {f.name: f.metadata["kind"] for f in fields(TrainConfig)}
+    unknown = sorted(str(k) for k in settings if k not in kinds)
+    if unknown:
+        raise ConfigError(f"{path} names unknown settings: {', '.join(unknown)} (see cifar10 train --help)")
+    for name, value in settings.items():  # YAML 1.1 reads 1e-3 (no dot) as text: a number was meant
+        if kinds[name] in ("float", "peak") and isinstance(value, str) and value != "auto":
+            try:
+                settings[name] = float(value)
+            except ValueError:
+                pass  # the config check names it
+    return settings

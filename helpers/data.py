@@ -1,7 +1,9 @@
-"""CIFAR-10: loading, statistics, augmentation recipes and loaders.
+"""The data sets (CIFAR-10, CIFAR-100, your own image folder): loading, statistics, augmentation recipes and loaders.
 
 The one home of the dataset constants. Images stay uint8 (N, 32, 32, 3) until a loader turns a batch into
-normalised float tensors (B, 3, 32, 32); labels are int64.
+normalised float tensors (B, 3, 32, 32); labels are int64. `load_dataset(spec, data_dir, train=...)` reads any of
+the three (`DATASETS`); an image folder is decoded, cut to its centre square and resized to 32x32 once, then kept
+as arrays in a cache beside the CIFAR files, so every loader serves it as it serves CIFAR.
 
 Two loaders hand out the same (images, labels) batches:
 - `make_loader`: albumentations recipes through a torch DataLoader (any recipe, CPU workers).
@@ -13,6 +15,8 @@ Both read the recipes from one table, `AUGMENTATIONS`, and share one small proto
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import pickle
 import random
@@ -26,7 +30,10 @@ from typing import Protocol
 import numpy as np
 import torch
 from filelock import FileLock  # a dependency of torch
+from PIL import Image, ImageOps, UnidentifiedImageError  # a dependency of torchvision and matplotlib
 from torch.utils.data import DataLoader, Dataset, Sampler
+
+from helpers.utils import atomic_write
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates on import
 
@@ -41,6 +48,12 @@ CIFAR10_MD5 = "c58f30108f718f92721af3b95e74349a"
 FOLDER = "cifar-10-batches-py"
 TRAIN_FILES = tuple(f"data_batch_{i}" for i in range(1, 6))
 TEST_FILES = ("test_batch",)
+# CIFAR-100 (same page, same format): one 'train' and one 'test' file, 'fine_labels' (100 classes) and
+# 'coarse_labels' (20 superclasses; we train on the fine ones), class names in 'meta' as 'fine_label_names'
+CIFAR100_URL = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
+CIFAR100_MD5 = "eb9058c3a382ffc7106e4002c42a8d85"
+FOLDER100 = "cifar-100-python"
+DATASETS = ("cifar10", "cifar100", "folder:PATH")  # what TrainConfig.dataset takes
 
 
 def default_data_dir() -> str:
@@ -55,7 +68,7 @@ def default_data_dir() -> str:
 
 
 class DataError(RuntimeError):
-    """The CIFAR-10 files are missing or unreadable; the message says what to do."""
+    """The data set's files are missing or unreadable; the message says what to do."""
 
 
 @dataclass
@@ -65,6 +78,10 @@ class CifarArrays:
     images: np.ndarray
     labels: np.ndarray
     classes: list[str]
+
+    def take(self, index: np.ndarray) -> CifarArrays:
+        """The images at `index` (an int array), in that order."""
+        return CifarArrays(self.images[index], self.labels[index], self.classes)
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -126,7 +143,7 @@ def _try(fn, *args):
         return err
 
 
-def _download(data_dir: Path, timeout: float) -> None:
+def _download(data_dir: Path, timeout: float, url: str = CIFAR10_URL, md5: str = CIFAR10_MD5) -> None:
     """Fetch and unpack the official archive; fail within `timeout` seconds when there is no network."""
     from torchvision.datasets.utils import check_integrity, download_url  # deferred: torchvision, for a download
 
@@ -145,11 +162,11 @@ def _download(data_dir: Path, timeout: float) -> None:
     socket.setdefaulttimeout(timeout)  # urllib has no timeout of its own
     try:
         socket.create_connection(("www.cs.toronto.edu", 443), timeout=timeout).close()
-        download_url(CIFAR10_URL, str(data_dir), md5=CIFAR10_MD5)
+        download_url(url, str(data_dir), md5=md5)
     finally:
         socket.setdefaulttimeout(old)
-    archive = data_dir / "cifar-10-python.tar.gz"
-    if not check_integrity(str(archive), CIFAR10_MD5):
+    archive = data_dir / url.rsplit("/", 1)[-1]
+    if not check_integrity(str(archive), md5):
         raise OSError(f"{archive} failed its md5 check")
     with tarfile.open(archive) as tar:
         tar.extractall(data_dir, filter="data")
@@ -158,13 +175,25 @@ def _download(data_dir: Path, timeout: float) -> None:
 def find_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = True, timeout: float = 5.0) -> Path:
     """The `cifar-10-batches-py` folder under `data_dir` (or `data_dir` itself when it is that folder),
     downloading the official archive if it is missing. data_dir None: `default_data_dir()`."""
+    return _find_official(data_dir, FOLDER, "batches.meta", CIFAR10_URL, CIFAR10_MD5, "CIFAR-10",
+                          download=download, timeout=timeout)
+
+
+def find_cifar100(data_dir: str | os.PathLike | None = None, *, download: bool = True, timeout: float = 5.0) -> Path:
+    """The `cifar-100-python` folder under `data_dir` (or `data_dir` itself), downloaded if missing."""
+    return _find_official(data_dir, FOLDER100, "meta", CIFAR100_URL, CIFAR100_MD5, "CIFAR-100",
+                          download=download, timeout=timeout)
+
+
+def _find_official(data_dir, name: str, marker: str, url: str, md5: str, what: str, *, download: bool,
+                   timeout: float) -> Path:
     data_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser()
     if data_dir.exists() and not data_dir.is_dir():
         raise DataError(f"--data-dir {data_dir} is a file: pass the folder that holds (or will hold) "
-                        f"'{FOLDER}', or that folder itself")
-    if data_dir.name == FOLDER or (data_dir / "batches.meta").is_file():
+                        f"'{name}', or that folder itself")
+    if data_dir.name == name or (data_dir / marker).is_file():
         return data_dir  # the batches folder itself
-    folder = data_dir / FOLDER
+    folder = data_dir / name
     if not folder.is_dir() and download:
         created = not data_dir.exists()
         lock = data_dir / ".download.lock"
@@ -172,20 +201,20 @@ def find_cifar10(data_dir: str | os.PathLike | None = None, *, download: bool = 
             data_dir.mkdir(parents=True, exist_ok=True)
             with FileLock(str(lock)):  # one download for the processes of a run or the trials of a sweep
                 if not folder.is_dir():
-                    _download(data_dir, timeout)
+                    _download(data_dir, timeout, url, md5)
         except Exception as err:  # noqa: BLE001 - any failure means the same advice
             if created and data_dir.is_dir() and {p.name for p in data_dir.iterdir()} <= {lock.name}:
                 lock.unlink(missing_ok=True)
                 data_dir.rmdir()  # leave nothing behind
             raise DataError(
-                f"No CIFAR-10 in {folder} and the download failed ({type(err).__name__}: {err}). "
-                f"Put the official '{FOLDER}' folder (from {CIFAR10_URL}) in {data_dir.resolve()}, "
+                f"No {what} in {folder} and the download failed ({type(err).__name__}: {err}). "
+                f"Put the official '{name}' folder (from {url}) in {data_dir.resolve()}, "
                 f"or pass --data-dir pointing at the folder that contains it."
             ) from None
     if not folder.is_dir():
         raise DataError(
-            f"No CIFAR-10 in {folder}. Put the official '{FOLDER}' folder there "
-            f"(from {CIFAR10_URL}) or pass --data-dir pointing at the folder that contains it."
+            f"No {what} in {folder}. Put the official '{name}' folder there "
+            f"(from {url}) or pass --data-dir pointing at the folder that contains it."
         )
     return folder
 
@@ -209,23 +238,320 @@ def load_cifar10(
     return CifarArrays(images, labels, classes)
 
 
-def channel_stats(images: np.ndarray) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    """Per-channel mean and std of uint8 (N, H, W, 3) images, in [0, 1] units."""
-    x = images.reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
-    return tuple(x.mean(0).round(4).tolist()), tuple(x.std(0).round(4).tolist())
+def load_cifar100(
+    data_dir: str | os.PathLike | None = None, *, train: bool = True, download: bool = True
+) -> CifarArrays:
+    """Read one split of CIFAR-100 from `data_dir/cifar-100-python` (downloading it if missing): its 100 fine
+    labels and their names, with the same restricted unpickler as CIFAR-10's batches."""
+    folder = find_cifar100(data_dir, download=download)
+    name = "train" if train else "test"
+    missing = [n for n in (name, "meta") if not (folder / n).is_file()]
+    if missing:
+        raise DataError(f"{folder} is incomplete: missing {', '.join(missing)}. Re-copy the whole folder.")
+    entry = _read_pickle(folder / name)
+    data, labels = entry.get("data"), entry.get("fine_labels")
+    if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
+        raise DataError(f"{folder / name} is not a CIFAR-100 file: 'data' must be uint8 rows of 3072 values.")
+    labels = np.asarray(labels, dtype=np.int64)
+    if labels.shape != (len(data),) or (len(labels) and (labels.min() < 0 or labels.max() > 99)):
+        raise DataError(f"{folder / name} is not a CIFAR-100 file: 'fine_labels' must be {len(data)} classes "
+                        "in 0..99.")
+    meta = _read_pickle(folder / "meta")
+    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get("fine_label_names", [])]
+    if len(classes) != 100:
+        raise DataError(f"{folder / 'meta'} does not list the 100 CIFAR-100 class names (fine_label_names).")
+    images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # channel-major rows -> (N, 32, 32, 3)
+    return CifarArrays(np.ascontiguousarray(images), labels, classes)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Your own images: a folder in torchvision's ImageFolder layout
+#
+# PATH/train/<class>/*.png|jpg|... and PATH/test/<class>/..., or PATH/<class>/... alone, when a share of each
+# class (TEST_SHARE, a fixed seeded choice) is held out as the test set. Each image is read as helpers.predict
+# reads yours (upright by EXIF, RGB, transparency on white), cut to its centre square and resized to 32x32 with
+# Lanczos, once: the arrays are cached in DATA_DIR/folder-cache/ (an .npz, read without pickle), keyed on the
+# folder's file list, sizes and modification times, so a changed folder is read again and an unchanged one is not.
+
+SIZE = 32  # the models' input side, px
+MAX_PIXELS = 64 * 2**20  # pixels an image may declare before it is decoded (8192 x 8192): a decompression bomb stops
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
+TEST_SHARE = 0.2  # share of each class held out as the test set when a folder has no train/ and test/
+TEST_SPLIT_SEED = 0  # that choice's seed: the same test images for every run, whatever its --seed
+FOLDER_CACHE_VERSION = 1  # bump when the way images become arrays changes
+BACKGROUND = (255, 255, 255)  # what transparent pixels become
+
+
+def to_rgb(img):
+    """A PIL image as RGB: gray repeated, 16-bit gray scaled to 8 bits, transparency composited on BACKGROUND."""
+    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit gray: PNG 16-bit reads as I or I;16
+        a = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if a.max() > 255 else 255.0
+        img = Image.fromarray(np.rint(np.clip(a, 0, top) * (255 / top)).astype(np.uint8))
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
+    """(left, top, right, bottom) of the largest square in the middle of a width x height image."""
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
+    return left, top, left + side, top + side
+
+
+def square_input(rgb) -> np.ndarray:
+    """An RGB PIL image -> uint8 (32, 32, 3): its centre square resized with Lanczos (which spans the whole
+    footprint when it shrinks, so a large photo does not alias). Square, because CIFAR photos are square with
+    the object in the middle, and squashing a 4:3 photo would distort every shape."""
+    return np.asarray(rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS, box=centre_square(*rgb.size)))
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """One image file of a folder data set -> uint8 (32, 32, 3); a DataError naming the file when it is not an
+    image, too large to decode safely, or damaged."""
+    try:
+        with Image.open(path) as img:
+            width, height = img.size
+            if width * height > MAX_PIXELS:  # checked from the header, before a pixel is decoded
+                raise DataError(f"{path} is {width}x{height} pixels, more than the {MAX_PIXELS:,} read safely: "
+                                "shrink it or take it out of the folder")
+            img.load()
+            return square_input(to_rgb(ImageOps.exif_transpose(img)))
+    except UnidentifiedImageError:
+        raise DataError(f"{path} is not an image Pillow can read: remove it from the folder or replace it with a "
+                        "PNG or JPEG file") from None
+    except Image.DecompressionBombError:
+        raise DataError(f"{path} has too many pixels to read safely: shrink it or take it out of the folder") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise DataError(f"{path} could not be read ({err}): the file is damaged, cut short or not readable; "
+                        "replace it or take it out of the folder") from None
+
+
+def printable(text: str) -> str:
+    """`text` with anything a terminal would act on (control characters, escapes) shown as escapes instead."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
+
+
+def _list_classes(folder: Path) -> list[tuple[str, list[Path]]]:
+    """[(class name, its image files sorted)] of an ImageFolder split, classes sorted by name; a DataError that
+    names the folder or file for an empty class, a file that is not an image, or fewer than two classes."""
+    classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
+    if len(classes) < 2:
+        found = f"only one class folder ({printable(classes[0].name)})" if classes else "no class folders"
+        raise DataError(f"{printable(folder)} has {found}: a classifier needs at least 2, one folder of images per "
+                        f"class ({printable(folder)}/<class>/*.png|jpg)")
+    listed = []
+    for c in classes:
+        if not c.name.isprintable():
+            raise DataError(f"class folder {printable(c)} has control characters in its name: rename it")
+        files = sorted(f for f in c.rglob("*") if f.is_file()
+                       and not any(part.startswith(".") for part in f.relative_to(c).parts))
+        strange = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
+        if strange:
+            raise DataError(f"{printable(strange[0])} is not an image file (expected {', '.join(IMAGE_SUFFIXES)}): "
+                            "move it out of the class folder")
+        if not files:
+            raise DataError(f"class folder {printable(c)} has no images: add some or remove the folder")
+        listed.append((c.name, files))
+    return listed
+
+
+def _folder_layout(root: Path) -> dict[str, list[tuple[str, list[Path]]]]:
+    """{'train': ..., 'test': ...} (PATH/train and PATH/test) or {'all': ...} (class folders in PATH)."""
+    if not root.is_dir():
+        raise DataError(f"--dataset folder:{printable(root)}: no such folder. Pass a folder of class folders "
+                        "(PATH/<class>/*.png) or of train/ and test/ class folders")
+    train, test = root / "train", root / "test"
+    if train.is_dir() or test.is_dir():
+        if not (train.is_dir() and test.is_dir()):
+            have, lack = ("train", "test") if train.is_dir() else ("test", "train")
+            raise DataError(f"{printable(root)} has {have}/ but no {lack}/: give both, or put the class folders in "
+                            f"{printable(root)} itself (a share of each class is then held out for testing)")
+        splits = {"train": _list_classes(train), "test": _list_classes(test)}
+        names = [[c for c, _ in splits[k]] for k in ("train", "test")]
+        if names[0] != names[1]:
+            odd = sorted(set(names[0]) ^ set(names[1]))
+            raise DataError(f"{printable(root)}: train/ and test/ must hold the same class folders; "
+                            f"{printable(odd[0])} is in one only")
+        return splits
+    return {"all": _list_classes(root)}
+
+
+def _folder_key(root: Path, layout) -> str:
+    entries = [FOLDER_CACHE_VERSION, SIZE]
+    for split, classes in layout.items():
+        for name, files in classes:
+            for f in files:
+                st = f.stat()
+                entries.append([split, name, str(f.relative_to(root)), st.st_size, st.st_mtime_ns])
+    return hashlib.sha256(json.dumps(entries).encode()).hexdigest()[:16]
+
+
+def _decode_folder(layout) -> dict[str, np.ndarray]:
+    images, labels, splits = [], [], []
+    for k, classes in enumerate(layout.values()):
+        for label, (_, files) in enumerate(classes):
+            for f in files:
+                images.append(read_image_file(f))
+                labels.append(label)
+                splits.append(k)
+    classes = [name for name, _ in next(iter(layout.values()))]
+    return {"images": np.stack(images), "labels": np.asarray(labels, dtype=np.int64),
+            "split": np.asarray(splits, dtype=np.int8), "classes": np.asarray(classes, dtype=str),
+            "layout": np.asarray(list(layout), dtype=str)}
+
+
+def folder_arrays(root: str | os.PathLike, data_dir: str | os.PathLike | None = None) -> dict[str, np.ndarray]:
+    """Every image of an ImageFolder-layout folder as arrays (images uint8 (N, 32, 32, 3), labels, split,
+    classes, layout), from the cache in data_dir/folder-cache when the folder is unchanged."""
+    root = Path(root).expanduser().resolve()
+    layout = _folder_layout(root)
+    cache_dir = Path(data_dir if data_dir is not None else default_data_dir()).expanduser() / "folder-cache"
+    cache = cache_dir / f"{root.name or 'root'}-{_folder_key(root, layout)}.npz"
+    try:
+        cache_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise DataError(f"cannot write the folder's cache into {cache_dir} ({err.strerror or err}): pass a "
+                        "--data-dir you can write to") from None
+    with FileLock(str(cache) + ".lock"):  # one decoding for the processes of a run or the trials of a sweep
+        if cache.is_file():
+            try:
+                with np.load(cache, allow_pickle=False) as saved:
+                    return {k: saved[k] for k in saved.files}
+            except (OSError, ValueError, KeyError):
+                pass  # damaged: decoded again below
+        count = sum(len(files) for classes in layout.values() for _, files in classes)
+        print(f"reading {count:,} images of {printable(root)} once (resized to {SIZE}x{SIZE}, cached in "
+              f"{cache_dir})", flush=True)  # a note, not an error: stdout (Jupyter shows stderr red)
+        arrays = _decode_folder(layout)
+
+        def write(tmp: Path) -> None:
+            with open(tmp, "wb") as f:  # a file object: np.savez would add .npz to a temporary name
+                np.savez(f, **arrays)
+
+        atomic_write(cache, write)
+    return arrays
+
+
+def held_out_test(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """A bool mask of the images a class-folder-only data set tests on: TEST_SHARE of each class (at least one),
+    a fixed seeded choice."""
+    rng = np.random.default_rng(TEST_SPLIT_SEED)
+    test = np.zeros(len(labels), dtype=bool)
+    for c in range(num_classes):
+        members = np.flatnonzero(labels == c)
+        test[rng.permutation(members)[:max(1, round(TEST_SHARE * len(members)))]] = True
+    return test
+
+
+def load_image_folder(root: str | os.PathLike, *, train: bool = True,
+                      data_dir: str | os.PathLike | None = None) -> CifarArrays:
+    """One split of your own images (ImageFolder layout, any sizes) as 32x32 arrays; class names are the
+    folders' names, sorted."""
+    saved = folder_arrays(root, data_dir)
+    classes = [str(c) for c in saved["classes"]]
+    if list(saved["layout"]) == ["all"]:
+        counts = np.bincount(saved["labels"], minlength=len(classes))
+        if counts.min() < 2:
+            raise DataError(f"class folder {printable(Path(root) / classes[int(counts.argmin())])} has 1 image: "
+                            "holding a share out for testing needs at least 2 of each class (or give train/ and "
+                            "test/ folders)")
+        keep = held_out_test(saved["labels"], len(classes)) != train
+    else:
+        keep = saved["split"] == (0 if train else 1)
+    return CifarArrays(np.ascontiguousarray(saved["images"][keep]), saved["labels"][keep], classes)
+
+
+def parse_dataset(spec: str) -> tuple[str, str | None]:
+    """('cifar10' | 'cifar100' | 'folder', the folder's path or None) of a TrainConfig.dataset value."""
+    if spec in ("cifar10", "cifar100"):
+        return spec, None
+    kind, sep, path = spec.partition(":")
+    if kind == "folder" and sep and path:
+        return "folder", path
+    raise ValueError(f"unknown data set {spec!r}: choose cifar10, cifar100 or folder:PATH")
+
+
+def dataset_name(spec: str) -> str:
+    """How a data set is named to the user: CIFAR-10, CIFAR-100, or 'the image folder PATH'."""
+    kind, path = parse_dataset(spec)
+    return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(kind) or f"the image folder {printable(path)}"
+
+
+def load_dataset(spec: str = "cifar10", data_dir: str | os.PathLike | None = None, *, train: bool = True,
+                 download: bool = True) -> CifarArrays:
+    """One split of a data set (`DATASETS`): CIFAR-10 or CIFAR-100 from data_dir (downloaded if missing), or an
+    image folder (decoded once, cached in data_dir/folder-cache)."""
+    kind, path = parse_dataset(spec)
+    if kind == "cifar10":
+        return load_cifar10(data_dir, train=train, download=download)
+    if kind == "cifar100":
+        return load_cifar100(data_dir, train=train, download=download)
+    return load_image_folder(path, train=train, data_dir=data_dir)
+
+
+def channel_stats(images: np.ndarray, *, chunk: int = 4096) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """Per-channel mean and std of uint8 (N, H, W, 3) images, in [0, 1] units, rounded to 4 decimals. Summed in
+    float64 over chunks of `chunk` images (50,000 at once would take 1.2 GB)."""
+    total, squares = np.zeros(images.shape[-1]), np.zeros(images.shape[-1])
+    for start in range(0, len(images), chunk):
+        x = images[start:start + chunk].reshape(-1, images.shape[-1]).astype(np.float64) / 255.0
+        total += x.sum(0)
+        squares += (x * x).sum(0)
+    n = max(1, images[..., 0].size)
+    mean = total / n
+    std = np.sqrt(np.maximum(squares / n - mean**2, 0))
+    return tuple(mean.round(4).tolist()), tuple(std.round(4).tolist())
+
+
+def normalization(dataset: str, train: CifarArrays) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std) per channel, in [0, 1] units, that a run on `dataset` normalises with: CIFAR-10's published
+    constants, else the statistics of the training images `train` (after any subset and validation split)."""
+    if dataset == "cifar10":
+        return CIFAR10_MEAN, CIFAR10_STD
+    return channel_stats(train.images)
+
+
+def balanced_choice(labels: np.ndarray, n: int, num_classes: int, rng: np.random.Generator) -> np.ndarray:
+    """Indices of n // num_classes random images of each class (all of a class that has fewer), in shuffled
+    order."""
+    per_class = n // num_classes
+    keep = np.concatenate([rng.permutation(np.flatnonzero(labels == c))[:per_class] for c in range(num_classes)])
+    return rng.permutation(keep)
 
 
 def balanced_subset(arrays: CifarArrays, n: int | None, *, seed: int = 0) -> CifarArrays:
-    """A class-balanced random subset of about `n` images (n // 10 per class), in shuffled order."""
+    """A class-balanced random subset of about `n` images (n // classes per class), in shuffled order."""
     if n is None or n >= len(arrays):
         return arrays
-    if n < 10:
-        raise ValueError(f"a class-balanced subset needs at least 10 images, got {n}")
-    rng = np.random.default_rng(seed)
-    per_class = n // 10
-    keep = np.concatenate([rng.permutation(np.flatnonzero(arrays.labels == c))[:per_class] for c in range(10)])
-    keep = rng.permutation(keep)
-    return CifarArrays(arrays.images[keep], arrays.labels[keep], arrays.classes)
+    classes = len(arrays.classes)
+    if n < classes:
+        raise ValueError(f"a class-balanced subset of {classes} classes needs at least {classes} images, got {n}")
+    return arrays.take(balanced_choice(arrays.labels, n, classes, np.random.default_rng(seed)))
+
+
+def validation_indices(train: CifarArrays, n: int, *, seed: int = 0) -> np.ndarray:
+    """Which `n` training images (n // classes of each class, seeded) a run holds out for validation, sorted."""
+    classes = len(train.classes)
+    if n < classes:
+        raise DataError(f"--val-split {n}: a class-balanced validation split of {classes} classes needs at least "
+                        f"{classes} images (one per class)")
+    smallest = int(np.bincount(train.labels, minlength=classes).min())
+    if n // classes >= smallest:
+        raise DataError(f"--val-split {n} takes {n // classes} images of each class, but a class has only "
+                        f"{smallest} training image(s): choose a split below {classes * smallest}")
+    # a stream of its own (seed + a constant): the same seed's subset draws must not decide the split too
+    rng = np.random.default_rng([seed, 0x5A11D])
+    return np.sort(balanced_choice(train.labels, n, classes, rng))
+
+
+def split_validation(train: CifarArrays, indices) -> tuple[CifarArrays, CifarArrays]:
+    """(the training images that stay, the validation images at `indices`), both in the original order."""
+    held = np.zeros(len(train), dtype=bool)
+    held[np.asarray(indices, dtype=np.int64)] = True
+    return train.take(np.flatnonzero(~held)), train.take(np.flatnonzero(held))
 
 
 def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
@@ -323,6 +649,7 @@ class AugmentedCifar(Dataset):
     def __init__(self, arrays: CifarArrays, recipe: str = "none", *, mean=CIFAR10_MEAN, std=CIFAR10_STD):
         self.arrays = arrays
         self.recipe = recipe
+        self.mean, self.std = mean, std
         self.transform = build_transform(recipe, mean=mean, std=std)
 
     def __len__(self) -> int:
@@ -419,13 +746,15 @@ def make_loader(
     pin_memory: bool | None = None,
     rank: int = 0,
     world_size: int = 1,
+    mean=CIFAR10_MEAN,
+    std=CIFAR10_STD,
 ) -> TorchLoader:
     """A DataLoader of normalised (B, 3, 32, 32) float batches and (B,) int64 labels.
 
     Training loaders shuffle, augment with `recipe` and drop the last partial batch; test loaders keep the
     dataset order (so predictions line up with `arrays`) and never augment. The shuffling and augmentation
     stream comes from `loader.rng`, seeded with `seed`. rank/world_size: one process's shard of a training set
-    (batch_size per process; see `SeededSampler`).
+    (batch_size per process; see `SeededSampler`). mean, std: the normalisation (`normalization`), [0, 1] units.
     """
     recipe = recipe if train else "none"
     recipe = recipe or "none"
@@ -433,7 +762,7 @@ def make_loader(
     _check_shard(len(arrays), batch_size, world_size, train)
     generator = torch.Generator().manual_seed(seed)  # the sampler's: order and augmentation, saved by checkpoints
     loader = TorchLoader(
-        AugmentedCifar(arrays, recipe),
+        AugmentedCifar(arrays, recipe, mean=mean, std=std),
         batch_size=batch_size,
         sampler=SeededSampler(len(arrays), shuffle=train, generator=generator, rank=rank, world_size=world_size,
                               batch=batch_size),
@@ -497,14 +826,14 @@ def affine_theta(rotate: torch.Tensor, scale: torch.Tensor, translate: torch.Ten
     return torch.cat([m, b], -1).float()
 
 
-def draw_augmentation(n: int, recipe: str, generator: torch.Generator) -> dict[str, torch.Tensor]:
+def draw_augmentation(n: int, recipe: str, generator: torch.Generator) -> dict[str, torch.Tensor | int]:
     """Random parameters for `n` images of an `AUGMENTATIONS` recipe (CPU tensors).
 
     Every recipe: shift (n, 2) in -pad..pad, flip (n,), hole (n, 2) top-left, hole_on (n,), size (the hole side,
-    a scalar). With an affine: affine (n,) on or off, rotate (n,) degrees, scale (n, 2) and translate (n, 2) px as
-    (x, y), and theta (n, 2, 3) for `warp_affine` (the identity where off). With gray: gray (n,). Every draw comes
-    from `generator`, in a fixed order (affine and gray draws only for recipes that have them), so its state fixes
-    the whole epoch.
+    a Python int: the recipe's, and a shape, so never a tensor the loop would have to read back). With an
+    affine: affine (n,) on or off, rotate (n,) degrees, scale (n, 2) and translate (n, 2) px as (x, y), and theta
+    (n, 2, 3) for `warp_affine` (the identity where off). With gray: gray (n,). Every draw comes from `generator`,
+    in a fixed order (affine and gray draws only for recipes that have them), so its state fixes the whole epoch.
     """
     spec = AUGMENTATIONS[recipe]
     pad, (size, p) = spec.get("pad", 0), spec.get("hole", (0, 0.0))
@@ -513,7 +842,7 @@ def draw_augmentation(n: int, recipe: str, generator: torch.Generator) -> dict[s
         "flip": torch.rand(n, generator=generator) < spec.get("flip", 0.0),
         "hole": torch.randint(0, 32 - size + 1, (n, 2), generator=generator),
         "hole_on": torch.rand(n, generator=generator) < p,
-        "size": torch.tensor(size),
+        "size": size,
     }
     if spec.get("affine"):
         a = spec["affine"]
@@ -551,7 +880,7 @@ def to_gray(images: torch.Tensor) -> torch.Tensor:
     return y.to(torch.uint8)[..., None].expand_as(images)
 
 
-def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor], fill: torch.Tensor) -> torch.Tensor:
+def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor | int], fill: torch.Tensor) -> torch.Tensor:
     """Crop (reflect-padded shift), flip, affine, gray and cutout uint8 images (B, 32, 32, 3) -> uint8 (B, 32, 32, 3),
     in `AUGMENTATIONS` order; the affine and gray steps only where `params` has them (`draw_augmentation`).
 
@@ -570,7 +899,7 @@ def augment_batch(images: torch.Tensor, params: dict[str, torch.Tensor], fill: t
         out = warp_affine(out, params["theta"], params["affine"])
     if "gray" in params:
         out = torch.where(params["gray"][:, None, None, None], to_gray(out), out)
-    size = int(params["size"])
+    size = params["size"]
     if size:
         y0, x0 = params["hole"][:, 0, None], params["hole"][:, 1, None]  # (B, 1)
         in_rows = (ar >= y0) & (ar < y0 + size)  # (B, H)
@@ -604,6 +933,7 @@ class GpuLoader:
         self.rank, self.world_size = rank, world_size
         self.drop_last = train and len(self.labels) >= batch_size * world_size
         self.generator = torch.Generator().manual_seed(seed)  # order and augmentation; checkpoints save its state
+        self.norm = (tuple(mean), tuple(std))  # [0, 1] units
         fill = [round(255 * m) for m in mean]  # the uint8 mean pixel, as build_transform fills its holes
         self.fill = torch.tensor(fill, dtype=torch.uint8, device=self.device)
         self.mean = torch.tensor(mean, device=self.device) * 255  # uint8 units, like albumentations' Normalize
@@ -624,8 +954,8 @@ class GpuLoader:
         n = len(self.labels)
         if self.train:  # one small CPU draw and one copy per epoch: no host sync inside the loop
             order = torch.randperm(n, generator=self.generator).to(self.device, non_blocking=True)
-            # the hole size stays a CPU scalar: reading a device tensor with int() would sync every batch
-            params = {k: v.to(self.device, non_blocking=True) if v.ndim else v for k, v in
+            # the hole size is a Python int: reading a device tensor with int() would sync every batch
+            params = {k: v.to(self.device, non_blocking=True) if isinstance(v, torch.Tensor) else v for k, v in
                       draw_augmentation(n, self.recipe, self.generator).items()}
         for step in range(len(self)):
             window = slice(step * self.batch_size, (step + 1) * self.batch_size)
@@ -636,7 +966,7 @@ class GpuLoader:
                 start = step * self.batch_size * self.world_size + self.rank * self.batch_size
                 window = slice(start, start + self.batch_size)
             index = order[window]
-            batch = {k: (v if v.ndim == 0 else v[window]) for k, v in params.items()}
+            batch = {k: v[window] if isinstance(v, torch.Tensor) else v for k, v in params.items()}
             yield self.normalize(augment_batch(self.images[index], batch, self.fill)), self.labels[index]
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
@@ -646,15 +976,27 @@ class GpuLoader:
 
 def make_loaders(train: CifarArrays, test: CifarArrays, *, kind: str, batch_size: int, recipe: str,
                  device: str | torch.device = "cpu", workers: int | None = None, seed: int = 0, rank: int = 0,
-                 world_size: int = 1):
+                 world_size: int = 1, mean=CIFAR10_MEAN, std=CIFAR10_STD):
     """(train_loader, test_loader) of one kind: 'gpu' (GpuLoader on `device`) or 'torch' (albumentations
     DataLoader). Test batches of 1000 divide the 10,000 test images: no ragged last batch for torch.compile.
-    rank/world_size shard the training loader (batch_size per process); the test loader is the whole set."""
+    rank/world_size shard the training loader (batch_size per process); the test loader is the whole set.
+    mean, std: the normalisation of both (`normalization`)."""
     shard = dict(rank=rank, world_size=world_size)
+    norm = dict(mean=mean, std=std)
     if kind == "gpu":
-        return (GpuLoader(train, batch_size=batch_size, recipe=recipe, device=device, seed=seed, **shard),
-                GpuLoader(test, batch_size=1000, train=False, device=device))
+        return (GpuLoader(train, batch_size=batch_size, recipe=recipe, device=device, seed=seed, **shard, **norm),
+                GpuLoader(test, batch_size=1000, train=False, device=device, **norm))
     if kind == "torch":
-        return (make_loader(train, batch_size=batch_size, recipe=recipe, workers=workers, seed=seed, **shard),
-                make_loader(test, batch_size=1000, train=False, workers=workers))
+        return (make_loader(train, batch_size=batch_size, recipe=recipe, workers=workers, seed=seed, **shard, **norm),
+                make_loader(test, batch_size=1000, train=False, workers=workers, **norm))
     raise ValueError(f"unknown loader kind {kind!r}: choose gpu or torch")
+
+
+def evaluation_loader(like, arrays: CifarArrays):
+    """A loader of `arrays` in their order, unaugmented, of the same kind, device and normalisation as the loader
+    `like` (a validation split's, beside a run's test loader)."""
+    if isinstance(like, GpuLoader):
+        return GpuLoader(arrays, batch_size=1000, train=False, device=like.device, mean=like.norm[0], std=like.norm[1])
+    dataset = like.dataset
+    return make_loader(arrays, batch_size=1000, train=False, workers=like.num_workers, mean=dataset.mean,
+                       std=dataset.std)

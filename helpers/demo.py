@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import tempfile
 from pathlib import Path
@@ -26,8 +27,9 @@ import numpy as np
 from PIL import Image
 
 from helpers.checkpoints import CheckpointError
-from helpers.data import DataError, load_cifar10
+from helpers.data import DataError, load_dataset, printable
 from helpers.predict import DISPLAY, InputError, Predictor, load_predictor, overlay_on_square
+from helpers.utils import add_version_flag
 
 HOST = "127.0.0.1"  # loopback: the page is reachable from this machine only, unless --host says otherwise
 # small images (the 32x32s) fill their box with square pixels, not a blur
@@ -63,15 +65,22 @@ def classify(predictor: Predictor, path: str | None):
 
 def example_images(predictor: Predictor, folder: Path, *, data_dir: str | None = None) -> tuple[list, list]:
     """(paths, class names): the first test image of each class, written as PNGs into `folder`; none when the run's
-    CIFAR-10 folder (or `data_dir`) is not on this machine."""
+    data set (CIFAR-10, CIFAR-100 or its image folder, under its data folder or `data_dir`) is not on this machine
+    or holds other classes."""
     try:
-        test = load_cifar10(data_dir or predictor.config.data_dir, train=False, download=False)
-    except DataError:
+        test = load_dataset(predictor.config.dataset, data_dir or predictor.config.data_dir, train=False,
+                            download=False)
+    except (DataError, ValueError):
+        return [], []
+    if list(test.classes) != list(predictor.classes):
         return [], []
     paths, labels = [], []
     for c, name in enumerate(test.classes):
-        index = int(np.flatnonzero(test.labels == c)[0])
-        path = folder / f"test_{index:05d}_{name}.png"
+        members = np.flatnonzero(test.labels == c)
+        if not len(members):
+            continue
+        index = int(members[0])
+        path = folder / f"test_{index:05d}_{c}.png"  # no class name in a path: a folder's names are user data
         Image.fromarray(test.images[index]).save(path)
         paths.append([str(path)])
         labels.append(name)
@@ -86,10 +95,20 @@ def headline(predictor: Predictor) -> str:
         score = f", {m['test_acc']:.2f}% right on its {m['test_images']:,} test images"
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
         score = ""
-    return (f"## What does my CIFAR-10 model see?\n**{predictor.model_name}**, {predictor.config.recipe} "
-            f"recipe, trained {predictor.epoch} of {predictor.epochs} epochs{score}. It knows 10 classes "
-            f"({', '.join(predictor.classes)}): anything else gets the closest of them. Your image is cut to its "
+    dataset = predictor.config.dataset
+    what = {"cifar10": "CIFAR-10 ", "cifar100": "CIFAR-100 "}.get(dataset, "")
+    names = [markdown_text(c) for c in predictor.classes]
+    listed = ", ".join(names) if len(names) <= 20 else ", ".join(names[:20]) + f", ... ({len(names) - 20} more)"
+    return (f"## What does my {what}model see?\n**{predictor.model_name}**, {predictor.config.recipe} "
+            f"recipe, trained {predictor.epoch} of {predictor.epochs} epochs{score}. It knows {len(names)} classes "
+            f"({listed}): anything else gets the closest of them. Your image is cut to its "
             "centre square and shrunk to 32x32 pixels, the size the model was trained on.")
+
+
+def markdown_text(text: str) -> str:
+    """User data (a class folder's name) as literal Markdown text: control characters escaped, Markdown and HTML
+    punctuation backslash-escaped."""
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~&])", r"\\\1", printable(text))
 
 
 def build_demo(predictor: Predictor, *, examples: tuple[list, list] = ([], [])):
@@ -97,7 +116,7 @@ def build_demo(predictor: Predictor, *, examples: tuple[list, list] = ([], [])):
     page opens), a top-3 label, the GradCAM overlay and the 32x32 the model saw. Its one API endpoint is /predict
     (image file -> label, overlay, 32x32)."""
     gr = import_gradio()
-    with gr.Blocks(title=f"CIFAR-10 demo: {predictor.model_name}") as page:
+    with gr.Blocks(title=f"demo: {predictor.model_name}") as page:
         gr.Markdown(headline(predictor))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
@@ -144,7 +163,8 @@ def serve(run: str | os.PathLike, *, port: int | None = None, share: bool | None
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helpers.demo", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="cifar10 demo", description=__doc__.split("\n\n")[0])
+    add_version_flag(p)
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder (holding checkpoint.pt) or a checkpoint")
     p.add_argument("--port", type=int, help="(default: 7860, or the next free port)")
     p.add_argument("--share", action="store_true", default=None, help="also a temporary public link, through "

@@ -9,8 +9,11 @@ the scheduler steps, channels_last, the L1 term, and how the model's forward and
            capture takes ~0.1 s; removes the launch overhead that dominates small-batch steps.
 - compile: torch.compile(mode="reduce-overhead"): Inductor fuses batch-norm, ReLU and pooling, plus CUDA graphs;
            costs 14-20 s of compilation the first time in a process.
-- auto:    eager on the CPU; on CUDA, graphs, or compile when the run is long enough to repay the compilation
-           (see `choose_mode`).
+- auto:    eager on the CPU; on CUDA, the mode whose warm-up plus steps take least for this run by measured step
+           times (STEP_STUDY; compile only where its compilation pays back within the run), see `choose_mode`.
+
+A compilation that fails (no C++ compiler, an unsupported op) falls back to eager with a warning and a note in
+`mode_reason`: the run goes on.
 
 Under torchrun (several processes, helpers.distributed) the forward runs in DistributedDataParallel, whose
 gradient all-reduce runs in hooks during the backward. eager works; compile compiles the DDP model in Inductor's
@@ -31,25 +34,41 @@ import warnings
 
 import torch
 from torch import nn
-from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
 from helpers import distributed
 from helpers.config import TrainConfig
 from helpers.utils import BATCH_NORMS, amp_dtype, precision_name, preserved_modes
 
 WARMUP_STEPS = 3  # steps on a zero batch before the clock: cuDNN autotuning, the allocator, CUDA-graph warm-up
-# auto picks compile over graphs from this many training steps on: compilation costs 14-20 s and saves 0.5-1.5 ms
-# a step over graphs, so it pays after ~13,000-32,000 steps (measured: BENCHMARKS.md, "Execution modes"). The
-# write-up recipes run 2,328 (custom_resnet), 7,820 (resnet18) and 78,000 (depthwise_net) steps.
+# What `auto` weighs on CUDA: ms per training step and the one-time warm-up in seconds, per execution mode, for a
+# (model, precision, batch) measured. H100, torch 2.11, commit 858b4af, synthetic batches, fused optimizer
+# (gpu-runs 2026-11-23, steps.txt and its README; BENCHMARKS.md "Execution modes"): ResNet-9 is GPU-bound at batch
+# 512 (graphs save 0.1 ms a step), and compiling fuses enough to save 1.6 ms but costs 10-14 s in a fresh process.
+# Re-measure on the GPU the check runs on (benchmarks.gpu_check, item `modes`) and replace these.
+STEP_STUDY: dict[tuple[str, str, int], dict[str, tuple[float, float]]] = {
+    ("custom_resnet", "bf16", 512): {"eager": (5.51, 0.0), "graphs": (5.4, 0.1), "compile": (3.88, 14.0)},
+    ("resnet18", "bf16", 128): {"eager": (11.28, 0.1), "graphs": (3.2, 0.1), "compile": (3.10, 14.4)},
+}
+# without a measurement, auto picks compile over graphs from this many training steps on: compilation costs 14-20 s
+# and saved 0.5-1.5 ms a step over graphs where measured, so it pays after ~13,000-32,000 steps. The write-up
+# recipes run 2,328 (custom_resnet), 7,820 (resnet18) and 78,000 (depthwise_net) steps.
 COMPILE_MIN_STEPS = 15_000
 
 
-def choose_mode(requested: str, device: torch.device, total_steps: int) -> tuple[str, str]:
+def choose_mode(requested: str, device: torch.device, total_steps: int, *,
+                measured: dict[str, tuple[float, float]] | None = None) -> tuple[str, str]:
     """(mode, description) for a run of `total_steps` training steps on `device`; the description says why.
+    auto on CUDA: with `measured` (STEP_STUDY's entry for the run), the mode whose warm-up plus steps takes least
+    (compile only where its warm-up pays back within the run); else graphs, or compile from COMPILE_MIN_STEPS.
     graphs asked for on the CPU falls back to eager."""
     if requested == "auto":
         if device.type != "cuda":
             return "eager", "eager (auto, on the CPU)"
+        if measured:
+            seconds = {m: warmup + total_steps * ms / 1000 for m, (ms, warmup) in measured.items()}
+            mode = min(seconds, key=seconds.get)
+            return mode, (f"{mode} (auto: {total_steps:,} steps with the measured step times and warm-ups: "
+                          + ", ".join(f"{m} {s:.1f} s" for m, s in seconds.items()) + ")")
         if total_steps >= COMPILE_MIN_STEPS:
             return "compile", f"compile (auto: {total_steps:,} steps repay its compilation)"
         return "graphs", f"graphs (auto: CUDA graphs; {total_steps:,} steps would not repay compiling)"
@@ -84,10 +103,16 @@ def param_groups(model: nn.Module, config: TrainConfig) -> list[dict]:
              "weight_decay": config.weight_decay / scale}]
 
 
+def fused_kernels(device: torch.device) -> bool:
+    """Whether the optimizer runs fused (one kernel a step): on CUDA, where a launch per tensor costs (on the CPU
+    torch's default, foreach, is as fast; benchmarks.proxies turns this on to count the GPU path there)."""
+    return device.type == "cuda"
+
+
 def make_optimizer(model: nn.Module, config: TrainConfig, device: torch.device | None = None) -> torch.optim.Optimizer:
     """SGD (momentum, Nesterov) or Adam at the config's start LR; fused kernels on CUDA (one launch per step)."""
     device = device or next(model.parameters()).device
-    fused = {"fused": True} if device.type == "cuda" else {}
+    fused = {"fused": True} if fused_kernels(device) else {}
     groups = param_groups(model, config)
     if config.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=config.start_lr, momentum=config.momentum, nesterov=config.nesterov,
@@ -126,6 +151,80 @@ def clock(device: torch.device) -> float:
     return time.perf_counter()
 
 
+def mark(device: torch.device) -> float | torch.cuda.Event:
+    """A point in time that costs no host sync: a timing event queued on CUDA, the clock now elsewhere. Read the
+    seconds between two with `seconds_between` once the device has passed the later one."""
+    if device.type == "cuda":
+        event = torch.cuda.Event(enable_timing=True)
+        event.record()
+        return event
+    return time.perf_counter()
+
+
+def seconds_between(start: float | torch.cuda.Event, end: float | torch.cuda.Event) -> float:
+    """Seconds from `start` to `end` (two `mark`s; CUDA events must have completed: read after a host sync)."""
+    if isinstance(start, float):
+        return end - start
+    return start.elapsed_time(end) / 1000  # milliseconds
+
+
+class WeightAverage:
+    """An exponential moving average of a model's parameters and buffers, `average.update(model)` once per step;
+    `average.module` is the averaged copy that evaluation runs.
+
+    The same numbers as torch.optim.swa_utils.AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay),
+    use_buffers=True) (tests/test_engine.py holds them equal), without its host syncs: AveragedModel tests its
+    tensor counter (`n_averaged == 0`, `n_averaged > 0`) and copies it to the device on every update (three
+    blocking reads a step on a GPU), and averages integer buffers one by one (32 extra launches for ResNet-9).
+    Here the count is a Python int and an update is one `torch._foreach_lerp_` over the float tensors plus three
+    launches for the integer ones. `torch._foreach_*` are documented in torch's reference (beta) and are what
+    torch's own EMA (get_ema_multi_avg_fn) and optimizers call; no public API does a fused in-place lerp of
+    many tensors.
+
+    state_dict() has AveragedModel's layout ('module.<name>' and 'n_averaged'): checkpoints written before this
+    class (and by it) load either way.
+    """
+
+    def __init__(self, model: nn.Module, *, decay: float):
+        self.decay, self.updates = decay, 0
+        self.module = copy.deepcopy(model)
+        # a captured model's forward is an instance attribute bound to the original: the copy gets its own
+        self.module.__dict__.pop("forward", None)
+        self._mine = self._tensors(self.module)  # the average's own tensors, for good: updates write into them
+        self._floats = [i for i, t in enumerate(self._mine) if t.is_floating_point() or t.is_complex()]
+        self._others = [i for i, t in enumerate(self._mine) if not (t.is_floating_point() or t.is_complex())]
+
+    @staticmethod
+    def _tensors(model: nn.Module) -> list[torch.Tensor]:
+        """Parameters then buffers, in AveragedModel's order (no detach: updates run under no_grad)."""
+        return [*model.parameters(), *model.buffers()]
+
+    @torch.no_grad()
+    def update(self, model: nn.Module) -> None:
+        """Fold `model`'s current weights into the average (the first update copies them), on the device only."""
+        mine, theirs = self._mine, self._tensors(model)
+        if self.updates == 0:
+            torch._foreach_copy_(mine, theirs)
+        else:
+            torch._foreach_lerp_([mine[i] for i in self._floats], [theirs[i] for i in self._floats],
+                                 1 - self.decay)
+            if self._others:  # AveragedModel's integer rule: mine * decay + theirs * (1 - decay), truncated
+                ints = [mine[i] for i in self._others]
+                flat = (torch.cat([t.reshape(-1) for t in ints]) * self.decay
+                        + torch.cat([theirs[i].reshape(-1) for i in self._others]) * (1 - self.decay))
+                parts = flat.split([t.numel() for t in ints])
+                torch._foreach_copy_(ints, [p.view(t.shape) for p, t in zip(parts, ints)])
+        self.updates += 1
+
+    def state_dict(self) -> dict:
+        return {**{f"module.{k}": v for k, v in self.module.state_dict().items()},
+                "n_averaged": torch.tensor(self.updates, dtype=torch.long)}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict({k[len("module."):]: v for k, v in state.items() if k.startswith("module.")})
+        self.updates = int(state["n_averaged"])  # a CPU tensor read from a checkpoint: no device sync
+
+
 class TrainStep:
     """One optimisation step, `loss, logits = step(x, y)`, returning device tensors (no host sync).
 
@@ -145,7 +244,7 @@ class TrainStep:
                     module.weight.requires_grad_(False)
         self.memory_format = torch.channels_last if config.channels_last else torch.contiguous_format
         self.model = model.to(self.device, memory_format=self.memory_format)
-        if self.device.type == "cuda":
+        if self.device.type == "cuda" and not config.deterministic:  # autotuning picks kernels by timing them
             torch.backends.cudnn.benchmark = True
         self.dtype = amp_dtype(self.device, config.amp)
         self.optimizer = make_optimizer(model, config, self.device)
@@ -154,12 +253,14 @@ class TrainStep:
         self.criterion = nn.CrossEntropyLoss(label_smoothing=config.label_smoothing)
         self.params = [p for p in model.parameters() if p.requires_grad]
         requested = mode or config.mode
-        self.mode, self.mode_reason = choose_mode(requested, self.device, config.epochs * steps_per_epoch)
+        measured = STEP_STUDY.get((config.model, precision_name(self.dtype), config.batch_size))
+        self.mode, self.mode_reason = choose_mode(requested, self.device, config.epochs * steps_per_epoch,
+                                                  measured=measured)
         if self.ddp:
             self.mode, self.mode_reason = ddp_mode(requested, self.mode, self.mode_reason)
         # what runs the training forward: the model, in DDP under torchrun, or its compiled form
         self.forward: nn.Module = distributed.wrap(self.model, self.device)
-        self.ema: torch.optim.swa_utils.AveragedModel | None = None  # made by start_epoch when averaging starts
+        self.ema: WeightAverage | None = None  # made by start_epoch when averaging starts
         self.warmup_seconds: float | None = None  # set by prepare()
 
     @property
@@ -188,17 +289,14 @@ class TrainStep:
         if self.config.scheduler == "onecycle":
             self.scheduler.step()
         if self.ema is not None:
-            self.ema.update_parameters(self.model)
+            self.ema.update(self.model)
         return loss.detach(), out.detach()
 
     def start_epoch(self, epoch: int) -> None:
         """Per-epoch switches: weight averaging starts `ema_epochs` before the end (from the current weights)."""
         first = self.config.epochs - self.config.ema_epochs + 1 if self.config.ema_epochs else 1
         if self.config.ema and self.ema is None and epoch >= first:
-            self.ema = AveragedModel(self.model, multi_avg_fn=get_ema_multi_avg_fn(self.config.ema),
-                                     use_buffers=True)
-            # a captured model's forward is an instance attribute bound to the original: the copy gets its own
-            self.ema.module.__dict__.pop("forward", None)
+            self.ema = WeightAverage(self.model, decay=self.config.ema)
 
     # --- the weight average: the step owns it; callers ask for the model to evaluate
 
@@ -231,7 +329,7 @@ class TrainStep:
 
     def sync_buffers(self) -> None:
         """Under torchrun: rank 0's buffers (batch-norm statistics, the average's) into every process."""
-        distributed.broadcast_buffers(self.model, *([self.ema] if self.ema is not None else []))
+        distributed.broadcast_buffers(self.model, *([self.ema.module] if self.ema is not None else []))
 
     def end_training(self) -> None:
         """Training is over: the model takes the weights it was evaluated with (the weight average, if any)."""
@@ -239,7 +337,8 @@ class TrainStep:
             self.model.load_state_dict(self.ema.module.state_dict())
 
     def end_epoch(self, test_loss: float) -> None:
-        """Per-epoch scheduling: ReduceLROnPlateau steps on the test loss."""
+        """Per-epoch scheduling: ReduceLROnPlateau steps on the loss fit evaluates each epoch (the validation
+        split's when the run has one, else the test set's)."""
         if self.config.scheduler == "plateau":
             self.scheduler.step(test_loss)
 
@@ -264,18 +363,33 @@ class TrainStep:
             if self.mode == "graphs":
                 self._capture(x)
             elif self.mode == "compile":
+                eager_forward = self.forward
                 self.forward = torch.compile(self.forward, mode="default" if self.ddp else "reduce-overhead")
-            for _ in range(WARMUP_STEPS):
-                self(x, y)
-            if eval_batch:
-                with torch.no_grad(), preserved_modes(self.model), self.autocast():
-                    self.model.eval()
-                    self.forward(torch.zeros(eval_batch, 3, 32, 32, device=self.device)
-                                 .contiguous(memory_format=self.memory_format))
+            try:
+                self._warm_up(x, y, eval_batch)
+            except Exception as err:  # noqa: BLE001 - no compiler, an unsupported op...: the run goes on eager
+                if self.mode != "compile":
+                    raise
+                self.forward = eager_forward
+                reason = f"{type(err).__name__}: {str(err).strip().splitlines()[0][:200] if str(err).strip() else ''}"
+                warnings.warn(f"torch.compile failed ({reason}); running eager", stacklevel=2)
+                self.mode, self.mode_reason = "eager", f"eager (compile failed: {reason})"
+                self._restore_state(saved)  # whatever the failed step touched
+                self._warm_up(x, y, eval_batch)
         finally:
             self._restore_state(saved)
         self.warmup_seconds = clock(self.device) - t0
         return self.warmup_seconds
+
+    def _warm_up(self, x: torch.Tensor, y: torch.Tensor, eval_batch: int | None) -> None:
+        """WARMUP_STEPS training steps on the zero batch, and one evaluation forward of `eval_batch` images."""
+        for _ in range(WARMUP_STEPS):
+            self(x, y)
+        if eval_batch:
+            with torch.no_grad(), preserved_modes(self.model), self.autocast():
+                self.model.eval()
+                self.forward(torch.zeros(eval_batch, 3, 32, 32, device=self.device)
+                             .contiguous(memory_format=self.memory_format))
 
     def _capture(self, x: torch.Tensor) -> None:
         """Replace the model's training forward and backward by CUDA graphs (eval mode keeps the eager forward).

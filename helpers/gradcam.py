@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from helpers.data import normalize
+from helpers.data import CIFAR10_MEAN, CIFAR10_STD, normalize
 from helpers.utils import preserved_modes, unwrap
 
 
@@ -55,9 +55,10 @@ def misclassified(result, test_arrays, *, n: int = 10) -> list[Misclassified]:
     ]
 
 
-def normalize_images(images: np.ndarray) -> torch.Tensor:
-    """uint8 (B, 32, 32, 3) images -> the normalised float (B, 3, 32, 32) tensor a test loader would give."""
-    return normalize(images)
+def normalize_images(images: np.ndarray, *, mean=None, std=None) -> torch.Tensor:
+    """uint8 (B, 32, 32, 3) images -> the normalised float (B, 3, 32, 32) tensor a test loader would give.
+    mean, std: the run's normalisation ([0, 1] units; default CIFAR-10's)."""
+    return normalize(images, mean or CIFAR10_MEAN, std or CIFAR10_STD)
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from helpers.utils import preserved_modes, unwrap
+from helpers.utils import atomic_write, preserved_modes, unwrap
 
 
 def conv_bn(c_in: int, c_out: int, **conv) -> list[nn.Module]:
@@ -220,16 +220,19 @@ def summary(model: nn.Module, *, input_size=(1, 3, 32, 32), depth: int = 3, verb
     )
 
 
-def export_onnx(model: nn.Module, path, *, input_size=(3, 32, 32), dynamic_batch: bool = True, dynamo: bool = True):
+def export_onnx(model: nn.Module, path, *, input_size=(3, 32, 32), dynamic_batch: bool = True, dynamo: bool = True,
+                metadata: dict[str, str] | None = None):
     """Write `model` (eval mode, fp32) to an ONNX file at `path` with a dynamic batch axis; returns the path.
 
     Input "images" (B, 3, 32, 32) normalised as for training, output "logits" (B, num_classes). Uses the dynamo
     exporter (torch's default), which needs the optional extras onnx and onnxscript; onnxruntime runs the file.
-    input_size: one image's (C, H, W); dynamo=False: the older TorchScript exporter. Every module's train/eval
-    mode is restored afterwards.
+    input_size: one image's (C, H, W); dynamo=False: the older TorchScript exporter. metadata: text entries stored in
+    the file's metadata_props (onnxruntime: session.get_modelmeta().custom_metadata_map; helpers.export puts the
+    class names, mean and std there). The file is written whole or not at all (atomic); every module's
+    train/eval mode is restored afterwards.
     """
     try:
-        import onnx  # noqa: F401 - deferred: optional extras, and the exporter needs both
+        import onnx  # deferred: optional extras, and the exporter needs both
         import onnxscript  # noqa: F401
     except ImportError as err:
         raise ImportError(
@@ -246,8 +249,16 @@ def export_onnx(model: nn.Module, path, *, input_size=(3, 32, 32), dynamic_batch
         shapes = {"dynamic_shapes": ({0: torch.export.Dim.DYNAMIC},)}
     elif dynamic_batch:
         shapes = {"dynamic_axes": {"images": {0: "batch"}, "logits": {0: "batch"}}}
-    with preserved_modes(model):
-        model.eval()
-        torch.onnx.export(model, (example,), str(path), input_names=["images"], output_names=["logits"],
-                          dynamo=dynamo, external_data=False, verbose=False, **shapes)
-    return path
+
+    def write(tmp: Path) -> None:
+        with preserved_modes(model):
+            model.eval()
+            torch.onnx.export(model, (example,), str(tmp), input_names=["images"], output_names=["logits"],
+                              dynamo=dynamo, external_data=False, verbose=False, **shapes)
+        if metadata:
+            proto = onnx.load(str(tmp))
+            for key, value in metadata.items():
+                proto.metadata_props.add(key=key, value=value)
+            onnx.save(proto, str(tmp))
+
+    return atomic_write(path, write)

@@ -18,12 +18,13 @@ from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from helpers.data import augmented_copies, channel_stats, denormalize
+from helpers.data import CIFAR10_MEAN, CIFAR10_STD, augmented_copies, channel_stats, denormalize
 from helpers.gradcam import find_layer, gradcam_maps, misclassified, normalize_images, overlay
 from helpers.utils import atomic_write, unwrap
 
 DPI = 120
 CHANNELS = ("red", "green", "blue")
+MAX_LABELLED_CLASSES = 20  # past this many classes (CIFAR-100) a figure names some classes (the worst) not every one
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
@@ -70,9 +71,10 @@ def plot_samples(arrays, *, n: int = 20, cols: int = 10, seed: int = 0, save=Non
 
 
 def plot_class_grid(arrays, *, per_class: int = 8, seed: int = 0, save=None):
-    """One row per class: `per_class` random images of it, the class name on the left."""
+    """One row per class: `per_class` random images of it, the class name on the left (the first
+    MAX_LABELLED_CLASSES classes of a data set with more)."""
     rng = np.random.default_rng(seed)
-    n_classes = len(arrays.classes)
+    n_classes = min(len(arrays.classes), MAX_LABELLED_CLASSES)
     fig, axes = plt.subplots(n_classes, per_class, figsize=(per_class * 1.1, n_classes * 1.1), squeeze=False)
     for c, row in enumerate(axes):
         idx = np.flatnonzero(arrays.labels == c)
@@ -85,7 +87,8 @@ def plot_class_grid(arrays, *, per_class: int = 8, seed: int = 0, save=None):
             if k < len(pick):
                 ax.imshow(arrays.images[pick[k]])
         row[0].set_ylabel(arrays.classes[c], rotation=0, ha="right", va="center", fontsize=10)
-    fig.suptitle("Samples per class")
+    more = len(arrays.classes) - n_classes
+    fig.suptitle("Samples per class" + (f" (the first {n_classes} of {len(arrays.classes)} classes)" if more else ""))
     fig.tight_layout()
     return finish_figure(fig, save)
 
@@ -125,10 +128,14 @@ def plot_dataset_stats(arrays, *, save=None):
     counts = np.bincount(arrays.labels, minlength=len(arrays.classes))
     mean, std = channel_stats(arrays.images)
     fig, (ax_bar, ax_hist) = plt.subplots(1, 2, figsize=(13, 4))
-    ax_bar.bar(arrays.classes, counts, color="tab:blue")
+    if len(arrays.classes) > MAX_LABELLED_CLASSES:  # 100 names side by side are unreadable: class numbers
+        ax_bar.bar(np.arange(len(counts)), counts, color="tab:blue")
+        ax_bar.set_xlabel(f"class (0-{len(counts) - 1}: the data set's order of names)")
+    else:
+        ax_bar.bar(arrays.classes, counts, color="tab:blue")
+        ax_bar.tick_params(axis="x", rotation=45)
     ax_bar.set_title(f"Images per class ({len(arrays):,} in all)")
     ax_bar.set_ylabel("images")
-    ax_bar.tick_params(axis="x", rotation=45)
     for k, name in enumerate(CHANNELS):
         values = arrays.images[..., k].ravel()
         ax_hist.hist(values, bins=64, range=(0, 255), histtype="step", color=name, linewidth=1.5,
@@ -197,7 +204,8 @@ def plot_lr_sweep(row: dict, *, ax=None, save=None):
     ax.axhline(row["best_swept_acc"] - 0.5, color="gray", linestyle=":", linewidth=1, label="best - 0.5 points")
     ax.set_xscale("log")
     ax.set_xlabel("one-cycle peak learning rate (log scale)")
-    ax.set_ylabel("final test accuracy (%)")
+    on = "validation" if row.get("selected_on") == "validation split" else "test"
+    ax.set_ylabel(f"final {on} accuracy (%)")
     ax.set_title(f"{row['model']} {row.get('recipe', '')}, {row['optimizer']}, batch {row['batch_size']}, "
                  f"{row['epochs']} epoch{'s' if row['epochs'] != 1 else ''}")
     ax.grid(alpha=0.3)
@@ -251,17 +259,21 @@ def plot_sweep(rows: list[dict], varied: list[str], *, save=None):
 
 def plot_history(history, *, save=None):
     """Train and test loss, train and test accuracy (%), and the learning rate through the run (each epoch's
-    first and last step: the one-cycle shape, without steps at the epoch boundaries)."""
+    first and last step: the one-cycle shape, without steps at the epoch boundaries). A run with a validation
+    split shows its validation curves in place of the test ones."""
     epochs = history.epoch
     n = len(history)
+    split = history.eval_split
+    name = {"val": "validation"}.get(split, split)
     fig, (ax_loss, ax_acc, ax_lr) = plt.subplots(1, 3, figsize=(15, 4))
     ax_loss.plot(epochs, history.train_loss, "o-", label="train")
-    ax_loss.plot(epochs, history.test_loss, "o-", label="test")
+    ax_loss.plot(epochs, getattr(history, f"{split}_loss"), "o-", label=name)
     ax_loss.set_title("Loss")
     ax_loss.set_ylabel("cross-entropy (train: with any label smoothing)")
     ax_acc.plot(epochs, history.train_acc, "o-", label="train")
-    ax_acc.plot(epochs, history.test_acc, "o-", label="test")
-    ax_acc.set_title(f"Accuracy (last test: {history.test_acc[-1]:.2f}%)" if n else "Accuracy")
+    accuracy = getattr(history, f"{split}_acc")
+    ax_acc.plot(epochs, accuracy, "o-", label=name)
+    ax_acc.set_title(f"Accuracy (last {name}: {accuracy[-1]:.2f}%)" if n else "Accuracy")
     ax_acc.set_ylabel("%")
     if n and all("lr_end" in r for r in history.records):
         # step k of epoch e sits at e - 1 + k/steps (its last at e - 1/steps: the next epoch's first LR is one
@@ -309,12 +321,15 @@ def plot_misclassified(items, *, cols: int = 5, save=None):
     return finish_figure(fig, save)
 
 
-def plot_gradcam(model, items, *, layer: str | None = None, title: str = "GradCAM on misclassified images", save=None):
+def plot_gradcam(model, items, *, layer: str | None = None, title: str = "GradCAM on misclassified images",
+                 normalization=None, save=None):
     """GradCAM for misclassified `items` (helpers.gradcam.misclassified): per row the image, then heatmap and
-    overlay for the predicted class, then for the true class. Maps are min-max scaled per image."""
+    overlay for the predicted class, then for the true class. Maps are min-max scaled per image.
+    normalization: (mean, std) the model was trained with (default CIFAR-10's)."""
+    mean, std = normalization or (CIFAR10_MEAN, CIFAR10_STD)
     find_layer(model, layer)  # a wrong name fails here, before any work
-    x = normalize_images(np.stack([m.image for m in items]))  # (B, 3, 32, 32), what the model sees
-    shown = denormalize(x)  # (B, 32, 32, 3) in [0, 1]
+    x = normalize_images(np.stack([m.image for m in items]), mean=mean, std=std)  # (B, 3, 32, 32), what it sees
+    shown = denormalize(x, mean, std)  # (B, 32, 32, 3) in [0, 1]
     pred_maps = gradcam_maps(model, x, [m.prediction for m in items], layer=layer)
     true_maps = gradcam_maps(model, x, [m.target for m in items], layer=layer)
     pred_over, true_over = overlay(shown, pred_maps), overlay(shown, true_maps)
@@ -348,17 +363,32 @@ def confusion_matrix(targets: np.ndarray, predictions: np.ndarray, num_classes: 
 
 
 def plot_confusion_matrix(result, classes, *, save=None):
-    """Counts and row-normalised (per true class) confusion matrices side by side (seaborn heatmaps)."""
+    """Counts and row-normalised (per true class) confusion matrices side by side (seaborn heatmaps). Past
+    MAX_LABELLED_CLASSES classes (CIFAR-100) numbers in 10,000 cells are unreadable: one heatmap of the shares,
+    unannotated, with the classes' names on the axes in small type (the most confused pairs are
+    `plot_top_confusions`'s)."""
     import seaborn as sns  # deferred: seaborn (and pandas), for this figure alone
 
     counts = confusion_matrix(result.targets, result.predictions, len(classes))
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
+    title = f"({len(result.targets):,} images, {result.accuracy:.2f}% correct)"
+    if len(classes) > MAX_LABELLED_CLASSES:
+        fig, ax = plt.subplots(figsize=(14, 12))
+        sns.heatmap(rates, cmap="Blues", vmin=0, vmax=1, xticklabels=classes, yticklabels=classes, ax=ax,
+                    square=True, cbar_kws={"shrink": 0.6, "label": "share of the true class"})
+        ax.tick_params(labelsize=5)
+        ax.set_title(f"Confusion matrix: share of each true class {title}; the most confused pairs are in "
+                     "confused_pairs.png", fontsize=10)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        fig.tight_layout()
+        return finish_figure(fig, save)
     fig, (ax_n, ax_r) = plt.subplots(1, 2, figsize=(17, 7))
     sns.heatmap(counts, annot=True, fmt="d", cmap="Blues", xticklabels=classes, yticklabels=classes, ax=ax_n,
                 cbar_kws={"shrink": 0.8})
     sns.heatmap(rates, annot=True, fmt=".2f", cmap="Blues", vmin=0, vmax=1, xticklabels=classes,
                 yticklabels=classes, ax=ax_r, cbar_kws={"shrink": 0.8})
-    ax_n.set_title(f"Confusion matrix: counts ({len(result.targets):,} images, {result.accuracy:.2f}% correct)")
+    ax_n.set_title(f"Confusion matrix: counts {title}")
     ax_r.set_title("Confusion matrix: share of each true class")
     for ax in (ax_n, ax_r):
         ax.set_xlabel("predicted")
@@ -370,18 +400,24 @@ def plot_confusion_matrix(result, classes, *, save=None):
 
 
 def plot_per_class_accuracy(result, classes, *, save=None):
-    """Accuracy (%) on each true class, with the overall accuracy as a line."""
+    """Accuracy (%) on each true class, with the overall accuracy as a line; past MAX_LABELLED_CLASSES classes,
+    the worst MAX_LABELLED_CLASSES of them, worst first."""
     counts = confusion_matrix(result.targets, result.predictions, len(classes))
     acc = 100 * np.diag(counts) / np.maximum(counts.sum(1), 1)
+    names, title = list(classes), "Accuracy per class"
+    if len(classes) > MAX_LABELLED_CLASSES:
+        worst = np.argsort(acc, kind="stable")[:MAX_LABELLED_CLASSES]
+        names, acc = [classes[i] for i in worst], acc[worst]
+        title = f"Accuracy per class: the {len(worst)} worst of {len(classes)}"
     fig, ax = plt.subplots(figsize=(9, 4))
-    bars = ax.bar(classes, acc, color="tab:blue", zorder=2)
+    bars = ax.bar(names, acc, color="tab:blue", zorder=2)
     # the overall line runs behind the bars, and each label has a white ground: the line never crosses a number
     ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=3, zorder=4,
                  bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
     ax.axhline(result.accuracy, color="red", linestyle="--", zorder=1, label=f"overall {result.accuracy:.2f}%")
     ax.set_ylim(0, 105)
     ax.set_ylabel("accuracy (%)")
-    ax.set_title("Accuracy per class")
+    ax.set_title(title)
     ax.tick_params(axis="x", rotation=45)
     ax.legend(loc="lower right")
     fig.tight_layout()
@@ -421,10 +457,11 @@ RUN_FIGURES = ["curves.png", "confusion_matrix.png", "class_accuracy.png", "conf
 
 
 def save_run_figures(out, *, model, history, result, test_arrays, device=None, n_misclassified: int = 20,
-                     n_gradcam: int = 6, layer: str | None = None, names=None) -> list[Path]:
+                     n_gradcam: int = 6, layer: str | None = None, names=None, normalization=None) -> list[Path]:
     """Write a run's figures (RUN_FIGURES, or those of them in `names`) into `out`. `result` is evaluate() on an
     unshuffled loader of `test_arrays`. GradCAM runs on the model's own device (`device` is accepted for symmetry
-    and not needed). Returns the paths written."""
+    and not needed), on images normalised with `normalization` ((mean, std); default CIFAR-10's). Returns the
+    paths written."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     wrong = misclassified(result, test_arrays, n=max(n_misclassified, n_gradcam))
@@ -434,7 +471,7 @@ def save_run_figures(out, *, model, history, result, test_arrays, device=None, n
         "class_accuracy.png": lambda p: plot_per_class_accuracy(result, test_arrays.classes, save=p),
         "confused_pairs.png": lambda p: plot_top_confusions(result, test_arrays.classes, save=p),
         "misclassified.png": lambda p: plot_misclassified(wrong[:n_misclassified], save=p),
-        "gradcam.png": lambda p: _gradcam_or_note(model, wrong[:n_gradcam], layer, p),
+        "gradcam.png": lambda p: _gradcam_or_note(model, wrong[:n_gradcam], layer, p, normalization),
     }
     if list(figures) != RUN_FIGURES:
         raise RuntimeError("save_run_figures draws other figures than RUN_FIGURES names: keep the two in step")
@@ -448,9 +485,9 @@ def save_run_figures(out, *, model, history, result, test_arrays, device=None, n
     return written
 
 
-def _gradcam_or_note(model, items, layer, path):
+def _gradcam_or_note(model, items, layer, path, normalization=None):
     if items:
-        return plot_gradcam(model, items, layer=layer, save=path)
+        return plot_gradcam(model, items, layer=layer, normalization=normalization, save=path)
     fig, ax = plt.subplots(figsize=(5, 1.5))
     ax.axis("off")
     ax.set_title("GradCAM on misclassified images")

@@ -40,14 +40,19 @@ from torch import nn
 
 from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.config import TrainConfig
-from helpers.data import normalize
+from helpers.data import (  # how an image becomes the model's input lives in data: a folder data set reads the same
+    SIZE,
+    centre_square,
+    normalize,
+    printable,
+    square_input,
+    to_rgb,
+)
 from helpers.gradcam import gradcam_maps, overlay
 from helpers.models import build_model
-from helpers.utils import resolve_device
+from helpers.utils import add_version_flag, resolve_device
 
-SIZE = 32  # the model's input side, px
 DISPLAY = 256  # side of the centre square kept for display and overlays, px
-BACKGROUND = (255, 255, 255)  # what transparent pixels become
 
 
 class InputError(ValueError):
@@ -112,25 +117,6 @@ def as_pil(image) -> Image.Image:
     raise InputError(f"expected an image path, a PIL image or a numpy array, got {type(image).__name__}")
 
 
-def to_rgb(img: Image.Image) -> Image.Image:
-    """RGB: gray repeated, 16-bit gray scaled to 8 bits, transparency composited on BACKGROUND."""
-    if img.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16/32-bit gray: PNG 16-bit reads as I or I;16
-        a = np.asarray(img, dtype=np.float64)
-        top = 65535.0 if a.max() > 255 else 255.0
-        img = Image.fromarray(np.rint(np.clip(a, 0, top) * (255 / top)).astype(np.uint8))
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La") or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        return Image.alpha_composite(Image.new("RGBA", rgba.size, (*BACKGROUND, 255)), rgba).convert("RGB")
-    return img.convert("RGB")
-
-
-def centre_square(width: int, height: int) -> tuple[int, int, int, int]:
-    """(left, top, right, bottom) of the largest square in the middle of a width x height image."""
-    side = min(width, height)
-    left, top = (width - side) // 2, (height - side) // 2
-    return left, top, left + side, top + side
-
-
 # ---------------------------------------------------------------------------------------------------------
 # Predicting
 
@@ -190,7 +176,8 @@ class Predictor:
         """The index of a class name (any case); a wrong name lists the valid ones."""
         lowered = [c.lower() for c in self.classes]
         if name.lower() not in lowered:
-            raise InputError(f"no class {name!r}: choose one of {', '.join(self.classes)}")
+            raise InputError(f"no class {printable(repr(name))}: choose one of "
+                             f"{', '.join(printable(c) for c in self.classes)}")
         return lowered.index(name.lower())
 
     def normalize(self, seen: np.ndarray) -> torch.Tensor:
@@ -205,7 +192,7 @@ class Predictor:
         size, mode = img.size, img.mode
         rgb = to_rgb(img)
         box = centre_square(*rgb.size)
-        seen = np.asarray(rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS, box=box))
+        seen = square_input(rgb)
         enlarge = box[2] - box[0] < DISPLAY  # a small image is shown with its pixels as squares, not blurred
         square = np.asarray(rgb.resize((DISPLAY, DISPLAY), Image.Resampling.NEAREST if enlarge else
                                        Image.Resampling.LANCZOS, box=box))
@@ -290,9 +277,10 @@ def plot_predictions(predictor: Predictor, predictions: list[Prediction], *, tar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m helpers.predict", description=__doc__.split("\n\n")[0],
+    p = argparse.ArgumentParser(prog="cifar10 predict", description=__doc__.split("\n\n")[0],
                                 epilog="Images are centre-cropped to a square and resized to 32x32 (Lanczos); "
                                        "transparent pixels become white.")
+    add_version_flag(p)
     p.add_argument("checkpoint", metavar="RUN_OR_CHECKPOINT", help="a run folder (holding checkpoint.pt) or a "
                    "checkpoint file written by helpers.train")
     p.add_argument("images", metavar="IMAGE", nargs="+", help="image files: PNG, JPEG, WebP, ...; any size")
@@ -324,10 +312,11 @@ def new_figure_path(path: str, *, overwrite: bool, flag: str = "--gradcam") -> P
 
 
 def format_prediction(p: Prediction, top: int, target: int | None = None) -> str:
-    lines = [f"{p.name} ({p.describe()}):"]
-    lines += [f"  {name:<12} {100 * prob:5.1f}%" for name, prob in p.top(top)]
+    """The lines printed for one image; file and class names (user data) with control characters escaped."""
+    lines = [f"{printable(p.name)} ({p.describe()}):"]
+    lines += [f"  {printable(name):<12} {100 * prob:5.1f}%" for name, prob in p.top(top)]
     if target is not None and p.classes[target] not in dict(p.top(top)):
-        lines.append(f"  {p.classes[target]:<12} {100 * p.probabilities[target]:5.1f}%  (--class)")
+        lines.append(f"  {printable(p.classes[target]):<12} {100 * p.probabilities[target]:5.1f}%  (--class)")
     return "\n".join(lines)
 
 

@@ -6,9 +6,11 @@
     result = train_run(TrainConfig(model="custom_resnet", epochs=2, subset_train=2000, subset_test=1000), "runs/x")
     result.accuracy, result.history, result.evaluation, result.paths
 
-A run is: the data (class-balanced subsets), the small-run rule (`adapt_to_data`), the model, the LR range test
-when max_lr is "auto" (resolved here and nowhere else), `fit` (a checkpoint after every epoch), one final
-evaluation kept as `result.evaluation`, and the outputs in `out` (checkpoint, history, metrics, figures). The command
+A run is: the data (its data set, class-balanced subsets, a validation split when asked for), the small-run rule
+(`adapt_to_data`), the model, the LR range test when max_lr is "auto" (resolved here and nowhere else), `fit` (a
+checkpoint after every epoch), one final evaluation on the test set kept as `result.evaluation` (with a validation
+split, the only time the test set is seen: every epoch, and so the plateau scheduler and any selection, used the
+validation images), and the outputs in `out` (checkpoint, history, metrics, figures). The command
 line (helpers.cli) is argument parsing over this, so the same settings make the same run from anywhere.
 
 A run holds its output folder while it writes there (an OS lock, released if the process dies): a second run into
@@ -38,10 +40,11 @@ from torch import nn
 from helpers import data, distributed
 from helpers.checkpoints import NAME as CHECKPOINT
 from helpers.checkpoints import Checkpoint, CheckpointError, RunInfo, checkpoint_path, read_checkpoint
-from helpers.config import RECIPES, RESUME_FREE, TrainConfig, evolve
+from helpers.config import RECIPES, RESUME_FREE, TrainConfig, config_file_name, config_text, evolve
 from helpers.data import CifarArrays, steps_per_epoch
 from helpers.lr_finder import lr_range_test
 from helpers.models import build_model, count_parameters
+from helpers.provenance import provenance, utc_now
 from helpers.train import EvalResult, History, evaluate, fit
 from helpers.utils import (
     RunError,
@@ -49,6 +52,7 @@ from helpers.utils import (
     amp_dtype,
     ask,
     atomic_write_text,
+    deterministic_algorithms,
     precision_name,
     remove_stale_temporaries,
     resolve_device,
@@ -83,6 +87,14 @@ class RunResult:
     paths: dict[str, Path] = field(default_factory=dict)  # what was written: checkpoint, history, metrics, figures
     lr_test: object | None = None  # the LRFinderResult, when max_lr was "auto"
     requested: TrainConfig | None = None  # the config as asked for
+    started: str | None = None  # UTC, ISO 8601 (helpers.provenance.utc_now)
+    val_arrays: CifarArrays | None = None  # the validation split (config.val_split), held out of train_arrays
+    normalization: tuple = (data.CIFAR10_MEAN, data.CIFAR10_STD)  # (mean, std) the loaders normalised with
+
+    @property
+    def val_accuracy(self) -> float | None:
+        """The last epoch's validation accuracy (%), for a run with a validation split."""
+        return self.history.records[-1].get("val_acc") if self.history.records else None
 
     @property
     def accuracy(self) -> float:
@@ -94,10 +106,12 @@ class RunResult:
 
     def summary(self) -> str:
         tta = f" (TTA {self.tta_accuracy:.2f}%)" if self.tta_accuracy is not None else ""
+        val = (f" | validation {self.val_accuracy:.2f}% on {len(self.val_arrays):,} images (each epoch's)"
+               if self.val_accuracy is not None and self.val_arrays is not None else "")
         seconds = sum(self.history.seconds)
         where = f" | outputs in {self.out}" if self.out is not None else ""
-        return (f"final test accuracy {self.accuracy:.2f}%{tta} on {len(self.test_arrays):,} images | {seconds:.1f} s "
-                f"in {len(self.history)} epochs (+{self.history.warmup_seconds:.1f} s warm-up){where}")
+        return (f"final test accuracy {self.accuracy:.2f}%{tta} on {len(self.test_arrays):,} images{val} | "
+                f"{seconds:.1f} s in {len(self.history)} epochs (+{self.history.warmup_seconds:.1f} s warm-up){where}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -105,27 +119,32 @@ class RunResult:
 
 
 def load_run_data(config: TrainConfig) -> tuple[CifarArrays, CifarArrays]:
-    """The (train, test) arrays `config` asks for: its data folder, class-balanced subsets."""
-    train = data.balanced_subset(data.load_cifar10(config.data_dir, train=True), config.subset_train,
-                                 seed=config.seed)
-    test = data.balanced_subset(data.load_cifar10(config.data_dir, train=False), config.subset_test, seed=config.seed)
-    return train, test
+    """The (train, test) arrays `config` asks for: its data set (config.dataset, from its data folder),
+    class-balanced subsets. The validation split comes after, in the run (`split_validation`)."""
+    train = data.load_dataset(config.dataset, config.data_dir, train=True)
+    test = data.load_dataset(config.dataset, config.data_dir, train=False)
+    try:
+        return (data.balanced_subset(train, config.subset_train, seed=config.seed),
+                data.balanced_subset(test, config.subset_test, seed=config.seed))
+    except ValueError as err:
+        raise data.DataError(f"{err}: --subset-train and --subset-test need at least one image per class") from None
 
 
-def prepare_data(config: TrainConfig, device: str | torch.device = "cpu", *, arrays=None):
+def prepare_data(config: TrainConfig, device: str | torch.device = "cpu", *, arrays=None, norm=None):
     """(train_loader, test_loader, train_arrays, test_arrays) for `config`, on the loader it asks for (auto:
     GpuLoader on CUDA, the albumentations DataLoader on the CPU). arrays: (train, test) already loaded with
-    `load_run_data`. Under torchrun the training loader is this process's shard of the global batch
-    config.batch_size (helpers.distributed)."""
+    `load_run_data`. norm: (mean, std), default data.normalization(config.dataset, train). Under torchrun the
+    training loader is this process's shard of the global batch config.batch_size (helpers.distributed)."""
     device = torch.device(device)
     w = distributed.world()
     train, test = arrays if arrays is not None else load_run_data(config)
+    mean, std = norm if norm is not None else data.normalization(config.dataset, train)
     gpu = config.loader == "gpu" or (config.loader == "auto" and device.type == "cuda"
                                      and config.augment in data.AUGMENTATIONS)
     train_loader, test_loader = data.make_loaders(
         train, test, kind="gpu" if gpu else "torch", batch_size=distributed.local_batch(config.batch_size, w),
         recipe=config.augment, device=device, workers=config.workers, seed=config.seed, rank=w.rank,
-        world_size=w.world_size)
+        world_size=w.world_size, mean=mean, std=std)
     return train_loader, test_loader, train, test
 
 
@@ -146,8 +165,35 @@ def subset_note(config: TrainConfig, train: CifarArrays, test: CifarArrays) -> s
     asked = [(name, n, len(arrays)) for name, n, arrays in (("train", config.subset_train, train),
                                                               ("test", config.subset_test, test))
              if n is not None and n > len(arrays)]
-    return "; ".join(f"--subset-{name} {n:,} is more than the {have:,} {name} images in {config.data_dir}: using "
+    where = config.data_dir if config.dataset in ("cifar10", "cifar100") else data.dataset_name(config.dataset)
+    return "; ".join(f"--subset-{name} {n:,} is more than the {have:,} {name} images in {where}: using "
                      f"all {have:,}" for name, n, have in asked) or None
+
+
+def split_validation(config: TrainConfig, train: CifarArrays, ckpt: Checkpoint | None = None):
+    """(training images, validation images or None, their indices into `train` or None): config.val_split
+    class-balanced images held out (data.validation_indices), the checkpoint's own choice when resuming (the split
+    never moves)."""
+    if not config.val_split:
+        return train, None, None
+    saved = ckpt.val_indices if ckpt is not None else None
+    indices = (np.asarray(saved, dtype=np.int64) if saved is not None
+               else data.validation_indices(train, config.val_split, seed=config.seed))
+    if len(indices) and indices.max() >= len(train):
+        raise data.DataError(f"the run's validation split picks training image {int(indices.max())}, but there are "
+                             f"{len(train):,}: resume with the data it started on, or start a new run")
+    kept, val = data.split_validation(train, indices)
+    return kept, val, tuple(indices.tolist())
+
+
+def recipe_note(config: TrainConfig) -> str | None:
+    """Once per run on a data set other than CIFAR-10: the recipes were tuned on CIFAR-10."""
+    if config.dataset == "cifar10":
+        return None
+    advice = ("max_lr 'auto': the LR range test picks the peak" if config.max_lr == "auto" else
+              "start with the LR range test: --max-lr auto (max_lr='auto')")
+    return (f"note: the {config.model} {config.recipe} recipe was tuned on CIFAR-10, not "
+            f"{data.dataset_name(config.dataset)}; {advice}")
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -174,6 +220,17 @@ def adapt_to_data(config: TrainConfig, images: int) -> tuple[TrainConfig, list[s
         notes.append(f"warning: only {steps} training step(s) in all ({images:,} images, batch {config.batch_size}, "
                      f"{config.epochs} epoch(s)): too few to learn much; use {advice}")
     return config, [n for n in notes if n]
+
+
+def resolve_config(config: TrainConfig) -> tuple[TrainConfig, list[str]]:
+    """The settings a run of `config` trains with, and what the small-run rule changed: the recipe's values fitted
+    to its training set (`adapt_to_data`; the data is read to count it). max_lr 'auto' stays: the run's LR range test
+    picks it. What --print-config prints and a run folder keeps (its config file): `--config` makes the run again."""
+    try:
+        train_arrays, _ = load_run_data(config)
+    except data.DataError as err:
+        raise RunError(str(err)) from None
+    return adapt_to_data(config, len(train_arrays))
 
 
 def _smaller_batch(config: TrainConfig, images: int) -> tuple[TrainConfig, str | None]:
@@ -265,8 +322,10 @@ class RunFolder:
 
     def release(self) -> None:
         self._let_go(self.out)
-        if self.created and {p.name for p in self.out.iterdir()} <= {".lock"}:
-            (self.out / ".lock").unlink(missing_ok=True)
+        unused = {".lock", "config.yaml", "config.json"}  # the lock, and the settings of a run that never trained
+        if self.created and {p.name for p in self.out.iterdir()} <= unused:
+            for name in unused:
+                (self.out / name).unlink(missing_ok=True)
             self.out.rmdir()  # nothing was written: leave no empty folder behind
 
     def holds_run(self) -> bool:
@@ -287,7 +346,8 @@ class RunFolder:
     def remove_stale_temporaries(self) -> list[Path]:
         """Temporary files of ours a killed write left behind (kill -9 mid-checkpoint): nobody else writes while
         we hold the folder, so every one is stale. Returns those removed."""
-        return remove_stale_temporaries(self.out, lambda name: name in (CHECKPOINT, ".lock.owner", *OUTPUTS)
+        return remove_stale_temporaries(self.out, lambda name: name in (CHECKPOINT, ".lock.owner", "config.yaml",
+                                                                        "config.json", *OUTPUTS)
                                         or name.endswith(".png"))
 
 
@@ -410,6 +470,7 @@ class _Run:
     def __init__(self, config: TrainConfig, device: torch.device, *, quiet: bool, figures: bool, on_epoch):
         self.requested, self.device, self.quiet, self.figures, self.on_epoch = config, device, quiet, figures, on_epoch
         self.notes: list[str] = []
+        self.started = utc_now()
 
     def say(self, note: str) -> None:
         """Print `note` (rank 0) and keep it in the result's notes."""
@@ -424,9 +485,10 @@ class _Run:
             config = evolve(ckpt.config, **{k: getattr(self.requested, k) for k in RESUME_FREE})
         try:
             train_arrays, test_arrays = arrays if arrays is not None else load_run_data(config)
+            train_arrays, val_arrays, self.val_indices = split_validation(config, train_arrays, ckpt)
         except data.DataError as err:
             raise RunError(str(err)) from None
-        for note in filter(None, [subset_note(config, train_arrays, test_arrays)]):
+        for note in filter(None, [subset_note(config, train_arrays, test_arrays), recipe_note(config)]):
             self.say(note)
         if ckpt is not None:
             _check_same_data(ckpt, train_arrays, test_arrays)
@@ -434,18 +496,25 @@ class _Run:
             config, changed = adapt_to_data(config, len(train_arrays))
             for note in changed:
                 self.say(note)
+            if out is not None and distributed.world().is_main:  # what --config replays: before the range test
+                atomic_write_text(out / config_file_name(), config_text(config))
+        norm = data.normalization(config.dataset, train_arrays)
         try:
             if config.sync_bn and distributed.world().distributed:
                 distributed.convert_sync_bn(nn.BatchNorm2d(1), self.device)  # the CPU's refusal, before anything runs
-            train_loader, test_loader, _, _ = prepare_data(config, self.device, arrays=(train_arrays, test_arrays))
+            train_loader, test_loader, _, _ = prepare_data(config, self.device, arrays=(train_arrays, test_arrays),
+                                                           norm=norm)
         except ValueError as err:  # a global batch N does not divide, shards too small, sync_bn on the CPU
             raise RunError(str(err)) from None
+        # every epoch is evaluated on the validation split when there is one; the test set once, at the end
+        self.eval_loader = data.evaluation_loader(test_loader, val_arrays) if val_arrays is not None else test_loader
         seed_everything(config.seed)
-        model = _build_model(config, init_from if ckpt is None else None, self.say)
+        model = _build_model(config, len(train_arrays.classes), init_from if ckpt is None else None, self.say)
         if not self.quiet:
-            print(_header(model, config, self.device, train_arrays, test_arrays, train_loader))
+            print(_header(model, config, self.device, train_arrays, test_arrays, train_loader, val_arrays))
         result = RunResult(config, model, History(), None, train_arrays, test_arrays, self.device, out,
-                           "resumed" if ckpt is not None else "trained", self.notes, requested=self.requested)
+                           "resumed" if ckpt is not None else "trained", self.notes, requested=self.requested,
+                           started=self.started, val_arrays=val_arrays, normalization=norm)
         if ckpt is not None and ckpt.finished:
             return self.complete_finished(result, ckpt, test_loader)
         if ckpt is not None:
@@ -455,23 +524,41 @@ class _Run:
     def train(self, result: RunResult, ckpt: Checkpoint | None, init_from, train_loader, test_loader) -> RunResult:
         """The LR range test when max_lr is 'auto', `fit` (from `ckpt` when resuming), the outputs."""
         out, config = result.out, result.config
+        board = _open_board(config, out) if distributed.world().is_main else None
+
+        def each_epoch(record: dict) -> None:  # fit calls it on rank 0 as each epoch ends
+            for log in filter(None, (board and board.epoch, self.on_epoch)):
+                log(record)
+
         try:
-            if config.max_lr == "auto":
-                result.config = config = _find_max_lr(result, result.model, train_loader, self.quiet, self.say)
-            info = RunInfo(requested=self.requested, classes=tuple(result.train_arrays.classes),
-                           data={"train": fingerprint(result.train_arrays), "test": fingerprint(result.test_arrays)},
-                           init_from=str(init_from) if init_from and ckpt is None else ckpt and ckpt.init_from)
-            result.history = fit(result.model, train_loader, test_loader, config, device=self.device, resume=ckpt,
-                                 quiet=self.quiet, checkpoint=out / CHECKPOINT if out else None, run_info=info,
-                                 on_epoch=self.on_epoch)
+            with deterministic_algorithms(config.deterministic):
+                if config.max_lr == "auto":
+                    result.config = config = _find_max_lr(result, result.model, train_loader, self.quiet, self.say)
+                val = result.val_arrays
+                fingerprints = {"train": fingerprint(result.train_arrays), "test": fingerprint(result.test_arrays)}
+                info = RunInfo(requested=self.requested, classes=tuple(result.train_arrays.classes),
+                               mean=tuple(result.normalization[0]), std=tuple(result.normalization[1]),
+                               data=fingerprints | ({"val": fingerprint(val)} if val is not None else {}),
+                               val_indices=self.val_indices,
+                               init_from=str(init_from) if init_from and ckpt is None else ckpt and ckpt.init_from)
+                result.history = fit(result.model, train_loader, self.eval_loader, config, device=self.device,
+                                     resume=ckpt, quiet=self.quiet, checkpoint=out / CHECKPOINT if out else None,
+                                     run_info=info, on_epoch=each_epoch,
+                                     eval_split="val" if val is not None else "test")
+                if out is not None:
+                    result.paths["checkpoint"] = out / CHECKPOINT
+                result.evaluation = (result.history.evaluation if result.val_arrays is None else
+                                     _test_once(result, test_loader))
+            _compare_average(result, self.say)
+            if out is not None and distributed.world().is_main:
+                write_outputs(result, figures=self.figures, init_from=info.init_from)
+            if board is not None:
+                board.figures([p for p in result.paths.values() if p.suffix == ".png"], step=len(result.history))
         except KeyboardInterrupt:
             raise RunInterrupted(interrupted_message(out)) from None
-        if out is not None:
-            result.paths["checkpoint"] = out / CHECKPOINT
-        result.evaluation = result.history.evaluation
-        _compare_average(result, self.say)
-        if out is not None and distributed.world().is_main:
-            write_outputs(result, figures=self.figures, init_from=info.init_from)
+        finally:
+            if board is not None:
+                board.close()
         return result
 
     def complete_finished(self, result: RunResult, ckpt: Checkpoint, test_loader) -> RunResult:
@@ -494,8 +581,27 @@ class _Run:
         return result
 
 
-def _build_model(config: TrainConfig, init_from, say) -> nn.Module:
-    model = build_model(config.model)
+def _open_board(config: TrainConfig, out):
+    """A TensorBoard log in `out` when the config asks for one (helpers.board), else None."""
+    if not config.tensorboard or out is None:
+        return None
+    from helpers.board import BoardError, BoardLog  # deferred: TensorBoard, for runs that ask for it
+
+    try:
+        return BoardLog(out)
+    except BoardError as err:
+        raise RunError(str(err)) from None
+
+
+def _test_once(result: RunResult, test_loader) -> EvalResult:
+    """The run's result on the test set: its final (evaluated) weights, once, with config.tta."""
+    c = result.config
+    return evaluate(result.model, test_loader, device=result.device, amp=c.amp, channels_last=c.channels_last,
+                    tta=c.tta)
+
+
+def _build_model(config: TrainConfig, num_classes: int, init_from, say) -> nn.Module:
+    model = build_model(config.model, num_classes=num_classes)
     if init_from is not None:
         try:
             start = read_checkpoint(init_from, model_name=config.model)
@@ -507,9 +613,13 @@ def _build_model(config: TrainConfig, init_from, say) -> nn.Module:
     return model
 
 
-def _header(model, config, device, train_arrays, test_arrays, train_loader) -> str:
+def _header(model, config, device, train_arrays, test_arrays, train_loader, val_arrays=None) -> str:
+    val = f" / {len(val_arrays):,} validation" if val_arrays is not None else ""
+    where = ("" if config.dataset == "cifar10" else
+             f"{data.dataset_name(config.dataset)}, {len(train_arrays.classes)} classes: ")
     return (f"{config.model} ({config.recipe} recipe): {count_parameters(model):,} parameters | device {device} | "
-            f"{len(train_arrays):,} train / {len(test_arrays):,} test images | {type(train_loader).__name__} | "
+            f"{where}{len(train_arrays):,} train{val} / {len(test_arrays):,} test images | "
+            f"{type(train_loader).__name__} | "
             f"{precision_name(amp_dtype(device, config.amp))} | batch {config.batch_size}{_processes(config)}")
 
 
@@ -554,9 +664,11 @@ def _find_max_lr(result: RunResult, model, train_loader, quiet: bool, say) -> Tr
 
 def _compare_average(result: RunResult, say) -> None:
     last = result.history.records[-1] if result.history.records else {}
-    trained = last.get("test_acc_trained")
-    if trained is not None and trained > result.accuracy:
-        say(f"note: the weight average scored {result.accuracy:.2f}%, below the trained weights' {trained:.2f}%: "
+    split = result.history.eval_split
+    trained, average = last.get(f"{split}_acc_trained"), last.get(f"{split}_acc")
+    if trained is not None and trained > average:
+        where = "" if split == "test" else " on the validation split"
+        say(f"note: the weight average scored {average:.2f}%{where}, below the trained weights' {trained:.2f}%: "
             f"averaging did not pay on this run (ema {result.config.ema:g} over {result.config.ema_epochs or 'all'} "
             "epoch(s)); the average is what the checkpoint's evaluated weights and these results hold. Try "
             f"{ask('--ema 0', 'ema=0')}")
@@ -579,12 +691,14 @@ def load_run(path: str | os.PathLike, *, device: str | torch.device = "auto", **
     config = evolve(ckpt.config, **changes)
     device = resolve_device(device)
     try:
-        arrays = load_run_data(config)
+        train, test = load_run_data(config)
+        train, val, _ = split_validation(config, train, ckpt)
     except data.DataError as err:
         raise RunError(str(err)) from None
-    _, test_loader, _, _ = prepare_data(config, device, arrays=arrays)
-    result = RunResult(config, build_model(config.model, num_classes=len(ckpt.classes)), History(), None, *arrays,
-                       device, None, "finished")
+    norm = (ckpt.mean, ckpt.std)
+    _, test_loader, _, _ = prepare_data(config, device, arrays=(train, test), norm=norm)
+    result = RunResult(config, build_model(config.model, num_classes=len(ckpt.classes)), History(), None, train, test,
+                       device, None, "finished", val_arrays=val, normalization=norm)
     return _evaluate_saved(result, ckpt, test_loader)
 
 
@@ -607,9 +721,13 @@ def run_metrics(result: RunResult, init_from=None) -> dict:
     history, config, device = result.history, result.config, result.device
     last = history.records[-1] if history.records else {}
     return {
-        "model": config.model, "recipe": config.recipe,
+        "model": config.model, "recipe": config.recipe, "dataset": config.dataset,
+        "num_classes": len(result.test_arrays.classes),
         "test_acc": result.accuracy, "test_acc_tta": result.tta_accuracy,
         "test_acc_trained": last.get("test_acc_trained"),
+        # with a validation split: each epoch's evaluation and any selection used it; test_acc is the one test
+        "selected_on": "validation split" if result.val_arrays is not None else "test set",
+        "val_acc": last.get("val_acc"), "val_images": len(result.val_arrays) if result.val_arrays is not None else None,
         "evaluated": "weight average" if config.ema else "trained weights",
         "epochs": len(history), "total_seconds": sum(history.seconds), "epoch_seconds": history.seconds,
         "train_seconds": sum(history.train_seconds) if None not in history.train_seconds else None,
@@ -623,6 +741,8 @@ def run_metrics(result: RunResult, init_from=None) -> dict:
         "train_images": len(result.train_arrays), "test_images": len(result.test_arrays),
         "init_from": init_from, "notes": result.notes, "settings": config.to_dict(),
         "requested": result.requested.to_dict() if result.requested is not None else None,
+        # the code, libraries, machine, command and times that made these numbers
+        "provenance": provenance(device, started=result.started, finished=utc_now()),
     }
 
 
@@ -657,7 +777,7 @@ def write_outputs(result: RunResult, *, figures: bool = True, init_from=None,
             from helpers.plots import save_run_figures  # deferred: matplotlib, for runs that draw
 
             for path in save_run_figures(out, model=result.model, history=result.history, result=result.evaluation,
-                                         test_arrays=result.test_arrays,
+                                         test_arrays=result.test_arrays, normalization=result.normalization,
                                          names=None if wanted is None else wanted - set(writers)):
                 result.paths[path.stem] = path
     except OSError as err:  # our own writes raise WriteError, an OSError, already

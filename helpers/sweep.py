@@ -35,9 +35,9 @@ import torch
 
 from helpers.cli import Parser, add_setting, given_settings, sigterm_as_interrupt
 from helpers.config import ConfigError, TrainConfig, evolve
-from helpers.data import find_cifar10
+from helpers.data import DataError, load_dataset
 from helpers.run import RunInterrupted, train_run
-from helpers.utils import RunError, atomic_write, atomic_write_text
+from helpers.utils import RunError, add_version_flag, atomic_write, atomic_write_text
 
 SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
 ENGINES = ("ray", "local")
@@ -47,7 +47,14 @@ INSTALL_HINT = (f'the sweep runs on Ray Tune, which is not installed: pip instal
                 'engine="local")')
 # threads: torch's CPU threads in the trial (Ray gives a trial cpus_per_trial; the local engine, the process's):
 # the one thing that may still tell two engines' trials of one point apart, so the results say it
-RESULT_COLUMNS = ("seed", "test_acc", "test_acc_tta", "train_seconds", "epochs", "status", "threads", "trial_dir")
+RESULT_COLUMNS = ("seed", "test_acc", "test_acc_tta", "val_acc", "train_seconds", "epochs", "status", "threads",
+                  "trial_dir")
+
+
+def selection_metric(config: TrainConfig) -> str:
+    """What a sweep selects on: 'val_acc' (the last epoch's validation accuracy) for runs with a validation split
+    (config.val_split), else 'test_acc' (today's: the test set selects, and is then no longer a fair test)."""
+    return "val_acc" if config.val_split else "test_acc"
 
 
 class SweepError(Exception):
@@ -79,8 +86,9 @@ def peak_sweep(config: TrainConfig, out: str | os.PathLike | None = None, *, pea
     labels = {**{f"{p:g}": p for p in peaks}, **picks}
     points = list({peak: peak_point(config, peak) for peak in labels.values()}.values())
     rows = run_sweep(config, points, out, engine=engine, **options)
-    by_peak = {row["max_lr"]: {"max_lr": row["max_lr"], "final_acc": row["test_acc"], "train_s": row["train_seconds"]}
-               for row in rows}
+    metric = selection_metric(config)
+    by_peak = {row["max_lr"]: {"max_lr": row["max_lr"], "final_acc": row.get(metric), "test_acc": row["test_acc"],
+                               "train_s": row["train_seconds"]} for row in rows}
     runs = {label: dict(by_peak[peak]) for label, peak in labels.items()}
     finished = [r["final_acc"] for label, r in runs.items() if label not in picks and r["final_acc"] is not None]
     if not finished:
@@ -89,6 +97,7 @@ def peak_sweep(config: TrainConfig, out: str | os.PathLike | None = None, *, pea
     best = max(finished)
     return {"model": config.model, "recipe": config.recipe, "optimizer": config.optimizer,
             "batch_size": config.batch_size, "epochs": config.epochs, "runs": runs, "best_swept_acc": best,
+            "selected_on": "validation split" if metric == "val_acc" else "test set",
             "rules": {rule: {"max_lr": lr, "gap_to_best": best - runs[rule]["final_acc"]
                              if runs[rule]["final_acc"] is not None else None}  # None: its trial failed
                       for rule, lr in picks.items()}}
@@ -100,7 +109,8 @@ def describe_picks(row: dict) -> list[str]:
         if points is None:
             return "its run did not finish (see the sweep's results.csv)"
         where = "below" if points >= 0 else "above"
-        return f"{abs(points):.2f} points {where} the best swept peak ({row['best_swept_acc']:.2f}%)"
+        on = " on the validation split" if row.get("selected_on") == "validation split" else ""
+        return f"{abs(points):.2f} points {where} the best swept peak ({row['best_swept_acc']:.2f}%{on})"
 
     return [f"{rule}: {pick['max_lr']:.3g}, {gap(pick['gap_to_best'])}" for rule, pick in row["rules"].items()]
 
@@ -163,9 +173,8 @@ def trial(base: TrainConfig, point: dict, trials: str | os.PathLike | None = Non
 
 def trial_row(point: dict, result) -> dict:
     """A trial's row of results.csv: its settings and seed, then RESULT_COLUMNS."""
-    import torch
-
     return {**point, "test_acc": result.accuracy, "test_acc_tta": result.tta_accuracy,
+            "val_acc": result.val_accuracy,
             "train_seconds": sum(s for s in result.history.train_seconds if s is not None),
             "epochs": len(result.history), "status": result.status, "threads": torch.get_num_threads(),
             "trial_dir": str(result.out) if result.out is not None else ""}
@@ -179,13 +188,17 @@ def _ray_trial(config: dict, *, base: dict, trials: str, figures: bool = True) -
 
     def report(record: dict) -> None:
         seconds.append(record.get("train_seconds") or record["seconds"])
-        tune.report({k: v for k, v in dict(epoch=record["epoch"], test_acc=record["test_acc"],
-                                           test_acc_tta=record.get("test_acc_tta"), train_loss=record["train_loss"],
-                                           train_seconds=sum(seconds)).items() if v is not None})
+        # with a validation split each epoch has val_acc (what ASHA stops on) and no test_acc: the test set is
+        # seen once, in the trial's row
+        tune.report({k: v for k, v in dict(epoch=record["epoch"], test_acc=record.get("test_acc"),
+                                           val_acc=record.get("val_acc"), test_acc_tta=record.get("test_acc_tta"),
+                                           train_loss=record["train_loss"], train_seconds=sum(seconds)).items()
+                     if v is not None})
 
     row = trial_row(point, trial(TrainConfig.from_dict(base), point, trials, figures=figures, on_epoch=report))
     if not seconds:  # a run already finished (restored sweep): nothing trained, report its numbers once
-        tune.report({"epoch": row["epochs"], "test_acc": row["test_acc"], "train_seconds": row["train_seconds"]})
+        tune.report({k: v for k, v in row.items() if k in ("test_acc", "val_acc", "train_seconds") and v is not None}
+                    | {"epoch": row["epochs"]})
 
 
 def _quiet_ray(address: str | None) -> None:
@@ -194,7 +207,9 @@ def _quiet_ray(address: str | None) -> None:
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials keep the working directory (paths are absolute)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")  # its engine prints an experiment box even at verbose 0
-    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")  # no TensorBoard/CSV/JSON loggers of its own
+    # Tune's automatic loggers off: its TensorBoard one warns without tensorboardX; _tuner adds the JSON and CSV ones
+    # (result.json, progress.csv: what Tune's ExperimentAnalysis(DIR/tune).dataframe() reads) itself
+    os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
     token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home().joinpath(
         ".ray", "auth_token").is_file()
     if (address or os.environ.get("RAY_ADDRESS")) and token:  # a cluster from `ray start` (Ray 2.5x) checks a token,
@@ -293,8 +308,9 @@ def _run_local(base, points, out, *, arrays, device, progress, figures, **ray_op
 
 
 def _say_done(done: int, total: int, point: dict, row: dict) -> None:
-    acc = row.get("test_acc")
+    acc, val = row.get("test_acc"), row.get("val_acc")
     score = f"{acc:.2f}%" if acc is not None else row.get("status", "no result")
+    score = f"validation {val:.2f}%, test {score}" if val is not None else score
     seconds = f" ({row['train_seconds']:.0f} s)" if row.get("train_seconds") is not None else ""
     print(f"[{done}/{total}] {trial_name(point)}: {score}{seconds}", flush=True)
 
@@ -307,7 +323,10 @@ def _run_ray(base, points, out, *, progress, figures, gpus_per_trial, cpus_per_t
         from ray import tune  # deferred: Ray, an optional extra
     except ImportError:
         raise SweepError(INSTALL_HINT) from None
-    find_cifar10(base.data_dir)  # one download, here, before the trials start (they take a file lock too)
+    try:  # one download (or decoding of an image folder), here, before the trials start (they take a file lock too)
+        load_dataset(base.dataset, base.data_dir, train=False)
+    except DataError as err:
+        raise SweepError(str(err)) from None
     gpus = gpus_per_trial if gpus_per_trial is not None else (1.0 if _has_cuda() else 0.0)
     trainable = tune.with_resources(
         tune.with_parameters(_ray_trial, base=base.to_dict(), trials=str(out / "trials"), figures=figures),
@@ -315,8 +334,8 @@ def _run_ray(base, points, out, *, progress, figures, gpus_per_trial, cpus_per_t
     storage = storage or str(out)
     started = _start_ray(address)
     try:
-        return _rows(_tuner(trainable, points, out, storage, base.epochs, asha, progress).fit(), points,
-                     out / "trials")
+        return _rows(_tuner(trainable, points, out, storage, base.epochs, asha, progress,
+                            selection_metric(base)).fit(), points, out / "trials")
     finally:
         if started:  # a local Ray's processes and memory go with the sweep (a notebook kernel lives on)
             import ray  # deferred: Ray, an optional extra
@@ -324,8 +343,10 @@ def _run_ray(base, points, out, *, progress, figures, gpus_per_trial, cpus_per_t
             ray.shutdown()
 
 
-def _tuner(trainable, points: list[dict], out: Path, storage: str, epochs: int, asha: bool, progress: bool):
-    """A new Tuner over `points`, or the one saved in `storage` (restored: finished trials are kept)."""
+def _tuner(trainable, points: list[dict], out: Path, storage: str, epochs: int, asha: bool, progress: bool,
+           metric: str = "test_acc"):
+    """A new Tuner over `points`, or the one saved in `storage` (restored: finished trials are kept); ASHA stops
+    trials on `metric` (selection_metric)."""
     from ray import tune  # deferred: Ray, an optional extra
 
     path = f"{storage.rstrip('/')}/tune"
@@ -338,11 +359,14 @@ def _tuner(trainable, points: list[dict], out: Path, storage: str, epochs: int, 
 
         scheduler = ASHAScheduler(time_attr="training_iteration", max_t=epochs, grace_period=max(1, epochs // 4),
                                   reduction_factor=2)
+    from ray.tune.logger import CSVLoggerCallback, JsonLoggerCallback
+
     # CLIReporter at verbose 0 says nothing; Tune's notebook reporter would clear the cell's output first
+    loggers = [JsonLoggerCallback(), CSVLoggerCallback()]  # silent; Tune's result API reads them
     return tune.Tuner(trainable, param_space={"point": tune.grid_search(points)}, tune_config=tune.TuneConfig(
-        metric="test_acc", mode="max", scheduler=scheduler, reuse_actors=False),
+        metric=metric, mode="max", scheduler=scheduler, reuse_actors=False),
         run_config=tune.RunConfig(name="tune", storage_path=storage, verbose=0, progress_reporter=tune.CLIReporter(),
-                                  callbacks=[_Progress(len(points))] if progress else []))
+                                  callbacks=loggers + ([_Progress(len(points))] if progress else [])))
 
 
 def _same_sweep(out: Path, base: TrainConfig, grid, seeds: int) -> None:
@@ -381,7 +405,8 @@ def _unfinished_row(point: dict, status: str, trials: Path | None, reported: dic
     """The row of a trial that did not finish (failed, or stopped by ASHA): what it last reported, if anything."""
     reported = reported or {}
     return {**point, "test_acc": reported.get("test_acc"), "test_acc_tta": reported.get("test_acc_tta"),
-            "train_seconds": reported.get("train_seconds"), "epochs": reported.get("epoch", 0), "status": status,
+            "val_acc": reported.get("val_acc"), "train_seconds": reported.get("train_seconds"),
+            "epochs": reported.get("epoch", 0), "status": status,
             "trial_dir": str(trials / trial_name(point)) if trials is not None else ""}
 
 
@@ -426,8 +451,9 @@ class _Progress:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = Parser(prog="python -m helpers.sweep", description="Sweep settings and seeds of a training run on Ray Tune, "
+    p = Parser(prog="cifar10 sweep", description="Sweep settings and seeds of a training run on Ray Tune, "
                "or one after another here (one trial per grid point and seed, each a normal run in DIR/trials/).")
+    add_version_flag(p)
     sweep = p.add_argument_group("the sweep")
     sweep.add_argument("--engine", choices=ENGINES, default="ray", help="ray: trials on Ray Tune (side by side as "
                        "the resources allow); local: one after another in this process, no Ray (default: ray)")

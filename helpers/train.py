@@ -14,6 +14,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,7 +36,7 @@ from helpers.checkpoints import (
     restore,
 )
 from helpers.config import TrainConfig, tta_name
-from helpers.engine import TrainStep, clock
+from helpers.engine import TrainStep, mark, seconds_between
 from helpers.utils import (
     amp_dtype,
     atomic_write,
@@ -43,6 +44,7 @@ from helpers.utils import (
     preserved_modes,
     resolve_device,
     seed_everything,
+    to_host,
     unwrap,
 )
 
@@ -56,14 +58,20 @@ EXTRA_COLUMNS = (
     "train_seconds",  # the training steps alone (seconds adds the test pass)
     "test_acc_tta",  # with test-time augmentation (config.tta; the last epoch)
     "test_acc_trained",  # the trained weights' accuracy when a weight average is evaluated (the last epoch)
+    # a run with a validation split (TrainConfig.val_split) evaluates every epoch on it: val_loss and val_acc in
+    # place of test_loss and test_acc (and val_acc_trained in place of test_acc_trained)
+    "val_loss", "val_acc", "val_acc_trained",
 )
+# what a run with a validation split does not record per epoch: its test set is evaluated once, after the last
+OPTIONAL_COLUMNS = ("test_loss", "test_acc")
 
 
 @dataclass
 class History:
     """Per-epoch records (epoch, lr at the epoch's start, lr_end at its last step, train/test loss, train/test
     accuracy in %, seconds of training and evaluation, train_seconds of training alone), plus the run's one-time
-    warm-up and execution mode."""
+    warm-up and execution mode. A run with a validation split has val_loss and val_acc in place of test_loss and
+    test_acc (`eval_split`): its test set is evaluated once, after the last epoch, outside the history."""
 
     records: list[dict] = field(default_factory=list)
     warmup_seconds: float = 0.0  # capture/compile/autotuning before epoch 1 (of the last process, when resumed)
@@ -79,11 +87,19 @@ class History:
             return [r.get(name) for r in self.records]
         raise AttributeError(name)
 
+    @property
+    def eval_split(self) -> str:
+        """'val' when every epoch was evaluated on a validation split, else 'test'."""
+        return "val" if self.records and "val_acc" in self.records[0] else "test"
+
     def append(self, **record) -> None:
         unknown = set(record) - set(EPOCH_COLUMNS) - set(EXTRA_COLUMNS)
         if unknown:
             raise ValueError(f"History records have no column {', '.join(sorted(unknown))}: add it to EXTRA_COLUMNS")
-        self.records.append({k: record[k] for k in EPOCH_COLUMNS} | record)
+        missing = set(EPOCH_COLUMNS) - set(record) - set(OPTIONAL_COLUMNS)
+        if missing or not {"test_acc", "val_acc"} & set(record):
+            raise ValueError(f"a History record lacks {', '.join(sorted(missing)) or 'test_acc or val_acc'}")
+        self.records.append({k: record[k] for k in EPOCH_COLUMNS if k in record} | record)
 
     @classmethod
     def of(cls, ckpt: Checkpoint) -> History:
@@ -170,7 +186,19 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
     tta 'flip' or 'flip_translate' (see `tta_logits`) also reports that accuracy as `tta_accuracy`.
 
     A compiled model sees only full batches: a ragged last batch runs through the original module (no recompile).
+    One host sync: everything is read back in one copy at the end.
     """
+    return eval_result(to_host(evaluate_on_device(model, loader, device=device, amp=amp,
+                                                  channels_last=channels_last, tta=tta)))
+
+
+@torch.no_grad()
+def evaluate_on_device(model: nn.Module, loader, *, device: str | torch.device | None = None,
+                       amp: bool | None = None, channels_last: bool = True,
+                       tta: str | bool = "none") -> dict[str, torch.Tensor]:
+    """`evaluate`'s numbers as device tensors, nothing read back: probabilities (N, C), confidences (N,),
+    predictions (N,), targets (N,), loss (), correct () and, with tta, tta_correct (). `eval_result` turns them,
+    once on the host (utils.to_host), into an EvalResult."""
     device = resolve_device(device) if device is not None else next(model.parameters()).device
     dtype = amp_dtype(device, amp)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
@@ -191,17 +219,20 @@ def evaluate(model: nn.Module, loader, *, device: str | torch.device | None = No
     logits, targets = torch.cat(logits), torch.cat(targets)
     probs = logits.softmax(1)
     conf, pred = probs.max(1)
-    tta_accuracy = None
+    out = {"probabilities": probs, "confidences": conf, "predictions": pred, "targets": targets,
+           "loss": F.cross_entropy(logits, targets), "correct": (pred == targets).sum()}  # exact counts
     if augmented:
-        tta_accuracy = 100.0 * (torch.cat(augmented).argmax(1) == targets).sum().item() / len(targets)
+        out["tta_correct"] = (torch.cat(augmented).argmax(1) == targets).sum()
+    return out
+
+
+def eval_result(host: dict[str, np.ndarray]) -> EvalResult:
+    """An EvalResult from `evaluate_on_device`'s numbers, read back (utils.to_host)."""
+    n = len(host["targets"])
     return EvalResult(
-        loss=F.cross_entropy(logits, targets).item(),
-        accuracy=100.0 * (pred == targets).sum().item() / len(targets),  # exact counts, no float32 rounding
-        predictions=pred.cpu().numpy(),
-        confidences=conf.cpu().numpy(),
-        targets=targets.cpu().numpy(),
-        probabilities=probs.cpu().numpy(),
-        tta_accuracy=tta_accuracy,
+        loss=float(host["loss"]), accuracy=100.0 * int(host["correct"]) / n, predictions=host["predictions"],
+        confidences=host["confidences"], targets=host["targets"], probabilities=host["probabilities"],
+        tta_accuracy=100.0 * int(host["tta_correct"]) / n if "tta_correct" in host else None,
     )
 
 
@@ -220,7 +251,7 @@ def load_weights(model: nn.Module, path: str | os.PathLike, *, model_name: str |
 def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
         device: str | torch.device | None = "auto", checkpoint: str | os.PathLike | None = None,
         resume: str | os.PathLike | Checkpoint | None = None, quiet: bool = False, run_info: RunInfo | None = None,
-        on_epoch: Callable[[dict], None] | None = None) -> History:
+        on_epoch: Callable[[dict], None] | None = None, eval_split: str = "test") -> History:
     """Train `model` per `config`; returns the History (one record per epoch; `history.evaluation` is the last
     epoch's evaluation). With weight averaging the model ends as evaluated: the average; the last epoch's record
     also holds the trained weights' accuracy (`test_acc_trained`). config.tta's accuracy (`test_acc_tta`) is the
@@ -232,6 +263,9 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
     or a Checkpoint already read) to continue from; the run then continues exactly where it stopped (same History
     on the CPU as an uninterrupted run).
     on_epoch(record): called after each epoch's record (a sweep reports it to Ray Tune), on rank 0.
+    eval_split: what `test_loader` holds, 'test' or 'val' (a validation split: the records' columns are then
+    val_loss and val_acc, the plateau scheduler steps on the validation loss, and no TTA is scored: helpers.run
+    tests the final model once on the test set).
 
     Under torchrun (helpers.distributed) every process runs this on its shard of the loader: the records hold the
     global batch's numbers, rank 0 alone prints and writes the checkpoint (with every process's RNG state).
@@ -251,27 +285,38 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
         history.records = restore(step, generator, ckpt)
     if not quiet:
         print(f"mode: {step.mode_reason} | one-time warm-up {warmup:.1f} s (before epoch 1, not in the epoch times)")
-        print_table_header()
+        print_table_header(eval_split)
         for record in history.records:
             print_table_row(record)
     writer = CheckpointWriter()
     try:
         for epoch in range(len(history) + 1, config.epochs + 1):
-            t0 = clock(device)
+            t0, start = time.perf_counter(), mark(device)
             step.start_epoch(epoch)
-            record = _train_epoch(step, train_loader, epoch, quiet=quiet, checkpoint=checkpoint)
+            record, totals = _train_epoch(step, train_loader, epoch, quiet=quiet, checkpoint=checkpoint)
             step.sync_buffers()
-            record["train_seconds"] = clock(device) - t0  # the training steps alone (seconds adds the test pass)
+            trained = mark(device)
             last = epoch == config.epochs  # TTA scores the final model only: every epoch, it cost as much as training
-            result = evaluate(step.evaluated_model, test_loader, device=device, amp=config.amp,
-                              channels_last=config.channels_last, tta=config.tta if last else "none")
+            tta = config.tta if last and eval_split == "test" else "none"
+            tensors = evaluate_on_device(step.evaluated_model, test_loader, device=device, amp=config.amp,
+                                         channels_last=config.channels_last, tta=tta)
+            host = to_host(totals | tensors)  # the epoch's one host sync: every number its table row prints
+            lrs = record.pop("lrs")
+            if host["first_bad"] >= 0:
+                raise _diverged(epoch, int(host["first_bad"]), lrs, checkpoint)
+            result = eval_result(host)
             step.end_epoch(result.loss)
-            record.update(test_loss=result.loss, test_acc=result.accuracy, seconds=clock(device) - t0)
+            loss_sum, correct, images = host["sums"].tolist()
+            record.update({"train_loss": loss_sum / images, "train_acc": 100.0 * correct / images,
+                           "train_seconds": seconds_between(start, trained),  # the training steps alone
+                           f"{eval_split}_loss": result.loss, f"{eval_split}_acc": result.accuracy,
+                           "seconds": time.perf_counter() - t0})
             if result.tta_accuracy is not None:
                 record["test_acc_tta"] = result.tta_accuracy
             if step.averaging and last:  # what averaging gained (or lost) over training
-                record["test_acc_trained"] = evaluate(step.trained_forward, test_loader, device=device, amp=config.amp,
-                                                      channels_last=config.channels_last).accuracy
+                record[f"{eval_split}_acc_trained"] = evaluate(step.trained_forward, test_loader, device=device,
+                                                               amp=config.amp,
+                                                               channels_last=config.channels_last).accuracy
             history.append(**record)
             history.evaluation = result
             if not quiet:
@@ -291,10 +336,20 @@ def fit(model: nn.Module, train_loader, test_loader, config: TrainConfig, *,
     return history
 
 
-def _train_epoch(step: TrainStep, loader, epoch: int, *, quiet: bool, checkpoint) -> dict:
-    """One pass of `step` over `loader`: the epoch's record without its test columns."""
+def host_reads_are_free(device: torch.device) -> bool:
+    """On the CPU a read of a tensor costs nothing; on a GPU it waits for the queue (a host sync). fit checks the
+    loss every step and shows it in the bar only where it is free (benchmarks.proxies turns this off to count the
+    GPU path's syncs on the CPU)."""
+    return device.type == "cpu"
+
+
+def _train_epoch(step: TrainStep, loader, epoch: int, *, quiet: bool,
+                 checkpoint=None) -> tuple[dict, dict[str, torch.Tensor]]:
+    """One pass of `step` over `loader`: the epoch's record without its numbers (and with `lrs`, the LR of each
+    step), and those numbers as device tensors, nothing read back: sums (loss sum, correct, images; over every
+    process under torchrun, float64: exact counts) and first_bad (the first non-finite loss's step, or -1)."""
     step.model.train()
-    on_cpu = step.device.type == "cpu"  # a host read is free on the CPU and a sync on a GPU
+    free = host_reads_are_free(step.device)
     lr_start, lrs, losses, preds, labels = step.lr, [], [], [], []
     # a manual bar: tqdm.auto's wrapper calls iter() on an iterable it is given, then iterates it again, which would
     # start every epoch's loader twice; TQDM_DISABLE=1 silences it too
@@ -308,32 +363,29 @@ def _train_epoch(step: TrainStep, loader, epoch: int, *, quiet: bool, checkpoint
         preds.append(out.argmax(1))  # read now: in graphs/compile modes `out` is overwritten by the next step
         labels.append(y)
         bar.update()
-        if on_cpu:
-            _stop_if_diverged(losses[-1:], epoch, lrs, checkpoint, offset=len(losses) - 1)
+        if free:
+            if not torch.isfinite(loss):
+                raise _diverged(epoch, len(losses) - 1, lrs, checkpoint)
             if not quiet and len(losses) % max(1, len(loader) // 20) == 0:
                 bar.set_postfix(loss=f"{torch.stack(losses).mean().item():.4f}", lr=f"{lrs[-1]:.3g}")
     bar.close()
     losses = torch.stack(losses).float()
-    _stop_if_diverged(losses, epoch, lrs, checkpoint)
+    bad = ~torch.isfinite(losses)
     sizes = torch.tensor([len(t) for t in labels], device=losses.device)  # the last batch may be smaller
     preds, labels = torch.cat(preds), torch.cat(labels)
     peak = max(range(len(lrs)), key=lrs.__getitem__)  # a one-cycle peak inside the epoch, for the LR plot
-    # loss sum, correct, images: over every process's shard under torchrun (float64: exact counts)
-    totals = torch.stack([(losses * sizes).sum().double(), (preds == labels).sum().double(),
-                          torch.tensor(len(preds), dtype=torch.float64, device=losses.device)])
-    loss_sum, correct, images = distributed.all_reduce_sum(totals).tolist()
+    sums = torch.stack([(losses * sizes).sum().double(), (preds == labels).sum().double(),
+                        torch.tensor(len(preds), dtype=torch.float64, device=losses.device)])
+    totals = {"sums": distributed.all_reduce_sum(sums),
+              "first_bad": torch.where(bad.any(), bad.int().argmax(), -1)}
     return dict(epoch=epoch, lr=lr_start, lr_end=lrs[-1], steps=len(lrs), lr_max=lrs[peak], lr_max_step=peak,
-                train_loss=loss_sum / images, train_acc=100.0 * correct / images)
+                lrs=lrs), totals
 
 
-def _stop_if_diverged(losses, epoch: int, lrs: list[float], checkpoint, *, offset: int = 0) -> None:
-    bad = ~torch.isfinite(losses if isinstance(losses, torch.Tensor) else torch.stack(losses))
-    if not bad.any():
-        return
-    index = offset + int(bad.float().argmax())
+def _diverged(epoch: int, index: int, lrs: list[float], checkpoint) -> TrainingDiverged:
     kept = (f"the last good checkpoint is kept at {checkpoint}" if checkpoint and Path(checkpoint).is_file() else
             "no epoch finished, so no checkpoint was written" if checkpoint else "no checkpoint was being written")
-    raise TrainingDiverged(
+    return TrainingDiverged(
         f"loss became NaN/inf at epoch {epoch}, step {index + 1} (learning rate {lrs[index]:.4g}); {kept}. "
         "Lower --max-lr (try the LR range test: --max-lr auto) or turn off --amp."
     )
@@ -349,19 +401,22 @@ def print_table_rule() -> None:
     print("-" * (sum(_WIDTHS) + 3 * len(_WIDTHS) + 1), flush=True)
 
 
-def print_table_header() -> None:
+def print_table_header(eval_split: str = "test") -> None:
     print_table_rule()
-    names = ("Epoch", "LR start -> end", "Time", "TrainLoss", "TrainAcc", "TestLoss", "TestAcc")
+    evaluated = ("TestLoss", "TestAcc") if eval_split == "test" else ("ValLoss", "ValAcc")
+    names = ("Epoch", "LR start -> end", "Time", "TrainLoss", "TrainAcc", *evaluated)
     print("| " + " | ".join(f"{n:>{w}}" for n, w in zip(names, _WIDTHS)) + " |")
     print_table_rule()
 
 
 def print_table_row(r: dict) -> None:
     """| Epoch | LR start -> end | Time | TrainLoss | TrainAcc | TestLoss | TestAcc |: the LR at the epoch's first
-    and last step (one-cycle's peak ends the last rising epoch); Time in seconds, one format."""
+    and last step (one-cycle's peak ends the last rising epoch); Time in seconds, one format. A record of a run
+    with a validation split shows its val_loss and val_acc in the last two columns (ValLoss, ValAcc)."""
+    split = "val" if "val_acc" in r else "test"
     cells = (
         f"{r['epoch']}", f"{r['lr']:.3g} -> {r.get('lr_end', r['lr']):.3g}", f"{r['seconds']:.1f}s",
-        f"{r['train_loss']:.4f}", f"{r['train_acc']:.2f}%", f"{r['test_loss']:.4f}", f"{r['test_acc']:.2f}%",
+        f"{r['train_loss']:.4f}", f"{r['train_acc']:.2f}%", f"{r[split + '_loss']:.4f}", f"{r[split + '_acc']:.2f}%",
     )
     print("| " + " | ".join(f"{c:>{w}}" for c, w in zip(cells, _WIDTHS)) + " |", flush=True)
 

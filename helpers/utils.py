@@ -40,6 +40,13 @@ def ask(flag: str, python: str) -> str:
     return flag if _AS_FLAGS.get() else f"{python} ({flag})"
 
 
+def add_version_flag(parser) -> None:
+    """`--version` on an argparse parser: the package's version (every command has it)."""
+    from helpers import __version__  # deferred: the package's version, for --version
+
+    parser.add_argument("--version", action="version", version=f"cifar10-helpers {__version__}")
+
+
 def seed_everything(seed: int) -> None:
     """Seed Python, numpy and torch (CPU and CUDA) for a repeatable run."""
     random.seed(seed)
@@ -82,6 +89,21 @@ def amp_dtype(device: torch.device, amp: bool | None) -> torch.dtype | None:
     return torch.bfloat16
 
 
+def to_host(tensors: dict[str, torch.Tensor]) -> dict[str, np.ndarray]:
+    """The tensors as numpy arrays (same shapes and dtypes) through one device-to-host copy: one host sync where a
+    read per tensor costs one each. Packed as float64, exact for float32 values and integers below 2**53."""
+    if not tensors:
+        return {}
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors.values()]).cpu().numpy()
+    parts = np.split(flat, np.cumsum([t.numel() for t in tensors.values()])[:-1])
+    return {name: part.reshape(tuple(t.shape)).astype(_NUMPY_DTYPES.get(t.dtype, np.float64))
+            for (name, t), part in zip(tensors.items(), parts)}
+
+
+_NUMPY_DTYPES = {torch.float32: np.float32, torch.float64: np.float64, torch.int64: np.int64,
+                 torch.int32: np.int32, torch.bool: np.bool_, torch.float16: np.float32, torch.bfloat16: np.float32}
+
+
 def precision_name(dtype: torch.dtype | None) -> str:
     """'fp32', 'bf16' or 'fp16' for an autocast dtype from `amp_dtype`."""
     return {None: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
@@ -103,6 +125,29 @@ def preserved_modes(model: nn.Module, *, grads: bool = False) -> Iterator[nn.Mod
             param.requires_grad_(requires_grad)
             if grads:
                 param.grad = grad
+
+
+@contextlib.contextmanager
+def deterministic_algorithms(on: bool = True) -> Iterator[None]:
+    """While the block runs (on=True): torch's deterministic algorithms only (an operation that has none raises,
+    naming itself), cuDNN's deterministic kernels and no autotuning, and cuBLAS's fixed workspace; everything is
+    put back afterwards. Bit-for-bit repeatable runs on one machine, at a cost in speed (README)."""
+    if not on:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             cudnn.deterministic, cudnn.benchmark, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # cuBLAS's condition for repeatable results
+    torch.use_deterministic_algorithms(True)
+    cudnn.deterministic, cudnn.benchmark = True, False
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.deterministic, cudnn.benchmark = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)
 
 
 # every batch-norm type torch has, by its public names (the lazy ones subclass these)
@@ -128,6 +173,7 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
     tmp = Path(name)
     try:
         write(tmp)
+        os.chmod(tmp, _mode_for(path))  # mkstemp's file is private (0600); the file we leave is not
         os.replace(tmp, path)
     except BaseException as err:
         tmp.unlink(missing_ok=True)
@@ -136,6 +182,29 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
                              "any earlier version of it is kept") from err
         raise
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permissions a plain open() would give a new `path` (0666 less the umask), or those of the file it
+    replaces (a file the user made private stays so)."""
+    try:
+        return path.stat().st_mode & 0o7777
+    except OSError:
+        return 0o666 & ~current_umask()
+
+
+def current_umask() -> int:
+    """The process's umask. Linux shows it in /proc (reading it is thread-safe, and checkpoints are written on a
+    thread); elsewhere os.umask, which can only be read by setting it."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 # atomic_write's temporary files: .<name>.<8 random characters, tempfile's>.tmp beside <name>

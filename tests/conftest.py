@@ -94,3 +94,56 @@ def trained_run(tiny_data, tmp_path_factory) -> Path:
                      "--device", "cpu", "--workers", "0", "--no-figures", "--quiet", "--data-dir", str(tiny_data),
                      "--out", str(out)]) == 0
     return out
+
+
+def write_cifar100_folder(root: Path, *, n_train: int = 200, n_test: int = 100, seed: int = 0) -> Path:
+    """Write root/cifar-100-python as the official CIFAR-100 files: 'train' and 'test' pickles of {'data': uint8
+    (N, 3072) channel-major rows, 'fine_labels', 'coarse_labels', 'filenames', ...} and 'meta' with
+    'fine_label_names' and 'coarse_label_names' (bytes keys, protocol 2, as Python 2 wrote them)."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True, exist_ok=True)
+    palette = rng.integers(30, 225, size=(100, 3))
+
+    def dump(name: str, n: int) -> None:
+        labels = np.arange(n) % 100
+        rng.shuffle(labels)
+        noise = rng.integers(-20, 20, size=(n, 32, 32, 3))
+        images = np.clip(palette[labels][:, None, None, :] + noise, 0, 255).astype(np.uint8)
+        entry = {b"batch_label": name.encode(), b"fine_labels": [int(v) for v in labels],
+                 b"coarse_labels": [int(v) // 5 for v in labels],
+                 b"data": images.transpose(0, 3, 1, 2).reshape(n, -1),
+                 b"filenames": [f"{name}_{i}.png".encode() for i in range(n)]}
+        with open(folder / name, "wb") as f:
+            pickle.dump(entry, f, protocol=2)
+
+    dump("train", n_train)
+    dump("test", n_test)
+    with open(folder / "meta", "wb") as f:
+        pickle.dump({b"fine_label_names": [f"class_{i:02d}".encode() for i in range(100)],
+                     b"coarse_label_names": [f"super_{i:02d}".encode() for i in range(20)]}, f, protocol=2)
+    return root
+
+
+FOLDER_CLASSES = {"berry": (200, 40, 60), "leaf": (40, 170, 60), "sky": (70, 120, 230)}
+
+
+def write_image_folder(root: Path, *, per_class: int = 12, split: bool = False, seed: int = 0) -> Path:
+    """A folder of PNG and JPEG files of mixed sizes (and modes) in 3 classes whose colour tells them apart:
+    root/<class>/*, or root/train/<class>/* and root/test/<class>/* (a third of each class) when `split`."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    sizes = [(40, 30), (64, 64), (17, 50), (120, 90), (33, 33)]
+    for name, colour in FOLDER_CLASSES.items():
+        for i in range(per_class):
+            where = root / ("test" if i % 3 == 0 else "train") / name if split else root / name
+            where.mkdir(parents=True, exist_ok=True)
+            w, h = sizes[i % len(sizes)]
+            pixels = np.clip(np.array(colour) + rng.integers(-25, 25, size=(h, w, 3)), 0, 255).astype(np.uint8)
+            img = Image.fromarray(pixels)
+            if i % 4 == 1:
+                img = img.convert("RGBA")  # transparency composited on white, as predict does
+            suffix = ".jpg" if i % 2 else ".png"
+            (img.convert("RGB") if suffix == ".jpg" else img).save(where / f"{name}_{i}{suffix}")
+    return root

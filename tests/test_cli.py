@@ -11,6 +11,7 @@ import torch
 
 from helpers import cli
 from helpers.checkpoints import read_checkpoint
+from helpers.config import read_config_file
 
 BASE = ["--model", "depthwise_net", "--device", "cpu", "--workers", "0", "--no-figures", "--quiet"]
 
@@ -193,6 +194,12 @@ def test_init_from_keeps_the_source_runs_data_unless_told(tiny_data, tmp_path, c
     assert cli.main(["--init-from", str(source), "--epochs", "1", "--out", str(told), "--device", "cpu", "--workers",
                      "0", "--no-figures", "--quiet", "--max-lr", "0.05", "--subset-train", "100"]) == 0
     assert json.loads((told / "metrics.json").read_text())["train_images"] == 100
+    capsys.readouterr()
+    assert cli.main(["--init-from", str(source), "--print-config"]) == 0  # stdout is the config file alone
+    printed = capsys.readouterr()
+    assert "--init-from: as the source run" in printed.err and "--init-from" not in printed.out
+    (tmp_path / "printed.yaml").write_text(printed.out)
+    assert read_config_file(tmp_path / "printed.yaml")["subset_train"] == 50
 
 
 def test_each_run_gets_a_new_numbered_folder_and_latest_leads_to_the_last(tiny_data, tmp_path, monkeypatch, capsys):
@@ -237,3 +244,30 @@ def test_latest_without_symlinks_is_a_file_naming_the_run(tmp_path, monkeypatch)
     (runs / "latest").unlink()
     (runs / "latest").mkdir()
     assert point_latest(runs / "resnet18-fast-9") is None and (runs / "latest").is_dir()
+
+
+# --- one command line: cifar10 COMMAND (= python -m helpers COMMAND)
+
+
+def test_every_command_is_reached_and_has_version(capsys):
+    import helpers
+
+    assert cli.command_line(["--help"]) == 0
+    listed = capsys.readouterr().out
+    assert all(f"  {name}" in listed for name in cli.COMMANDS)
+    assert cli.command_line([]) == 2  # no command: the list, and a failing status
+    capsys.readouterr()
+    assert cli.command_line(["trian", "--epochs", "2"]) == 2
+    assert error_of(capsys).strip() == ("error: no command 'trian': choose one of train, predict, compare, demo, "
+                                        "sweep, export (see cifar10 --help)")
+    for argv in (["--version"], *([name, "--version"] for name in cli.COMMANDS)):
+        try:
+            code = cli.command_line(argv)
+        except SystemExit as stop:  # argparse's version action exits
+            code = stop.code
+        assert code in (0, None) and capsys.readouterr().out.strip() == f"cifar10-helpers {helpers.__version__}"
+
+
+def test_flags_alone_train_as_before_there_were_commands(tiny_data, tmp_path):
+    assert cli.command_line([*BASE, "--epochs", "1", "--data-dir", str(tiny_data), "--out", str(tmp_path / "r"),
+                             "--print-config"]) == 0

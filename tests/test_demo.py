@@ -73,15 +73,6 @@ def test_a_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert err.startswith("error: no checkpoint at") and len(err.splitlines()) == 1
 
 
-def test_the_demo_extra_pins_the_gradio_that_is_tested():
-    tomllib = pytest.importorskip("tomllib", reason="tomllib is in the standard library from Python 3.11")
-    from .conftest import REPO
-
-    extra = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]["optional-dependencies"]["demo"]
-    dev = [line.strip() for line in (REPO / "requirements-dev.txt").read_text().splitlines()]
-    assert [pin for pin in extra if pin.startswith("gradio==")] == [p for p in dev if p.startswith("gradio==")]
-
-
 def test_the_command_names_our_flag_not_gradios_keyword(trained_run, monkeypatch, capsys):
     pytest.importorskip("gradio")
     port = free_port()

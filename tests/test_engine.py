@@ -70,19 +70,20 @@ def test_warm_up_state_is_restored_exactly(tiny_arrays):
     assert torch.equal(torch.get_rng_state(), before[2])
 
 
-def test_fit_is_the_bare_step_loop(tiny_arrays):
-    """fit's weights equal a bare loop of the same step plus a test pass per epoch: nothing else trains."""
-    from benchmarks.benchmark import bare_fit
+def test_fit_trains_as_the_bare_pytorch_loop(tiny_arrays):
+    """fit's weights equal the plain PyTorch loop's (benchmarks.bare: what the overhead benchmark times fit
+    against) on the same model, loader, optimizer and schedule: nothing else trains, and the bare loop is the same
+    training."""
+    from benchmarks.bare import train_bare
 
-    cfg = config(augment="davidnet", l1=5e-4)
+    cfg = config(augment="davidnet", l1=0.0)  # the bare loop has no L1 term (depthwise_net's recipe does)
     torch.manual_seed(0)
     fitted = build_model(cfg.model)
     fit(fitted, *loaders(tiny_arrays, cfg), cfg, device="cpu", quiet=True)
     torch.manual_seed(0)
-    train_loader, test_loader = loaders(tiny_arrays, cfg)
-    step = TrainStep(build_model(cfg.model), cfg, device=CPU, steps_per_epoch=len(train_loader))
-    bare_fit(step, train_loader, test_loader, cfg.epochs)
-    for (name, a), b in zip(fitted.state_dict().items(), step.model.state_dict().values()):
+    bare = build_model(cfg.model)
+    train_bare(bare, loaders(tiny_arrays, cfg)[0], cfg, device=CPU, epochs=cfg.epochs)
+    for (name, a), b in zip(fitted.state_dict().items(), bare.state_dict().values()):
         assert torch.equal(a, b), name
 
 
@@ -286,3 +287,63 @@ def test_cuda_prepare_restores_the_model_exactly(tiny_arrays):
     for name, value in step.model.state_dict().items():
         assert torch.equal(value, before[name]), name
     assert torch.equal(torch.cuda.get_rng_state(), rng) and step.optimizer.state_dict()["state"] == {}
+
+
+def test_weight_average_equals_torchs_averaged_model_and_reads_its_state():
+    """The sync-free average gives AveragedModel's numbers (EMA rule, buffers averaged, integer buffers by its
+    rule), and a state written by AveragedModel (checkpoints before WeightAverage) loads into it."""
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    torch.manual_seed(0)
+    model = build_model("custom_resnet")
+    ours = engine.WeightAverage(model, decay=0.9)
+    theirs = AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(0.9), use_buffers=True)
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    for _ in range(4):  # train steps move weights, running statistics and num_batches_tracked
+        model.train()
+        loss = model(torch.randn(8, 3, 32, 32)).logsumexp(1).mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        ours.update(model)
+        theirs.update_parameters(model)
+    mine, ref = ours.module.state_dict(), theirs.module.state_dict()
+    assert mine.keys() == ref.keys()
+    for name in ref:
+        assert mine[name].dtype == ref[name].dtype, name
+        torch.testing.assert_close(mine[name], ref[name], rtol=1e-6, atol=1e-7, msg=name)
+    assert any(t.dtype == torch.long for t in ref.values())  # the integer rule was exercised
+    assert ours.state_dict().keys() == theirs.state_dict().keys()
+
+    loaded = engine.WeightAverage(build_model("custom_resnet"), decay=0.9)
+    loaded.load_state_dict(theirs.state_dict())  # an old checkpoint's `ema`
+    assert loaded.updates == 4
+    assert all(torch.equal(loaded.module.state_dict()[k], v) for k, v in ref.items())
+
+
+def test_auto_weighs_the_measured_step_times_and_warm_ups():
+    resnet9 = engine.STEP_STUDY[("custom_resnet", "bf16", 512)]
+    mode, why = choose_mode("auto", CUDA, 2_328, measured=resnet9)  # writeup: compiling saves ~3.7 s, costs 14
+    assert mode == "graphs" and "compile" in why and "measured" in why
+    assert choose_mode("auto", CUDA, 20_000, measured=resnet9)[0] == "compile"  # there it pays back
+    assert choose_mode("auto", CPU, 20_000, measured=resnet9)[0] == "eager"
+
+
+def test_a_failed_compilation_falls_back_to_eager_and_the_run_goes_on(tiny_arrays, monkeypatch):
+    """A machine without a C++ compiler (or an op Inductor cannot take): compile's first call raises."""
+    def no_compiler(module, **kwargs):
+        def compiled(*args, **kw):
+            raise RuntimeError("InvalidCxxCompiler: No working C++ compiler found")
+        return compiled
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    cfg = config(epochs=1, mode="compile")
+    train_loader, test_loader = loaders(tiny_arrays, cfg)
+    torch.manual_seed(0)
+    with pytest.warns(UserWarning, match="torch.compile failed"):
+        history = fit(build_model(cfg.model), train_loader, test_loader, cfg, device="cpu", quiet=True)
+    assert history.mode == "eager" and len(history) == 1
+    torch.manual_seed(0)
+    eager = fit(build_model(cfg.model), *loaders(tiny_arrays, cfg), replace_mode(cfg, "eager"), device="cpu",
+                quiet=True)
+    assert history.records[0]["train_loss"] == eager.records[0]["train_loss"]  # the failed try left no trace

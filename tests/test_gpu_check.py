@@ -44,25 +44,29 @@ def test_every_item_has_an_estimate_with_its_source_and_a_command(tmp_path):
     for name in gpu_check.ITEMS:
         command = gpu_check.item_command(name, args, tmp_path)
         assert isinstance(command, tuple) or "papermill" in command, name
-    argv, _ = gpu_check.item_command("airbench_fast", args, tmp_path)
+    argv, _ = gpu_check.item_command("resnet9", args, tmp_path)
     assert argv[argv.index("--sections") + 1] == "airbench,accuracy" and argv[argv.index("--seeds") + 1] == "3"
-    assert argv[argv.index("--out") + 1] == str(tmp_path / "airbench_fast.json")
+    assert argv[argv.index("--accuracy-runs") + 1] == "custom_resnet:writeup,custom_resnet:fast"
+    assert argv[argv.index("--out") + 1] == str(tmp_path / "resnet9.json")
+    argv, _ = gpu_check.item_command("resnet18_epochs", args, tmp_path)
+    assert argv[argv.index("--epoch-batch-sizes") + 1] == "128,512"
+    assert list(gpu_check.ITEMS)[:3] == ["resnet9", "overhead", "resnet18_epochs"]  # the order of their value
 
 
 def test_accuracy_items_take_airbench94s_accuracy_and_get_its_ratios(tmp_path):
     args = gpu_check.parse_args(["--data-dir", "d", "--out", str(tmp_path), "--budget", "500"])
-    assert "--target" not in gpu_check.item_command("writeup", args, tmp_path)[0]  # no airbench94 measured yet
+    assert "--target" not in gpu_check.item_command("resnet18_fast", args, tmp_path)[0]  # no airbench94 yet
     airbench = {"seconds_mean": 2.0, "acc_tta0_mean": 89.75, "acc_tta2_mean": 90.5, "runs": [{}, {}, {}]}
-    (tmp_path / "airbench_fast.json").write_text(json.dumps({"results": {"airbench": airbench}}))
-    argv, _ = gpu_check.item_command("writeup", args, tmp_path)
+    (tmp_path / "resnet9.json").write_text(json.dumps({"results": {"airbench": airbench}}))
+    argv, _ = gpu_check.item_command("resnet18_fast", args, tmp_path)
     assert argv[argv.index("--target") + 1] == "89.7500" and argv[argv.index("--target-tta") + 1] == "90.5000"
     row = {"train_time_to_target_mean_s": 10.0, "train_time_to_target_tta_mean_s": None, "train_only_s_mean": 16.0}
-    (tmp_path / "writeup.json").write_text(json.dumps({"results": {"accuracy": [row]}}))
-    gpu_check.attach_airbench(tmp_path, "writeup")
-    res = json.loads((tmp_path / "writeup.json").read_text())["results"]
+    (tmp_path / "resnet18_fast.json").write_text(json.dumps({"results": {"accuracy": [row]}}))
+    gpu_check.attach_airbench(tmp_path, "resnet18_fast")
+    res = json.loads((tmp_path / "resnet18_fast.json").read_text())["results"]
     assert res["accuracy"][0]["vs_airbench"] == pytest.approx(5.0)
     assert res["accuracy"][0]["full_run_vs_airbench"] == pytest.approx(8.0)
-    assert res["accuracy"][0]["vs_airbench_tta"] is None and "airbench_fast.json" in res["airbench"]["from"]
+    assert res["accuracy"][0]["vs_airbench_tta"] is None and "resnet9.json" in res["airbench"]["from"]
 
 
 def test_scale_factor_is_measured_over_estimated_clamped_and_ignores_failures():
@@ -108,20 +112,21 @@ def budget_args(tmp_path, monkeypatch):
 
 
 def test_budget_runs_in_priority_order_what_its_scaled_estimate_says_fits(budget_args, tmp_path):
-    table = fake_table(cuda_tests=10, airbench_fast=50, writeup=30, resnet18_fast=30, modes=5)
+    table = fake_table(resnet9=10, overhead=50, resnet18_epochs=30, modes=30, cuda_tests=5)
     fake = FakeMachine(table, factor=2.0)  # every item takes twice its estimate: the run learns it after the first
     state = gpu_check.run_budget(budget_args, tmp_path, estimates=table, runner=fake.run, clock=fake.clock)
-    # cuda_tests: 10 s estimated, 20 s taken (scale 2); airbench_fast 100 > 80 left; writeup 60 fits (20 left);
-    # resnet18_fast 60 > 20; modes 10 fits; the rest (1000 s each) never
-    assert [name for name, _ in fake.ran] == ["cuda_tests", "writeup", "modes"]
-    assert [timeout for _, timeout in fake.ran] == [100, 80, 20]  # no item may run past the budget
+    # resnet9: 10 s estimated, 20 s taken (scale 2); overhead 100 > 80 left; resnet18_epochs 60 fits (20 left);
+    # modes 60 > 20; cuda_tests 10 fits; the rest (1000 s each) never
+    assert [name for name, _ in fake.ran] == ["resnet9", "resnet18_epochs", "cuda_tests"]
+    # each stopped at CAP x its estimate, and never past the budget: min(100, 25), min(80, 150), min(20, 25)
+    assert [timeout for _, timeout in fake.ran] == [25, 80, 20]
     skipped = {s["name"]: s["why"] for s in state["skipped"]}
-    assert list(skipped) == ["airbench_fast", "resnet18_fast", "share", "sweep", "depthwise", "nb02", "nb04"]
-    assert skipped["airbench_fast"] == "estimate 100 s (50 s x 2.00) > 80 s left"
+    assert list(skipped) == ["overhead", "modes", "resnet18_fast", "share", "sweep", "depthwise", "nb02", "nb04"]
+    assert skipped["overhead"] == "estimate 100 s (50 s x 2.00) > 80 s left"
     assert state["state"] == "done" and state["elapsed_s"] == 90
     summary = (tmp_path / "SUMMARY.md").read_text()
-    assert "| budget | writeup | ok | 60 | 60 |" in summary
-    assert "- airbench_fast (airbench94 x 3" in summary and "> 80 s left" in summary
+    assert "| budget | resnet18_epochs | ok | 60 | 60 |" in summary
+    assert "- overhead (fit against the bare PyTorch loop" in summary and "> 80 s left" in summary
     assert json.loads((tmp_path / "summary.json").read_text())["skipped"] == state["skipped"]
 
 
@@ -135,16 +140,55 @@ def test_budget_skips_nothing_when_everything_fits(budget_args, tmp_path):
 
 def test_a_kill_mid_item_leaves_a_summary_of_what_ran_and_what_never_started(budget_args, tmp_path):
     budget_args.budget = 10**4
-    table = fake_table(cuda_tests=10, airbench_fast=20)
-    fake = FakeMachine(table, factor=1.0, kill_at="writeup")
+    table = fake_table(resnet9=10, overhead=20)
+    fake = FakeMachine(table, factor=1.0, kill_at="resnet18_epochs")
     state = gpu_check.run_budget(budget_args, tmp_path, estimates=table, runner=fake.run, clock=fake.clock)
     assert state["state"].startswith("killed (SIGTERM)")
     assert [(r["name"], r["status"]) for r in state["results"]] == [
-        ("cuda_tests", "ok"), ("airbench_fast", "ok"), ("writeup", "killed (SIGTERM)")]
+        ("resnet9", "ok"), ("overhead", "ok"), ("resnet18_epochs", "killed (SIGTERM)")]
     assert [s["name"] for s in state["skipped"]] == list(gpu_check.ITEMS)[3:]
     assert all("not started: the check was killed" in s["why"] for s in state["skipped"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["state"] == state["state"] and summary["running"] is None
+
+
+def test_a_failing_item_and_malformed_item_json_do_not_end_the_check(tmp_path, monkeypatch):
+    """Real item processes: one exits 3 after printing a traceback (with a terminal escape), one writes a truncated
+    JSON, one a JSON without the benchmark's `results` (once a KeyError that ended the check); a command that cannot
+    be built and a runner that raises. Every later item still runs; SUMMARY.md shows each failure and its log's
+    last lines."""
+    airbench = {"seconds_mean": 2.0, "acc_tta0_mean": 89.75, "acc_tta2_mean": 90.5, "runs": [{}]}
+    write = "import sys; open(sys.argv[1] + '/{name}.json', 'w').write({text!r})"
+    scripts = {
+        "resnet9": write.format(name="resnet9", text=json.dumps({"results": {"airbench": airbench}})),
+        "overhead": "print('Traceback (most recent call last):'); print('RuntimeError: boom\x1b[31m'); exit(3)",
+        "resnet18_epochs": write.format(name="resnet18_epochs", text='{"results": [1'),
+        "resnet18_fast": write.format(name="resnet18_fast", text='{"accuracy": 1}'),
+    }
+
+    def command(name, args, out):
+        if name == "cuda_tests":
+            raise ValueError("no such test folder")
+        return [sys.executable, "-c", scripts.get(name, "pass"), str(out)], {}
+
+    def runner(name, argv, env, out, timeout):
+        if name == "modes":
+            raise OSError("fork failed")
+        return gpu_check.run_one(name, argv, env, out, timeout)
+
+    monkeypatch.setattr(gpu_check, "item_command", command)
+    args = gpu_check.parse_args(["--data-dir", "d", "--out", str(tmp_path), "--budget", "10000",
+                                 "--items", "resnet9,overhead,resnet18_epochs,modes,cuda_tests,resnet18_fast"])
+    state = gpu_check.run_budget(args, tmp_path, runner=runner)
+    assert state["state"] == "done"
+    statuses = {r["name"]: r["status"] for r in state["results"]}
+    assert statuses == {"resnet9": "ok", "overhead": "failed (3)", "resnet18_epochs": "ok",
+                        "modes": "failed (OSError: fork failed)", "resnet18_fast": "ok"}
+    assert state["skipped"][0]["name"] == "cuda_tests" and "no such test folder" in state["skipped"][0]["why"]
+    summary = (tmp_path / "SUMMARY.md").read_text()
+    assert "### overhead: failed (3)" in summary and "RuntimeError: boom" in summary and "\x1b" not in summary
+    assert "### modes: failed (OSError: fork failed)" in summary
+    assert "resnet9 | ok | 0 | 140 | airbench94 x 1" in summary  # its headline, read from its JSON
 
 
 def test_a_run_past_its_time_is_stopped(tmp_path):
@@ -159,7 +203,7 @@ import sys
 from benchmarks import gpu_check
 sleep = "import os, pathlib, time; pathlib.Path(sys.argv[1]).write_text(str(os.getpid())); time.sleep(120)"
 gpu_check.item_command = lambda name, args, out: ([sys.executable, "-c", "import sys; " + sleep, {pid!r}], {{}})
-sys.exit(gpu_check.main(["--data-dir", "d", "--out", {out!r}, "--budget", "1000", "--items", "cuda_tests,writeup"]))
+sys.exit(gpu_check.main(["--data-dir", "d", "--out", {out!r}, "--budget", "1000", "--items", "resnet9,overhead"]))
 """
 
 
@@ -173,15 +217,15 @@ def test_sigterm_ends_the_running_item_and_leaves_a_readable_summary(tmp_path):
         assert time.monotonic() < deadline and check.poll() is None, check.stdout.read()
         time.sleep(0.1)
     running = json.loads((out / "summary.json").read_text())
-    assert running["state"] == "running" and running["running"]["name"] == "cuda_tests"
+    assert running["state"] == "running" and running["running"]["name"] == "resnet9"
     check.send_signal(signal.SIGTERM)
     output = check.communicate(timeout=30)[0]
     assert check.returncode == 128 + signal.SIGTERM, output
     summary = json.loads((out / "summary.json").read_text())
     assert summary["state"].startswith("killed (SIGTERM)")
-    assert [(r["name"], r["status"]) for r in summary["results"]] == [("cuda_tests", "killed (SIGTERM)")]
-    assert summary["skipped"][0]["name"] == "writeup"
-    assert "cuda_tests | killed (SIGTERM)" in (out / "SUMMARY.md").read_text()
+    assert [(r["name"], r["status"]) for r in summary["results"]] == [("resnet9", "killed (SIGTERM)")]
+    assert summary["skipped"][0]["name"] == "overhead"
+    assert "resnet9 | killed (SIGTERM)" in (out / "SUMMARY.md").read_text()
     with pytest.raises(ProcessLookupError):  # the item's process went with the check
         os.kill(int(pid_file.read_text()), 0)
 
@@ -227,7 +271,7 @@ def test_device_script_makes_the_data_installs_the_wheels_and_packs_at_most_8_fi
     env = {**os.environ, "OUT": str(out), "DEVICE_DIR": str(dev), "DATA": str(tmp_path / "cifar"),
            "SITE": str(tmp_path / "site"), "WORK": str(tmp_path / "work"), "GIT_COMMIT": "abc1234",
            "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}", "BUDGET": "3000"}
-    flags = ["--quick", "--device", "cpu", "--items", "writeup,modes"]
+    flags = ["--quick", "--device", "cpu", "--items", "overhead,modes"]
     done = subprocess.run(["bash", "benchmarks/device_check.sh", *flags], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=1200)
     files = sorted(p.name for p in out.iterdir())
@@ -238,10 +282,10 @@ def test_device_script_makes_the_data_installs_the_wheels_and_packs_at_most_8_fi
     summary = json.loads((out / "summary.json").read_text())
     assert summary["state"] == "done" and "commit abc1234" in summary["machine"]
     assert "CIFAR-10 (JPEG copy)" in summary["machine"] and summary["quick"]
-    assert [(r["name"], r["status"]) for r in summary["results"]] == [("writeup", "ok"), ("modes", "ok")]
-    assert summary["skipped"] == [] and summary["command"][-2:] == ["--items", "writeup,modes"]
+    assert [(r["name"], r["status"]) for r in summary["results"]] == [("overhead", "ok"), ("modes", "ok")]
+    assert summary["skipped"] == [] and summary["command"][-2:] == ["--items", "overhead,modes"]
     with tarfile.open(out / "gpu-check.tar.gz") as tar:
         names = tar.getnames()
-    assert "check/logs/writeup.log" in names and "check/modes.json" in names and "check/SUMMARY.md" in names
+    assert "check/logs/overhead.log" in names and "check/modes.json" in names and "check/SUMMARY.md" in names
     assert not [n for n in names if n.endswith(".pt")]
     assert "budget 3000 s" in (out / "device_check.log").read_text()

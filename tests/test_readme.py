@@ -1,6 +1,7 @@
 """The README's promises hold: every command it shows parses, every file it links exists, its test command is CI's.
 
-Fast: nothing trains; each `python -m helpers.X ...` line goes through that module's argparse parser.
+Fast: nothing trains; each `cifar10 X ...` and `python -m helpers.X ...` line goes through that module's argparse
+parser.
 """
 
 from __future__ import annotations
@@ -30,12 +31,21 @@ def _shell_commands() -> list[str]:
     prose = re.sub(r"^```.*?^```", "", README, flags=re.MULTILINE | re.DOTALL)
     lines += re.findall(r"`([^`\n]+)`", prose)
     commands = [part.strip() for line in lines for part in line.split("&&")]
-    return [c for c in commands if c.startswith(("python ", "python3 ", "bash ", "papermill "))]
+    return [c for c in commands if c.startswith(("python ", "python3 ", "bash ", "papermill ", "cifar10 "))]
 
 
 def _module_commands() -> list[list[str]]:
-    argvs = [shlex.split(c, comments=True) for c in _shell_commands()]
-    return [a for a in argvs if a[0].startswith("python") and a[1] == "-m" and a[2].startswith(OURS)]
+    """Every command of ours as [python, -m, module, args...]: `cifar10 X args` is `python -m <X's module> args`."""
+    from helpers.cli import COMMANDS
+
+    commands = []
+    for argv in (shlex.split(c, comments=True) for c in _shell_commands()):
+        rest = argv[1:] if argv[0] == "cifar10" else argv[3:] if argv[1:3] == ["-m", "helpers"] else None
+        if rest is not None:  # the one command line: cifar10 X / python -m helpers X (X a placeholder: skipped)
+            argv = ["python", "-m", COMMANDS[rest[0]][0], *rest[1:]] if rest and rest[0] in COMMANDS else ["-"]
+        if argv[0].startswith("python") and argv[1] == "-m" and argv[2].startswith(OURS):
+            commands.append(argv)
+    return commands
 
 
 def _parser(module: str):
@@ -46,13 +56,26 @@ def _parser(module: str):
 
 def test_the_readme_shows_the_training_commands():
     shown = [" ".join(a) for a in _module_commands()]
-    assert "python -m helpers.train --epochs 2 --subset-train 2000 --subset-test 1000" in shown  # the CPU run
-    assert any(c.startswith("python -m helpers.train --model custom_resnet") for c in shown)  # the GPU run
+    assert "python -m helpers.cli --epochs 2 --subset-train 2000 --subset-test 1000" in shown  # the CPU run
+    assert any(c.startswith("python -m helpers.cli --model custom_resnet") for c in shown)  # the GPU run
+
+
+def test_the_readme_uses_the_installed_command_with_commands_that_exist():
+    from helpers.cli import COMMANDS
+
+    shown = [shlex.split(c, comments=True) for c in _shell_commands() if c.startswith("cifar10 ")]
+    assert {a[1] for a in shown} == set(COMMANDS) | {"COMMAND"}  # each command shown, and no other
 
 
 @pytest.mark.parametrize("argv", _module_commands(), ids=lambda a: " ".join(a[2:])[:60])
-def test_every_python_m_command_parses(argv):
+def test_every_python_m_command_parses(argv, tmp_path):
     parser = _parser(argv[2])
+    if "--config" in argv:  # the file it names is read as the flags are parsed: one like a run folder's
+        from helpers.config import TrainConfig, config_file_name, config_text
+
+        argv = list(argv)
+        argv[argv.index("--config") + 1] = str(tmp_path / config_file_name())
+        (tmp_path / config_file_name()).write_text(config_text(TrainConfig()))
     try:
         parser.parse_args(argv[3:])
     except SystemExit as stop:  # --help exits 0; a bad flag exits 2 after printing the reason

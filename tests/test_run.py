@@ -16,7 +16,7 @@ import torch
 
 from helpers import cli
 from helpers.checkpoints import CheckpointError, read_checkpoint
-from helpers.config import RECIPES, ConfigError, TrainConfig, evolve
+from helpers.config import RECIPES, ConfigError, TrainConfig, config_file_name, evolve
 from helpers.run import RunError, adapt_to_data, hold_run_folder, train_run
 
 from .conftest import REPO, write_cifar_folder
@@ -172,10 +172,12 @@ def test_resume_of_a_finished_run_completes_its_missing_outputs_and_clears_stale
 def test_overwrite_moves_the_old_run_aside_before_the_new_one_writes(tiny_data, tmp_path, monkeypatch):
     out = tmp_path / "run"
     train_run(tiny(tiny_data, epochs=1), out, device="cpu", quiet=True, figures=False)
-    old = {p.name for p in out.iterdir()}
+    old = {p.name: p.read_bytes() for p in out.iterdir() if not p.name.startswith(".")}
     interrupted_run(tiny(tiny_data, epochs=3), out, monkeypatch, at_epoch=2, overwrite=True)
-    assert {p.name for p in (tmp_path / "run-1").iterdir()} == old - {".lock.owner"}
-    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"checkpoint.pt"}  # the new run alone
+    kept = tmp_path / "run-1"
+    assert {p.name: p.read_bytes() for p in kept.iterdir() if not p.name.startswith(".")} == old  # all of it
+    assert not (kept / ".lock.owner").exists()  # no claim of a live owner travels with it
+    assert {p.name for p in out.iterdir() if not p.name.startswith(".")} == {"checkpoint.pt", config_file_name()}
     assert read_checkpoint(out).describe() == "an unfinished run (1/3 epochs)"
 
 
@@ -341,7 +343,8 @@ def test_sigterm_stops_a_command_line_run_with_a_hint(tiny_data, tmp_path):
 
 
 def test_python_m_helpers_runs_the_command_line():
-    done = subprocess.run([sys.executable, "-m", "helpers", "--help"], cwd=REPO, capture_output=True, text=True)
+    done = subprocess.run([sys.executable, "-m", "helpers", "train", "--help"], cwd=REPO, capture_output=True,
+                          text=True)
     assert done.returncode == 0 and "--init-from" in done.stdout
     bad = subprocess.run([sys.executable, "-m", "helpers.train", "--epochs", "x"], cwd=REPO, capture_output=True,
                          text=True)

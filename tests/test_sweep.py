@@ -102,8 +102,8 @@ def test_an_interrupted_local_sweep_says_what_it_kept(monkeypatch, tmp_path):
     def trial(base, point, trials, **kwargs):
         if point["max_lr"] == 0.2:
             raise RunInterrupted("interrupted: ...")
-        return SimpleNamespace(accuracy=50.0, tta_accuracy=None, history=History([{"train_seconds": 1.0}]),
-                               status="trained", out=None)
+        return SimpleNamespace(accuracy=50.0, tta_accuracy=None, val_accuracy=None,
+                               history=History([{"train_seconds": 1.0}]), status="trained", out=None)
 
     monkeypatch.setattr(sweep, "trial", trial)
     with pytest.raises(RunInterrupted, match=r"at trial 2 of 2: the trials before it are kept in .*trials; run the "
@@ -142,6 +142,11 @@ def test_a_two_trial_sweep_on_ray_and_its_restore(tiny_data, tmp_path):
         ("0.02", "0", "trained", "2"), ("0.05", "0", "trained", "2")]
     assert all(0 <= float(r["test_acc"]) <= 100 for r in rows)
     assert (out / "sweep.png").is_file()
+    from ray.tune import ExperimentAnalysis  # Tune's own result API reads the sweep folder
+
+    frame = ExperimentAnalysis(str(out / "tune")).dataframe()
+    assert sorted(frame["config/point/max_lr"]) == [0.02, 0.05] and set(frame["epoch"]) == {2}
+    assert sorted(frame["test_acc"]) == sorted(float(r["test_acc"]) for r in rows)
     checkpoints = {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/checkpoint.pt")}
     assert len(checkpoints) == 2
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)

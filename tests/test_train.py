@@ -293,6 +293,23 @@ def test_checkpoint_writer_snapshots_the_state_and_reports_errors(tmp_path):
     assert not list(tmp_path.glob("**/*.tmp"))  # no half-written file left
 
 
+def test_checkpoint_snapshot_is_one_packed_copy_per_dtype_with_every_value():
+    from helpers.checkpoints import _snapshot
+
+    conv = torch.randn(4, 3, 3, 3).contiguous(memory_format=torch.channels_last)
+    state = {"model": {"w": conv, "n": torch.tensor(7)}, "opt": [torch.ones(2), (torch.arange(3), 1.5)],
+             "name": "x", "none": None}
+    before = conv.clone()
+    copy, event = _snapshot(state)
+    assert event is None  # nothing came from a GPU
+    conv += 1
+    assert torch.equal(copy["model"]["w"], before) and int(copy["model"]["n"]) == 7
+    assert torch.equal(copy["opt"][0], torch.ones(2)) and torch.equal(copy["opt"][1][0], torch.arange(3))
+    assert copy["opt"][1][1] == 1.5 and copy["name"] == "x" and copy["none"] is None
+    # one buffer per dtype: the float32 tensors are views of one storage
+    assert copy["model"]["w"].untyped_storage().data_ptr() == copy["opt"][0].untyped_storage().data_ptr()
+
+
 def test_a_checkpoint_of_the_previous_format_resumes(tiny_arrays, tmp_path):
     """Format 1 (before recipes and modes): optimizer/scheduler/scaler at the top level, config with `compile`."""
     config = small_config(epochs=3)
