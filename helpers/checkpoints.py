@@ -11,6 +11,7 @@ from a host copy, so the disk write overlaps the next epoch.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 from dataclasses import dataclass, field
@@ -21,7 +22,7 @@ import torch
 from helpers import distributed
 from helpers.config import ConfigError, TrainConfig
 from helpers.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-from helpers.utils import atomic_write, follow_latest
+from helpers.utils import UserError, atomic_write, follow_latest
 
 CHECKPOINT_FORMAT = 2  # 2: config has `recipe` and `mode`, training state under "step_state"
 READABLE_FORMATS = (1, 2)  # 1: config had `compile: bool`; optimizer, scheduler and scaler states at the top
@@ -31,7 +32,7 @@ NAME = "checkpoint.pt"  # a run folder's checkpoint
 REQUIRED = {"epoch": int, "config": dict, "model_state": dict, "history": list, "rng": dict}
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
     """A checkpoint is missing, unreadable or belongs to another model; the message says what to do."""
 
 
@@ -272,15 +273,36 @@ def _checked(path: Path, state) -> Checkpoint:
     if not 0 <= state["epoch"] <= config.epochs or len(state["history"]) != state["epoch"]:
         raise CheckpointError(f"{path} is damaged: it claims {state['epoch']} of {config.epochs} epochs with "
                               f"{len(state['history'])} in its history. Use another checkpoint.")
-    norm = state.get("normalization") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+    mean, std = _normalization(path, state)
     return Checkpoint(
         path=path, epoch=state["epoch"], config=config, requested=requested, history=tuple(state["history"]),
-        classes=tuple(state.get("classes") or CIFAR10_CLASSES), mean=tuple(norm["mean"]), std=tuple(norm["std"]),
+        classes=_classes(path, state), mean=mean, std=std,
         weights=state.get("eval_state") or state["model_state"], world_size=state.get("world_size", 1),
         data=state.get("data"), init_from=state.get("init_from"), warmup_seconds=state.get("warmup_seconds", 0.0),
         mode=state.get("mode", "eager"), _state=state,
         val_indices=tuple(state["val_indices"]) if state.get("val_indices") is not None else None,
     )
+
+
+def _classes(path: Path, state: dict) -> tuple[str, ...]:
+    """The checkpoint's class names (CIFAR-10's for older ones); a CheckpointError unless they are names."""
+    classes = state.get("classes") or CIFAR10_CLASSES
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes) or len(classes) < 2:
+        raise CheckpointError(f"{path} is damaged: its class names are not a list of names; use another checkpoint")
+    return tuple(classes)
+
+
+def _normalization(path: Path, state: dict) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    """(mean, std), 3 finite numbers each (std > 0), from the checkpoint (CIFAR-10's for older ones)."""
+    norm = state.get("normalization") or {"mean": CIFAR10_MEAN, "std": CIFAR10_STD}
+    try:
+        mean, std = (tuple(float(v) for v in norm[k]) for k in ("mean", "std"))
+        if len(mean) != 3 or len(std) != 3 or not all(map(math.isfinite, mean + std)) or min(std) <= 0:
+            raise ValueError
+    except (KeyError, TypeError, ValueError):
+        raise CheckpointError(f"{path} is damaged: its normalisation is not 3 means and 3 positive stds; use "
+                              "another checkpoint") from None
+    return mean, std
 
 
 def _from_format_1(state: dict) -> dict:

@@ -17,15 +17,14 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from helpers import distributed
-from helpers.checkpoints import CheckpointError, checkpoint_path, read_checkpoint
+from helpers import distributed, utils
+from helpers.checkpoints import checkpoint_path, read_checkpoint
 from helpers.config import ConfigError, TrainConfig, config_text, read_config_file, recipe_table
 from helpers.distributed import exit_process, world
 from helpers.run import RunInterrupted, interrupted_message, resolve_config, train_run
 from helpers.train import TrainingDiverged
 from helpers.utils import (
     LATEST,
-    DeviceError,
     RunError,
     WriteError,
     add_version_flag,
@@ -33,14 +32,17 @@ from helpers.utils import (
     next_run_folder,
     point_latest,
     resolve_device,
+    safe_text,
 )
 
 RUNS = "runs"  # where runs go by default: a new numbered folder each (utils.next_run_folder), and runs/latest
 
 
 class Parser(argparse.ArgumentParser):
-    def error(self, message: str):  # one line, not the 40-line usage text
-        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+    """argparse's parser whose mistakes are one `error:` line (not the 40-line usage text), what was typed made safe."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {safe_text(message)} (see {self.prog} --help)\n")
 
 
 def _number(kind):
@@ -192,7 +194,9 @@ def sigterm_as_interrupt():
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
     out = None
-    try:
+
+    def train() -> int:
+        nonlocal out
         with sigterm_as_interrupt(), messages_in_flags():
             device = distributed.setup(resolve_device(args.device))  # joined before the processes agree on a name
             config, out = config_from_args(args)
@@ -207,30 +211,23 @@ def main(argv: list[str] | None = None) -> int:
             result = train_run(config, out, device=device, resume=args.resume or False,
                                init_from=args.init_from, overwrite=args.overwrite, figures=args.figures,
                                quiet=args.quiet)
-    except (ConfigError, RunError, CheckpointError, DeviceError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except (TrainingDiverged, WriteError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    except RunInterrupted as err:
+        if not world().is_main:  # under torchrun rank 0 alone reports
+            return 0
         mark_latest(out)
-        print(f"\n{err}", file=sys.stderr)
-        return 130
-    except KeyboardInterrupt:
-        mark_latest(out)
-        print(f"\n{interrupted_message(out)}", file=sys.stderr)
-        return 130
-    if not world().is_main:  # under torchrun rank 0 alone reports
+        figures = [str(p) for k, p in result.paths.items() if k not in ("checkpoint", "history", "metrics")]
+        if figures and result.status != "finished":
+            print("figures: " + safe_text(", ".join(figures)))
+        print(safe_text(result.summary()))
+        if checkpoint_path(Path(RUNS) / LATEST).parent.resolve() == out.resolve():
+            print(f"{RUNS}/{LATEST} leads to {safe_text(out.resolve().name)}: pass it to predict, compare, demo or "
+                  "--init-from")
         return 0
-    mark_latest(out)
-    figures = [str(p) for k, p in result.paths.items() if k not in ("checkpoint", "history", "metrics")]
-    if figures and result.status != "finished":
-        print("figures: " + ", ".join(figures))
-    print(result.summary())
-    if checkpoint_path(Path(RUNS) / LATEST).parent.resolve() == out.resolve():
-        print(f"{RUNS}/{LATEST} leads to {out.resolve().name}: pass it to predict, compare, demo or --init-from")
-    return 0
+
+    def interrupted(err: KeyboardInterrupt) -> str:
+        mark_latest(out)
+        return str(err) if isinstance(err, RunInterrupted) else interrupted_message(out)
+
+    return utils.run_command(train, interrupted=interrupted, failures=(TrainingDiverged, WriteError))
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -267,9 +264,10 @@ def command_line(argv: list[str] | None = None) -> int:
               + "\n\ncifar10 COMMAND --help lists its flags; cifar10 --version prints the version")
         return 0 if argv else 2
     if not argv[0].startswith("-"):
-        print(f"error: no command {argv[0]!r}: choose one of {', '.join(COMMANDS)} (see cifar10 --help)",
-              file=sys.stderr)
-        return 2
+        def unknown() -> None:
+            raise RunError(f"no command {argv[0]!r}: choose one of {', '.join(COMMANDS)} (see cifar10 --help)")
+
+        return utils.run_command(unknown)
     return main(argv)
 
 

@@ -19,9 +19,10 @@ import os
 import sys
 
 from helpers.checkpoints import CheckpointError, read_checkpoint
-from helpers.predict import InputError, new_figure_path
+from helpers.cli import Parser
+from helpers.predict import new_figure_path
 from helpers.train import History
-from helpers.utils import RunError, add_version_flag, follow_latest
+from helpers.utils import RunError, add_version_flag, follow_latest, run_command, safe_text
 
 COLUMNS = {  # row key: (header, format)
     "run": ("run", "{}"), "model": ("model", "{}"), "recipe": ("recipe", "{}"), "epochs": ("epochs", "{}"),
@@ -46,11 +47,13 @@ def read_run(path: str | os.PathLike):
         try:
             m = json.loads(metrics.read_text())
             hist = History.from_json(history)
-        except (json.JSONDecodeError, KeyError, TypeError, UnicodeDecodeError) as err:
-            raise RunError(f"{folder}'s metrics.json or history.json is damaged ({type(err).__name__}): "
-                           "re-run it or leave it out") from None
-        row = {k: m.get(k) for k in COLUMNS} | {"run": label, "epochs": m.get("epochs", len(hist))}
-        return row, hist
+            if not isinstance(m, dict):
+                raise TypeError("metrics.json is not an object")
+            row = {k: m.get(k) for k in COLUMNS} | {"run": label, "epochs": m.get("epochs", len(hist))}
+            return _checked(row, hist)
+        except (ValueError, KeyError, TypeError, AttributeError) as err:  # JSON, UTF-8, shape and type errors
+            raise RunError(f"{folder}'s metrics.json or history.json is damaged ({type(err).__name__}: "
+                           f"{str(err)[:80]}): re-run it or leave it out") from None
     try:  # stopped before the end: the checkpoint holds its history so far
         ckpt = read_checkpoint(folder)
     except CheckpointError:
@@ -59,17 +62,36 @@ def read_run(path: str | os.PathLike):
     hist = History.of(ckpt)
     last = hist.records[-1] if hist.records else {}
     seconds = hist.train_seconds
-    return {"run": label, "model": ckpt.config.model, "recipe": ckpt.config.recipe,
+    return _checked({"run": label, "model": ckpt.config.model, "recipe": ckpt.config.recipe,
             "epochs": f"{ckpt.epoch}/{ckpt.config.epochs} (unfinished)",
             "test_acc": last.get("test_acc"), "test_acc_tta": last.get("test_acc_tta"),
             "train_seconds": sum(seconds) if seconds and None not in seconds else None,
-            "test_images": None, "device": None, "init_from": ckpt.init_from}, hist
+            "test_images": None, "device": None, "init_from": ckpt.init_from}, hist)
+
+
+NUMBERS = ("test_acc", "test_acc_tta", "train_seconds", "test_images")  # row keys that must be numbers
+CURVES = ("epoch", "test_acc", "test_loss")  # History fields plot_runs draws
+
+
+def _checked(row: dict, hist) -> tuple[dict, object]:
+    """(row, hist) when every number in them is a number (or None); a TypeError naming the first that is not."""
+    def number(v) -> bool:
+        return v is None or (isinstance(v, (int, float)) and not isinstance(v, bool))
+
+    if not isinstance(hist.records, list) or not all(isinstance(r, dict) for r in hist.records):
+        raise TypeError("history's epochs are not a list of records")
+    wrong = [k for k in NUMBERS if not number(row.get(k))]
+    wrong += [k for k in CURVES if not all(map(number, getattr(hist, k)))]
+    if wrong:
+        raise TypeError(f"{wrong[0]} is not a number")
+    return row, hist
 
 
 def format_table(rows: list[dict]) -> str:
     """The rows as an aligned text table ('-' where a run did not record a value)."""
     cells = [[h for h, _ in COLUMNS.values()]]
-    cells += [["-" if row.get(k) is None else fmt.format(row[k]) for k, (_, fmt) in COLUMNS.items()] for row in rows]
+    cells += [["-" if row.get(k) is None else safe_text(fmt.format(row[k])) for k, (_, fmt) in COLUMNS.items()]
+              for row in rows]
     widths = [max(len(r[c]) for r in cells) for c in range(len(COLUMNS))]
     numeric = {"test_acc", "test_acc_tta", "train_seconds", "test_images"}
     lines = ["  ".join(cell.rjust(w) if key in numeric else cell.ljust(w)
@@ -83,11 +105,11 @@ def plot_runs(rows: list[dict], histories: list, *, save=None):
     import matplotlib.pyplot as plt  # deferred, with helpers.plots: matplotlib, for --out alone
     from matplotlib.ticker import MaxNLocator
 
-    from helpers.plots import finish_figure
+    from helpers.plots import finish_figure, plain
 
     fig, (ax_acc, ax_loss) = plt.subplots(1, 2, figsize=(12, 4.2), sharex=True)
     for row, hist in zip(rows, histories):
-        label = f"{row['run']} ({row['model']}, {row['recipe']})"
+        label = plain(f"{row['run']} ({row['model']}, {row['recipe']})")
         # a run with a validation split was evaluated on it every epoch (its test set once, in the table)
         split = hist.eval_split
         style, label = ("o-", label) if split == "test" else ("s--", f"{label} (validation split)")
@@ -111,7 +133,7 @@ def compare_runs(runs: list[str | os.PathLike], *, save=None):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifar10 compare", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="cifar10 compare", description=__doc__.split("\n\n")[0])
     add_version_flag(p)
     p.add_argument("runs", metavar="RUN", nargs="+", help="run folders written by python -m helpers.train")
     p.add_argument("--out", metavar="FILE.png", help="draw test accuracy and loss per epoch into this new file")
@@ -121,25 +143,24 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         out = new_figure_path(args.out, overwrite=args.overwrite, flag="--out") if args.out else None
         read = [read_run(r) for r in args.runs]
-    except (RunError, InputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    rows, histories = [r for r, _ in read], [h for _, h in read]
-    print(format_table(rows))
-    print(TRAIN_SECONDS)
-    if len({r["test_images"] for r in rows} - {None}) > 1:
-        print("note: these runs were tested on different numbers of images: their accuracies are not comparable")
-    if out is None:
-        print("add --out compare.png for their test accuracy and loss curves")
-        return 0
-    from helpers.plots import save_figure  # deferred: matplotlib, for --out alone
+        rows, histories = [r for r, _ in read], [h for _, h in read]
+        print(format_table(rows))
+        print(TRAIN_SECONDS)
+        if len({r["test_images"] for r in rows} - {None}) > 1:
+            print("note: these runs were tested on different numbers of images: their accuracies are not comparable")
+        if out is None:
+            print("add --out compare.png for their test accuracy and loss curves")
+            return
+        from helpers.plots import save_figure  # deferred: matplotlib, for --out alone
 
-    save_figure(plot_runs(rows, histories), out)
-    print(f"curves: {out}")
-    return 0
+        save_figure(plot_runs(rows, histories), out)
+        print(f"curves: {safe_text(out)}")
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from helpers.data import AUGMENTATIONS, default_data_dir
 from helpers.models import MODELS
-from helpers.utils import setting_name
+from helpers.utils import UserError, setting_name
 
 MODES = ("auto", "eager", "graphs", "compile")
 SCHEDULERS = ("onecycle", "plateau", "none")
@@ -84,7 +84,7 @@ RECIPES["custom_resnet"]["fast"] = dict(
 DEFAULT_RECIPE = {"custom_resnet": "writeup", "resnet18": "fast", "depthwise_net": "writeup"}
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError, ValueError):
     """A setting is out of range, of the wrong type or unknown; the message names it and what is allowed."""
 
 

@@ -33,7 +33,7 @@ from filelock import FileLock  # a dependency of torch
 from PIL import Image, ImageOps, UnidentifiedImageError  # a dependency of torchvision and matplotlib
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from helpers.utils import atomic_write
+from helpers.utils import UserError, atomic_write, safe_text
 
 os.environ.setdefault("NO_ALBUMENTATIONS_UPDATE", "1")  # albumentations asks PyPI for updates on import
 
@@ -67,7 +67,7 @@ def default_data_dir() -> str:
     return str(Path("~/.cache/cifar10").expanduser())
 
 
-class DataError(RuntimeError):
+class DataError(UserError, RuntimeError):
     """The data set's files are missing or unreadable; the message says what to do."""
 
 
@@ -129,11 +129,21 @@ def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     data, labels = entry.get("data"), entry.get("labels")
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise DataError(f"{path} is not a CIFAR-10 batch file: 'data' must be uint8 rows of 3072 values.")
+    if not _integers(labels):
+        raise DataError(f"{path} is not a CIFAR-10 batch file: 'labels' must be a list of integer classes 0..9.")
     labels = np.asarray(labels, dtype=np.int64)
     if labels.shape != (len(data),) or (len(labels) and (labels.min() < 0 or labels.max() > 9)):
         raise DataError(f"{path} is not a CIFAR-10 batch file: 'labels' must be {len(data)} classes in 0..9.")
     images = data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)  # channel-major rows -> (N, 32, 32, 3)
     return np.ascontiguousarray(images), labels
+
+
+def _integers(values) -> bool:
+    """Whether `values` is a flat list or array of integers (not strings, floats, booleans or None)."""
+    if isinstance(values, np.ndarray):
+        return values.ndim == 1 and values.dtype.kind in "iu"
+    return isinstance(values, (list, tuple)) and all(
+        isinstance(v, (int, np.integer)) and not isinstance(v, bool) for v in values)
 
 
 def _try(fn, *args):
@@ -230,7 +240,9 @@ def load_cifar10(
         raise DataError(f"{folder} is incomplete: missing {', '.join(missing)}. Re-copy the whole folder.")
     parts = [_read_batch(folder / n) for n in names]
     meta = _read_pickle(folder / "batches.meta")
-    classes = [c.decode() if isinstance(c, bytes) else str(c) for c in meta.get("label_names", [])]
+    names = meta.get("label_names")
+    names = names if isinstance(names, (list, tuple)) else []
+    classes = [c.decode("utf-8", "replace") if isinstance(c, bytes) else str(c) for c in names]
     if len(classes) != 10:
         raise DataError(f"{folder / 'batches.meta'} does not list the 10 CIFAR-10 class names.")
     images = np.concatenate([p[0] for p in parts])
@@ -311,27 +323,25 @@ def square_input(rgb) -> np.ndarray:
 def read_image_file(path: Path) -> np.ndarray:
     """One image file of a folder data set -> uint8 (32, 32, 3); a DataError naming the file when it is not an
     image, too large to decode safely, or damaged."""
+    if not path.is_file():  # a FIFO or a device would never end the read
+        raise DataError(f"{safe_text(path)} is not a regular file: take it out of the folder")
     try:
         with Image.open(path) as img:
             width, height = img.size
             if width * height > MAX_PIXELS:  # checked from the header, before a pixel is decoded
-                raise DataError(f"{path} is {width}x{height} pixels, more than the {MAX_PIXELS:,} read safely: "
-                                "shrink it or take it out of the folder")
+                raise DataError(f"{safe_text(path)} is {width}x{height} pixels, more than the {MAX_PIXELS:,} read "
+                                "safely: shrink it or take it out of the folder")
             img.load()
             return square_input(to_rgb(ImageOps.exif_transpose(img)))
     except UnidentifiedImageError:
-        raise DataError(f"{path} is not an image Pillow can read: remove it from the folder or replace it with a "
-                        "PNG or JPEG file") from None
+        raise DataError(f"{safe_text(path)} is not an image Pillow can read: remove it from the folder or replace it "
+                        "with a PNG or JPEG file") from None
     except Image.DecompressionBombError:
-        raise DataError(f"{path} has too many pixels to read safely: shrink it or take it out of the folder") from None
+        raise DataError(f"{safe_text(path)} has too many pixels to read safely: shrink it or take it out of the "
+                        "folder") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{path} could not be read ({err}): the file is damaged, cut short or not readable; "
+        raise DataError(f"{safe_text(path)} could not be read ({err}): the file is damaged, cut short or not readable; "
                         "replace it or take it out of the folder") from None
-
-
-def printable(text: str) -> str:
-    """`text` with anything a terminal would act on (control characters, escapes) shown as escapes instead."""
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in str(text))
 
 
 def _list_classes(folder: Path) -> list[tuple[str, list[Path]]]:
@@ -339,21 +349,21 @@ def _list_classes(folder: Path) -> list[tuple[str, list[Path]]]:
     names the folder or file for an empty class, a file that is not an image, or fewer than two classes."""
     classes = sorted(p for p in folder.iterdir() if p.is_dir() and not p.name.startswith("."))
     if len(classes) < 2:
-        found = f"only one class folder ({printable(classes[0].name)})" if classes else "no class folders"
-        raise DataError(f"{printable(folder)} has {found}: a classifier needs at least 2, one folder of images per "
-                        f"class ({printable(folder)}/<class>/*.png|jpg)")
+        found = f"only one class folder ({safe_text(classes[0].name)})" if classes else "no class folders"
+        raise DataError(f"{safe_text(folder)} has {found}: a classifier needs at least 2, one folder of images per "
+                        f"class ({safe_text(folder)}/<class>/*.png|jpg)")
     listed = []
     for c in classes:
         if not c.name.isprintable():
-            raise DataError(f"class folder {printable(c)} has control characters in its name: rename it")
+            raise DataError(f"class folder {safe_text(c)} has control characters in its name: rename it")
         files = sorted(f for f in c.rglob("*") if f.is_file()
                        and not any(part.startswith(".") for part in f.relative_to(c).parts))
         strange = [f for f in files if f.suffix.lower() not in IMAGE_SUFFIXES]
         if strange:
-            raise DataError(f"{printable(strange[0])} is not an image file (expected {', '.join(IMAGE_SUFFIXES)}): "
+            raise DataError(f"{safe_text(strange[0])} is not an image file (expected {', '.join(IMAGE_SUFFIXES)}): "
                             "move it out of the class folder")
         if not files:
-            raise DataError(f"class folder {printable(c)} has no images: add some or remove the folder")
+            raise DataError(f"class folder {safe_text(c)} has no images: add some or remove the folder")
         listed.append((c.name, files))
     return listed
 
@@ -361,20 +371,20 @@ def _list_classes(folder: Path) -> list[tuple[str, list[Path]]]:
 def _folder_layout(root: Path) -> dict[str, list[tuple[str, list[Path]]]]:
     """{'train': ..., 'test': ...} (PATH/train and PATH/test) or {'all': ...} (class folders in PATH)."""
     if not root.is_dir():
-        raise DataError(f"--dataset folder:{printable(root)}: no such folder. Pass a folder of class folders "
+        raise DataError(f"--dataset folder:{safe_text(root)}: no such folder. Pass a folder of class folders "
                         "(PATH/<class>/*.png) or of train/ and test/ class folders")
     train, test = root / "train", root / "test"
     if train.is_dir() or test.is_dir():
         if not (train.is_dir() and test.is_dir()):
             have, lack = ("train", "test") if train.is_dir() else ("test", "train")
-            raise DataError(f"{printable(root)} has {have}/ but no {lack}/: give both, or put the class folders in "
-                            f"{printable(root)} itself (a share of each class is then held out for testing)")
+            raise DataError(f"{safe_text(root)} has {have}/ but no {lack}/: give both, or put the class folders in "
+                            f"{safe_text(root)} itself (a share of each class is then held out for testing)")
         splits = {"train": _list_classes(train), "test": _list_classes(test)}
         names = [[c for c, _ in splits[k]] for k in ("train", "test")]
         if names[0] != names[1]:
             odd = sorted(set(names[0]) ^ set(names[1]))
-            raise DataError(f"{printable(root)}: train/ and test/ must hold the same class folders; "
-                            f"{printable(odd[0])} is in one only")
+            raise DataError(f"{safe_text(root)}: train/ and test/ must hold the same class folders; "
+                            f"{safe_text(odd[0])} is in one only")
         return splits
     return {"all": _list_classes(root)}
 
@@ -423,8 +433,8 @@ def folder_arrays(root: str | os.PathLike, data_dir: str | os.PathLike | None = 
             except (OSError, ValueError, KeyError):
                 pass  # damaged: decoded again below
         count = sum(len(files) for classes in layout.values() for _, files in classes)
-        print(f"reading {count:,} images of {printable(root)} once (resized to {SIZE}x{SIZE}, cached in "
-              f"{cache_dir})", flush=True)  # a note, not an error: stdout (Jupyter shows stderr red)
+        print(f"reading {count:,} images of {safe_text(root)} once (resized to {SIZE}x{SIZE}, cached in "
+              f"{safe_text(cache_dir)})", flush=True)  # a note, not an error: stdout (Jupyter shows stderr red)
         arrays = _decode_folder(layout)
 
         def write(tmp: Path) -> None:
@@ -455,7 +465,7 @@ def load_image_folder(root: str | os.PathLike, *, train: bool = True,
     if list(saved["layout"]) == ["all"]:
         counts = np.bincount(saved["labels"], minlength=len(classes))
         if counts.min() < 2:
-            raise DataError(f"class folder {printable(Path(root) / classes[int(counts.argmin())])} has 1 image: "
+            raise DataError(f"class folder {safe_text(Path(root) / classes[int(counts.argmin())])} has 1 image: "
                             "holding a share out for testing needs at least 2 of each class (or give train/ and "
                             "test/ folders)")
         keep = held_out_test(saved["labels"], len(classes)) != train
@@ -477,7 +487,7 @@ def parse_dataset(spec: str) -> tuple[str, str | None]:
 def dataset_name(spec: str) -> str:
     """How a data set is named to the user: CIFAR-10, CIFAR-100, or 'the image folder PATH'."""
     kind, path = parse_dataset(spec)
-    return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(kind) or f"the image folder {printable(path)}"
+    return {"cifar10": "CIFAR-10", "cifar100": "CIFAR-100"}.get(kind) or f"the image folder {safe_text(path)}"
 
 
 def load_dataset(spec: str = "cifar10", data_dir: str | os.PathLike | None = None, *, train: bool = True,

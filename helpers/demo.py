@@ -8,7 +8,10 @@ Images are read as `python -m helpers.predict` reads them (helpers.predict: cent
 the page and the command line give the same answer. --share asks Gradio for a temporary public link (through
 Gradio's share servers); in Colab, where the notebook's machine is not yours to browse, Gradio makes one by itself.
 Gradio's usage reports are switched off (GRADIO_ANALYTICS_ENABLED=False) and the page uses the browser's own
-fonts: nothing is fetched from the internet unless you ask for a share link.
+fonts: nothing is fetched from the internet unless you ask for a share link. Every text that comes from the
+checkpoint or the data (class names, settings, metrics) is shown as text, never as HTML or Markdown; an upload is
+at most MAX_UPLOAD and must be an image (else the page says so); what the page stores (uploads, the example
+images) is deleted within DELETE_AFTER seconds and when the server stops.
 
 Gradio is an optional extra: pip install -e ".[demo]" (or pip install gradio).
 """
@@ -16,9 +19,12 @@ Gradio is an optional extra: pip install -e ".[demo]" (or pip install gradio).
 from __future__ import annotations
 
 import argparse
+import atexit
+import html
 import json
 import os
 import re
+import shutil
 import sys
 import tempfile
 from pathlib import Path
@@ -26,13 +32,16 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from helpers.checkpoints import CheckpointError
-from helpers.data import DataError, load_dataset, printable
+from helpers.cli import Parser
+from helpers.data import DataError, load_dataset
 from helpers.predict import DISPLAY, InputError, Predictor, load_predictor, overlay_on_square
-from helpers.utils import add_version_flag
+from helpers.utils import add_version_flag, run_command, safe_text
 
 HOST = "127.0.0.1"  # loopback: the page is reachable from this machine only, unless --host says otherwise
 # small images (the 32x32s) fill their box with square pixels, not a blur
+MAX_UPLOAD = "20mb"  # Gradio refuses larger uploads (a 48-megapixel phone JPEG is ~10-15 MB)
+DELETE_AFTER = 600  # seconds an upload is kept (Gradio's delete_cache checks every CACHE_CHECK seconds)
+CACHE_CHECK = 120
 CSS = (".pixels img { image-rendering: pixelated; width: 100% !important; height: 100% !important; "
        "object-fit: contain; }")
 
@@ -48,6 +57,19 @@ def import_gradio():
     return gradio
 
 
+def page_text(value) -> str:
+    """`value` (text from a checkpoint or data set) as Markdown that shows it literally: control characters made
+    safe (helpers.utils.safe_text), HTML's <, > and & as entities, Markdown's punctuation backslash-escaped, so a
+    class name `<img src=...>` or `[x](javascript:...)` is text, never an element or a link."""
+    text = html.escape(safe_text(value), quote=False)  # &lt; &gt; &amp;: no '#' for the escapes below to break
+    return re.sub(r"([\\`*_{}\[\]()#+\-.!|~=:])", r"\\\1", text)
+
+
+def page_error(err) -> str:
+    """An error's message for Gradio's error box (which renders HTML): made safe and escaped."""
+    return html.escape(safe_text(err), quote=True)
+
+
 def classify(predictor: Predictor, path: str | None):
     """The page's answer for one image file: ({class: probability} of all classes, GradCAM overlay of the top
     class uint8 (DISPLAY, DISPLAY, 3), the 32x32 the model saw enlarged to DISPLAY with square pixels)."""
@@ -57,7 +79,7 @@ def classify(predictor: Predictor, path: str | None):
     try:
         p = predictor.predict(path)
     except InputError as err:
-        raise gr.Error(str(err)) from None
+        raise gr.Error(page_error(err)) from None
     cam = overlay_on_square(p, predictor.gradcam(p))
     seen = np.asarray(Image.fromarray(p.seen).resize((DISPLAY, DISPLAY), Image.Resampling.NEAREST))
     return {c: float(v) for c, v in zip(p.classes, p.probabilities)}, cam, seen
@@ -91,24 +113,20 @@ def headline(predictor: Predictor) -> str:
     """The page's heading: the model, its epochs and, when the run folder has metrics.json, its test accuracy."""
     metrics = predictor.source.parent / "metrics.json"
     try:
+        if not metrics.is_file():  # none, or a pipe that would never end the read
+            raise FileNotFoundError(metrics)
         m = json.loads(metrics.read_text())
-        score = f", {m['test_acc']:.2f}% right on its {m['test_images']:,} test images"
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError):
+        score = f", {float(m['test_acc']):.2f}% right on its {int(m['test_images']):,} test images"
+    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
         score = ""
     dataset = predictor.config.dataset
     what = {"cifar10": "CIFAR-10 ", "cifar100": "CIFAR-100 "}.get(dataset, "")
-    names = [markdown_text(c) for c in predictor.classes]
+    names = [page_text(c) for c in predictor.classes]
     listed = ", ".join(names) if len(names) <= 20 else ", ".join(names[:20]) + f", ... ({len(names) - 20} more)"
-    return (f"## What does my {what}model see?\n**{predictor.model_name}**, {predictor.config.recipe} "
-            f"recipe, trained {predictor.epoch} of {predictor.epochs} epochs{score}. It knows {len(names)} classes "
-            f"({listed}): anything else gets the closest of them. Your image is cut to its "
-            "centre square and shrunk to 32x32 pixels, the size the model was trained on.")
-
-
-def markdown_text(text: str) -> str:
-    """User data (a class folder's name) as literal Markdown text: control characters escaped, Markdown and HTML
-    punctuation backslash-escaped."""
-    return re.sub(r"([\\`*_{}\[\]()#+\-.!|<>~&])", r"\\\1", printable(text))
+    return (f"## What does my {what}model see?\n**{page_text(predictor.model_name)}**, "
+            f"{page_text(predictor.config.recipe)} recipe, trained {predictor.epoch} of {predictor.epochs} "
+            f"epochs{score}. It knows {len(names)} classes ({listed}): anything else gets the closest of them. Your "
+            "image is cut to its centre square and shrunk to 32x32 pixels, the size the model was trained on.")
 
 
 def build_demo(predictor: Predictor, *, examples: tuple[list, list] = ([], [])):
@@ -116,17 +134,18 @@ def build_demo(predictor: Predictor, *, examples: tuple[list, list] = ([], [])):
     page opens), a top-3 label, the GradCAM overlay and the 32x32 the model saw. Its one API endpoint is /predict
     (image file -> label, overlay, 32x32)."""
     gr = import_gradio()
-    with gr.Blocks(title=f"demo: {predictor.model_name}") as page:
+    with gr.Blocks(title=f"demo: {safe_text(predictor.model_name)}",
+                   delete_cache=(CACHE_CHECK, DELETE_AFTER)) as page:
         gr.Markdown(headline(predictor))
         with gr.Row(equal_height=False):
             with gr.Column(scale=1):
                 first = examples[0][0][0] if examples[0] else None  # the page opens with it classified
-                image = gr.Image(first, type="filepath", image_mode=None, label="Your image",
-                                 sources=["upload", "clipboard"], height=320, elem_classes="pixels")
+                image = image_input(gr, first, type="filepath", image_mode=None, label="Your image",
+                                    sources=["upload", "clipboard"], height=320, elem_classes="pixels")
                 button = gr.Button("Classify", variant="primary")
                 if examples[0]:
                     gr.Examples(examples[0], inputs=image, examples_per_page=10,
-                                label="Or pick a test image: " + ", ".join(examples[1]))
+                                label="Or pick a test image: " + ", ".join(map(safe_text, examples[1])))
             with gr.Column(scale=1):
                 label = gr.Label(num_top_classes=3, label="Top 3 classes")
                 with gr.Row():
@@ -147,23 +166,51 @@ def build_demo(predictor: Predictor, *, examples: tuple[list, list] = ([], [])):
     return page
 
 
+def image_input(gr, *args, **kwargs):
+    """gr.Image(*args, **kwargs) whose upload that is not an image (a text file, a damaged one) becomes a message on
+    the page: Gradio reads an upload before `classify` runs, and its failure would show an empty error. (This one
+    component's preprocess is wrapped: a subclass of a Gradio component makes Gradio write a .pyi beside us.)"""
+    image = gr.Image(*args, **kwargs)
+    read = image.preprocess
+
+    def preprocess(payload):
+        try:
+            return read(payload)
+        except gr.Error:
+            raise
+        except Exception:  # noqa: BLE001 - Pillow's errors for a file it cannot read are many
+            name = getattr(payload, "orig_name", None) or "the upload"
+            raise gr.Error(page_error(f"{name} is not an image this page can read: upload a PNG, JPEG, WebP, GIF, "
+                                      "BMP or TIFF file")) from None
+
+    image.preprocess = preprocess
+    return image
+
+
 def serve(run: str | os.PathLike, *, port: int | None = None, share: bool | None = None, host: str = HOST,
           data_dir: str | None = None, block: bool = True, quiet: bool = False, device: str = "auto"):
     """Start the page for `run` (a run folder or checkpoint) and return the Gradio Blocks (`.local_url`,
     `.share_url`; `.close()` stops it). block=False returns at once, the server running in the background."""
+    if port is not None and not 1 <= port <= 65535:
+        raise InputError(f"--port {port}: choose a port from 1 to 65535 (or leave it out for 7860 or the next free)")
     gr = import_gradio()
     predictor = load_predictor(run, device=device)
     folder = Path(tempfile.mkdtemp(prefix="cifar10-demo-"))  # the example PNGs; nothing written beside the run
+    atexit.register(shutil.rmtree, folder, ignore_errors=True)  # gone with the process, however serve returns
     page = build_demo(predictor, examples=example_images(predictor, folder, data_dir=data_dir))
     theme = gr.themes.Soft(primary_hue="indigo", font=["ui-sans-serif", "system-ui", "sans-serif"],
                            font_mono=["ui-monospace", "monospace"])  # system fonts: no Google Fonts download
-    page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
-                theme=theme, css=CSS, allowed_paths=[str(folder)], ssr_mode=False, footer_links=["api"])
+    try:
+        page.launch(server_name=host, server_port=port, share=share, prevent_thread_lock=not block, quiet=quiet,
+                    theme=theme, css=CSS, allowed_paths=[str(folder)], ssr_mode=False, footer_links=["api"],
+                    max_file_size=MAX_UPLOAD)
+    except OSError as err:  # the port is taken, or the address is not this machine's
+        raise InputError(f"cannot serve on {host}:{port or 'default port'} ({err}): choose another --port") from None
     return page
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifar10 demo", description=__doc__.split("\n\n")[0])
+    p = Parser(prog="cifar10 demo", description=__doc__.split("\n\n")[0])
     add_version_flag(p)
     p.add_argument("run", metavar="RUN_OR_CHECKPOINT", help="a run folder (holding checkpoint.pt) or a checkpoint")
     p.add_argument("--port", type=int, help="(default: 7860, or the next free port)")
@@ -178,19 +225,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:  # Gradio's own lines are off (quiet): its "set share=True in launch()" tip is our --share
+
+    def run() -> None:  # Gradio's own lines are off (quiet): its "set share=True in launch()" tip is our --share
         page = serve(args.run, port=args.port, share=args.share, host=args.host, data_dir=args.data_dir,
                      device=args.device, block=False, quiet=True)
-    except (InputError, CheckpointError, RuntimeError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except OSError as err:  # the port is taken, or the address is not this machine's
-        print(f"error: cannot serve on {args.host}:{args.port or 'default port'} ({err}): choose another --port",
-              file=sys.stderr)
-        return 2
-    print(serving_message(page, args.host))
-    page.block_thread()  # until Ctrl-C
-    return 0
+        print(serving_message(page, args.host))
+        page.block_thread()  # until Ctrl-C
+
+    return run_command(run, interrupted=lambda err: "stopped")
 
 
 def serving_message(page, host: str) -> str:

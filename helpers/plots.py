@@ -20,11 +20,18 @@ from matplotlib.ticker import MaxNLocator
 
 from helpers.data import CIFAR10_MEAN, CIFAR10_STD, augmented_copies, channel_stats, denormalize
 from helpers.gradcam import find_layer, gradcam_maps, misclassified, normalize_images, overlay
-from helpers.utils import atomic_write, unwrap
+from helpers.utils import atomic_write, safe_text, unwrap
 
 DPI = 120
 CHANNELS = ("red", "green", "blue")
 MAX_LABELLED_CLASSES = 20  # past this many classes (CIFAR-100) a figure names some classes (the worst) not every one
+
+
+def plain(text) -> str:
+    """Text from a file (a class or run name) as a figure label shown as written: control characters escaped
+    (helpers.utils.safe_text) and '$' kept literal (matplotlib would parse '$...$' as math, and fail on bad math
+    when the figure is drawn)."""
+    return safe_text(text).replace("$", r"\$")
 
 
 def save_figure(fig: Figure, path: str | os.PathLike) -> Path:
@@ -66,7 +73,7 @@ def plot_samples(arrays, *, n: int = 20, cols: int = 10, seed: int = 0, save=Non
     """`n` random images of a split, each titled with its class."""
     rng = np.random.default_rng(seed)
     pick = rng.choice(len(arrays), size=min(n, len(arrays)), replace=False)
-    titles = [arrays.classes[arrays.labels[i]] for i in pick]
+    titles = [plain(arrays.classes[arrays.labels[i]]) for i in pick]
     return finish_figure(_image_grid(arrays.images[pick], titles, cols=cols, suptitle="Random training images"), save)
 
 
@@ -86,7 +93,7 @@ def plot_class_grid(arrays, *, per_class: int = 8, seed: int = 0, save=None):
                 spine.set_visible(False)
             if k < len(pick):
                 ax.imshow(arrays.images[pick[k]])
-        row[0].set_ylabel(arrays.classes[c], rotation=0, ha="right", va="center", fontsize=10)
+        row[0].set_ylabel(plain(arrays.classes[c]), rotation=0, ha="right", va="center", fontsize=10)
     more = len(arrays.classes) - n_classes
     fig.suptitle("Samples per class" + (f" (the first {n_classes} of {len(arrays.classes)} classes)" if more else ""))
     fig.tight_layout()
@@ -132,7 +139,7 @@ def plot_dataset_stats(arrays, *, save=None):
         ax_bar.bar(np.arange(len(counts)), counts, color="tab:blue")
         ax_bar.set_xlabel(f"class (0-{len(counts) - 1}: the data set's order of names)")
     else:
-        ax_bar.bar(arrays.classes, counts, color="tab:blue")
+        ax_bar.bar(list(map(plain, arrays.classes)), counts, color="tab:blue")
         ax_bar.tick_params(axis="x", rotation=45)
     ax_bar.set_title(f"Images per class ({len(arrays):,} in all)")
     ax_bar.set_ylabel("images")
@@ -315,7 +322,7 @@ def plot_misclassified(items, *, cols: int = 5, save=None):
         ax.set_title("Misclassified images")
         ax.text(0.5, 0.5, "no misclassified images", ha="center", va="center")
         return finish_figure(fig, save)
-    titles = [f"true: {m.target_name}\npred: {m.prediction_name} ({m.confidence:.0%})" for m in items]
+    titles = [f"true: {plain(m.target_name)}\npred: {plain(m.prediction_name)} ({m.confidence:.0%})" for m in items]
     fig = _image_grid([m.image for m in items], titles, cols=min(cols, len(items)), size=1.9,
                       suptitle="Misclassified test images, most confident first", colors=["firebrick"] * len(items))
     return finish_figure(fig, save)
@@ -339,8 +346,8 @@ def plot_gradcam(model, items, *, layer: str | None = None, title: str = "GradCA
                              layout="constrained")
     for r, m in enumerate(items):
         panels = (shown[r], pred_maps[r], pred_over[r], true_maps[r], true_over[r])
-        captions = (f"{m.target_name} -> {m.prediction_name} ({m.confidence:.0%})", m.prediction_name, "",
-                    m.target_name, "")
+        true, pred = plain(m.target_name), plain(m.prediction_name)
+        captions = (f"{true} -> {pred} ({m.confidence:.0%})", pred, "", true, "")
         for c, (ax, panel) in enumerate(zip(axes[r], panels)):
             shown_map = ax.imshow(panel, cmap="jet" if panel.ndim == 2 else None, vmin=0, vmax=1)
             ax.axis("off")
@@ -370,6 +377,7 @@ def plot_confusion_matrix(result, classes, *, save=None):
     import seaborn as sns  # deferred: seaborn (and pandas), for this figure alone
 
     counts = confusion_matrix(result.targets, result.predictions, len(classes))
+    classes = list(map(plain, classes))
     rates = counts / np.maximum(counts.sum(1, keepdims=True), 1)
     title = f"({len(result.targets):,} images, {result.accuracy:.2f}% correct)"
     if len(classes) > MAX_LABELLED_CLASSES:
@@ -410,7 +418,7 @@ def plot_per_class_accuracy(result, classes, *, save=None):
         names, acc = [classes[i] for i in worst], acc[worst]
         title = f"Accuracy per class: the {len(worst)} worst of {len(classes)}"
     fig, ax = plt.subplots(figsize=(9, 4))
-    bars = ax.bar(names, acc, color="tab:blue", zorder=2)
+    bars = ax.bar(list(map(plain, names)), acc, color="tab:blue", zorder=2)
     # the overall line runs behind the bars, and each label has a white ground: the line never crosses a number
     ax.bar_label(bars, fmt="%.1f", fontsize=8, padding=3, zorder=4,
                  bbox={"facecolor": "white", "edgecolor": "none", "pad": 0.5})
@@ -437,7 +445,7 @@ def plot_top_confusions(result, classes, *, k: int = 10, save=None):
     """The most confused (true -> predicted) class pairs as a horizontal bar chart."""
     pairs = top_confusions(result, classes, k=k)
     fig, ax = plt.subplots(figsize=(7, 0.4 * max(len(pairs), 3) + 1))
-    labels = [f"{t} -> {p}" for t, p, _ in pairs]
+    labels = [plain(f"{t} -> {p}") for t, p, _ in pairs]
     bars = ax.barh(labels[::-1], [n for *_, n in pairs][::-1], color="tab:orange")
     ax.bar_label(bars, fontsize=8)
     ax.set_xlabel("test images")

@@ -38,24 +38,25 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import nn
 
-from helpers.checkpoints import CheckpointError, read_checkpoint
+from helpers.checkpoints import read_checkpoint
+from helpers.cli import Parser
 from helpers.config import TrainConfig
 from helpers.data import (  # how an image becomes the model's input lives in data: a folder data set reads the same
+    MAX_PIXELS,  # the largest image read, the one bound of every image we decode
     SIZE,
     centre_square,
     normalize,
-    printable,
     square_input,
     to_rgb,
 )
 from helpers.gradcam import gradcam_maps, overlay
 from helpers.models import build_model
-from helpers.utils import add_version_flag, resolve_device
+from helpers.utils import UserError, add_version_flag, check_can_write, resolve_device, run_command, safe_text
 
 DISPLAY = 256  # side of the centre square kept for display and overlays, px
 
 
-class InputError(ValueError):
+class InputError(UserError, ValueError):
     """A bad input (not a readable image, a wrong class name or flag); the message says which and what to do."""
 
 
@@ -70,8 +71,11 @@ def open_image(path: str | os.PathLike) -> Image.Image:
         raise InputError(f"{path} is a folder, not an image: pass image files (PNG, JPEG, WebP, ...)")
     if not path.exists():
         raise InputError(f"no such file: {path}")
+    if not path.is_file():  # a FIFO or a device would block the read or never end it
+        raise InputError(f"{path} is not a regular file (a pipe or a device?): pass image files")
     try:
         with Image.open(path) as img:
+            check_pixels(img.size, str(path))  # from the header, before anything is decoded
             img.load()
             return ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
@@ -84,6 +88,13 @@ def open_image(path: str | os.PathLike) -> Image.Image:
     except (OSError, SyntaxError, ValueError) as err:
         raise InputError(f"{path} could not be decoded ({err}): the file is damaged or cut short; use "
                          "another copy") from None
+
+
+def check_pixels(size: tuple[int, int], name: str) -> None:
+    """An InputError when an image of `size` (width, height) is larger than MAX_PIXELS."""
+    if size[0] * size[1] > MAX_PIXELS:
+        raise InputError(f"{name} is {size[0]}x{size[1]} pixels, more than the {MAX_PIXELS / 1e6:.0f} megapixels "
+                         "read here: shrink it first (the model sees 32x32 anyway)")
 
 
 def image_from_array(array) -> Image.Image:
@@ -108,6 +119,7 @@ def as_pil(image) -> Image.Image:
     if isinstance(image, (str, os.PathLike)):
         return open_image(image)
     if isinstance(image, Image.Image):
+        check_pixels(image.size, "the image")
         try:
             return ImageOps.exif_transpose(image)  # upright, as a file would be; a copy
         except (OSError, SyntaxError, ValueError) as err:
@@ -176,8 +188,8 @@ class Predictor:
         """The index of a class name (any case); a wrong name lists the valid ones."""
         lowered = [c.lower() for c in self.classes]
         if name.lower() not in lowered:
-            raise InputError(f"no class {printable(repr(name))}: choose one of "
-                             f"{', '.join(printable(c) for c in self.classes)}")
+            raise InputError(f"no class {safe_text(repr(name))}: choose one of "
+                             f"{', '.join(safe_text(c) for c in self.classes)}")
         return lowered.index(name.lower())
 
     def normalize(self, seen: np.ndarray) -> torch.Tensor:
@@ -241,23 +253,24 @@ def plot_predictions(predictor: Predictor, predictions: list[Prediction], *, tar
     (and of class index `target`), and the top-`top` probabilities."""
     import matplotlib.pyplot as plt  # deferred, with helpers.plots: matplotlib, for figures alone
 
-    from helpers.plots import finish_figure
+    from helpers.plots import finish_figure, plain
 
     cols = 5 if target is not None else 4
     fig, axes = plt.subplots(len(predictions), cols, figsize=(cols * 2.6, len(predictions) * 2.7), squeeze=False,
                              gridspec_kw={"width_ratios": [1] * (cols - 1) + [1.3]})
     for row, p in zip(axes, predictions):
-        panels = [(p.square, f"{p.name}\n({p.describe()})"), (p.seen, f"what the model saw ({SIZE}x{SIZE})")]
+        panels = [(p.square, f"{plain(p.name)}\n({p.describe()})"), (p.seen, f"what the model saw ({SIZE}x{SIZE})")]
         for k in [p.index] + ([target] if target is not None else []):
             cam = predictor.gradcam(p, k)
             none = "\nno evidence for it: map all 0" if cam.max() == 0 else ""
-            panels.append((overlay_on_square(p, cam), f"GradCAM: {p.classes[k]} ({p.probabilities[k]:.0%}){none}"))
+            title = f"GradCAM: {plain(p.classes[k])} ({p.probabilities[k]:.0%}){none}"
+            panels.append((overlay_on_square(p, cam), title))
         for ax, (picture, title) in zip(row, panels):
             ax.imshow(picture, interpolation="nearest" if picture.shape[0] == SIZE else "antialiased")
             ax.set_title(title, fontsize=8)
             ax.axis("off")
         ranked = p.top(top)[::-1]
-        bars = row[-1].barh([c for c, _ in ranked], [100 * v for _, v in ranked], color="tab:blue")
+        bars = row[-1].barh([plain(c) for c, _ in ranked], [100 * v for _, v in ranked], color="tab:blue")
         bars[-1].set_color("tab:orange")
         row[-1].bar_label(bars, fmt="%.1f%%", fontsize=8, padding=2)
         row[-1].set_xlim(0, 119)
@@ -277,7 +290,7 @@ def plot_predictions(predictor: Predictor, predictions: list[Prediction], *, tar
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="cifar10 predict", description=__doc__.split("\n\n")[0],
+    p = Parser(prog="cifar10 predict", description=__doc__.split("\n\n")[0],
                                 epilog="Images are centre-cropped to a square and resized to 32x32 (Lanczos); "
                                        "transparent pixels become white.")
     add_version_flag(p)
@@ -300,8 +313,9 @@ IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff"
 
 def new_figure_path(path: str, *, overwrite: bool, flag: str = "--gradcam") -> Path:
     """A figure file named on the command line, checked before any work: a name matplotlib writes, not a folder,
-    not an existing file unless `overwrite` (nothing of the user's is replaced unasked)."""
-    out = Path(path).expanduser()
+    not an existing file unless `overwrite` (nothing of the user's is replaced unasked), in a folder that can be
+    made and written to on a disk with space (check_can_write)."""
+    out = check_can_write(path, f"{flag} {path}")
     if out.is_dir():
         raise InputError(f"{flag} {out} is a folder: give a file name, e.g. {out / 'figure.png'}")
     if out.suffix.lower() not in FIGURE_TYPES:
@@ -312,17 +326,18 @@ def new_figure_path(path: str, *, overwrite: bool, flag: str = "--gradcam") -> P
 
 
 def format_prediction(p: Prediction, top: int, target: int | None = None) -> str:
-    """The lines printed for one image; file and class names (user data) with control characters escaped."""
-    lines = [f"{printable(p.name)} ({p.describe()}):"]
-    lines += [f"  {printable(name):<12} {100 * prob:5.1f}%" for name, prob in p.top(top)]
+    """One image's lines: its name and size, then its top classes; names from files are made safe (safe_text)."""
+    lines = [f"{safe_text(p.name)} ({p.describe()}):"]
+    lines += [f"  {safe_text(name):<12} {100 * prob:5.1f}%" for name, prob in p.top(top)]
     if target is not None and p.classes[target] not in dict(p.top(top)):
-        lines.append(f"  {printable(p.classes[target]):<12} {100 * p.probabilities[target]:5.1f}%  (--class)")
+        lines.append(f"  {safe_text(p.classes[target]):<12} {100 * p.probabilities[target]:5.1f}%  (--class)")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
+
+    def run() -> None:
         out = new_figure_path(args.gradcam, overwrite=args.overwrite) if args.gradcam else None
         if Path(args.checkpoint).suffix.lower() in IMAGE_TYPES:  # the arguments swapped
             raise InputError(f"{args.checkpoint} is an image, not a run: give the run first, then the images "
@@ -332,19 +347,17 @@ def main(argv: list[str] | None = None) -> int:
             raise InputError(f"--top {args.top}: choose 1 to {len(predictor.classes)}")
         target = predictor.class_index(args.target) if args.target else None
         images = [(Path(path).name, open_image(path)) for path in args.images]  # all read before any output
-    except (InputError, CheckpointError, RuntimeError) as err:  # RuntimeError: --device cuda without a GPU
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    print(f"{predictor.describe()}")
-    predictions = [predictor.predict(img, name=name) for name, img in images]
-    for p in predictions:
-        print(format_prediction(p, args.top, target))
-    if out is not None:
-        from helpers.plots import save_figure  # deferred: matplotlib, for --gradcam alone
+        print(safe_text(predictor.describe()))
+        predictions = [predictor.predict(img, name=name) for name, img in images]
+        for p in predictions:
+            print(format_prediction(p, args.top, target))
+        if out is not None:
+            from helpers.plots import save_figure  # deferred: matplotlib, for --gradcam alone
 
-        save_figure(plot_predictions(predictor, predictions, target=target, top=args.top), out)
-        print(f"GradCAM figure: {out}")
-    return 0
+            save_figure(plot_predictions(predictor, predictions, target=target, top=args.top), out)
+            print(f"GradCAM figure: {safe_text(out)}")
+
+    return run_command(run)
 
 
 if __name__ == "__main__":

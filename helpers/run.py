@@ -56,6 +56,7 @@ from helpers.utils import (
     precision_name,
     remove_stale_temporaries,
     resolve_device,
+    safe_text,
     seed_everything,
     setting_name,
 )
@@ -290,10 +291,10 @@ class RunFolder:
     folder left by `kill -9` stays usable); a second holder gets a RunError naming the first. `release()` lets it
     go, and removes it again when this process created it and wrote nothing into it."""
 
-    def __init__(self, out: Path):
+    def __init__(self, out: Path, *, what: str = "run"):
         if out.exists() and not out.is_dir():
-            raise RunError(f"{out} is a file, not a folder: choose a folder for the run's outputs")
-        self.out, self.created = out, not out.exists()
+            raise RunError(f"{out} is a file, not a folder: choose a folder for the {what}'s outputs")
+        self.out, self.created, self.what = out, not out.exists(), what
         self._hold()
 
     def _hold(self) -> None:
@@ -303,8 +304,8 @@ class RunFolder:
             self.lock = FileLock(str(out / ".lock"))
             self.lock.acquire(timeout=0)
         except Timeout:
-            raise RunError(f"another run is writing into {out} ({_owner(out)}): wait for it to finish, or choose "
-                           "another output folder") from None
+            raise RunError(f"another {self.what} is writing into {out} ({_owner(out)}): wait for it to finish, or "
+                           "choose another output folder") from None
         except OSError as err:
             raise RunError(f"cannot write into {out} ({err.strerror or err}): choose a folder you can write "
                            "to") from None
@@ -352,9 +353,9 @@ class RunFolder:
 
 
 @contextmanager
-def hold_run_folder(out: Path):
-    """Hold `out` (a RunFolder) while the block runs."""
-    folder = RunFolder(out)
+def hold_run_folder(out: Path, *, what: str = "run"):
+    """Hold `out` (a RunFolder; `what` holds it: a run, or a sweep) while the block runs."""
+    folder = RunFolder(out, what=what)
     try:
         yield folder
     finally:
@@ -476,7 +477,7 @@ class _Run:
         """Print `note` (rank 0) and keep it in the result's notes."""
         self.notes.append(note)
         if distributed.world().is_main:
-            print(note, flush=True)  # a note, not an error: stdout (Jupyter shows stderr red)
+            print(safe_text(note), flush=True)  # a note, not an error: stdout (Jupyter shows stderr red)
 
     def start(self, arrays, out: Path | None, ckpt: Checkpoint | None, init_from) -> RunResult:
         """Set the run up (data, the small-run rule, loaders, model), then train it, or complete a finished one."""
@@ -511,7 +512,7 @@ class _Run:
         seed_everything(config.seed)
         model = _build_model(config, len(train_arrays.classes), init_from if ckpt is None else None, self.say)
         if not self.quiet:
-            print(_header(model, config, self.device, train_arrays, test_arrays, train_loader, val_arrays))
+            print(safe_text(_header(model, config, self.device, train_arrays, test_arrays, train_loader, val_arrays)))
         result = RunResult(config, model, History(), None, train_arrays, test_arrays, self.device, out,
                            "resumed" if ckpt is not None else "trained", self.notes, requested=self.requested,
                            started=self.started, val_arrays=val_arrays, normalization=norm)

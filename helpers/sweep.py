@@ -9,7 +9,13 @@ one run, the only way many runs are made here: the Ray engine (the default) runs
 epoch; --engine local runs the trials one after another in this process (no Ray, one device, timings undisturbed).
 Ray starts locally by itself; --address (or RAY_ADDRESS) runs the same sweep on a running Ray cluster;
 --gpus-per-trial 0.25 puts four trials on one GPU. Run the same command again to continue an interrupted sweep
-(finished trials are not rerun; an unfinished trial resumes from its last checkpoint; Ray: Tuner.restore).
+(finished trials are not rerun; an unfinished trial resumes from its last checkpoint).
+
+What a sweep guarantees: a local Ray listens on the loopback address only (127.0.0.1: nothing on the network can
+reach it) and none of its processes outlives the sweep, also when the sweep is killed (helpers.reaper); a cluster
+given by --address is the user's and is used as it is configured. Nothing in a sweep folder is unpickled: a sweep
+continues from its own JSON records (trial.json of each finished trial), never from Tune's saved state. A sweep
+folder has one owner at a time (a second sweep into it is refused), and at most MAX_TRIALS trials are asked for.
 Multi-node: --storage (Tune's experiment state, default DIR) and DIR itself must be on storage every node reaches:
 a shared filesystem path, or for --storage a URI such as s3://bucket/sweeps (pyarrow's filesystems); the trial
 folders are written where --out points, so a multi-node --out must be shared.
@@ -21,23 +27,31 @@ picks.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import itertools
 import json
 import logging
+import math
 import os
+import secrets
+import signal
 import socket
+import subprocess
 import sys
+import threading
 from dataclasses import fields
 from pathlib import Path
+from urllib.parse import quote
 
 import torch
 
+from helpers import reaper
 from helpers.cli import Parser, add_setting, given_settings, sigterm_as_interrupt
-from helpers.config import ConfigError, TrainConfig, evolve
+from helpers.config import TrainConfig, evolve
 from helpers.data import DataError, load_dataset
-from helpers.run import RunInterrupted, train_run
-from helpers.utils import RunError, add_version_flag, atomic_write, atomic_write_text
+from helpers.run import RunInterrupted, hold_run_folder, train_run
+from helpers.utils import RunError, UserError, add_version_flag, atomic_write, atomic_write_text, run_command, safe_text
 
 SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
 ENGINES = ("ray", "local")
@@ -49,6 +63,8 @@ INSTALL_HINT = (f'the sweep runs on Ray Tune, which is not installed: pip instal
 # the one thing that may still tell two engines' trials of one point apart, so the results say it
 RESULT_COLUMNS = ("seed", "test_acc", "test_acc_tta", "val_acc", "train_seconds", "epochs", "status", "threads",
                   "trial_dir")
+MAX_TRIALS = 10_000  # trials one sweep may ask for (each is a training run; their settings are made up front)
+LOOPBACK = "127.0.0.1"
 
 
 def selection_metric(config: TrainConfig) -> str:
@@ -57,7 +73,7 @@ def selection_metric(config: TrainConfig) -> str:
     return "val_acc" if config.val_split else "test_acc"
 
 
-class SweepError(Exception):
+class SweepError(UserError):
     """A mistake in how a sweep was asked for: one line that says what to do."""
 
 
@@ -142,10 +158,21 @@ def parse_grid(text: str) -> tuple[str, list]:
 
 def sweep_points(grid: dict[str, list] | list[dict], seeds: list[int]) -> list[dict]:
     """Every trial's settings: each point of `grid` ({setting: values}: every combination; or a list of points,
-    {setting: value} each) with each seed, in that order."""
+    {setting: value} each) with each seed, in that order. More than MAX_TRIALS: a SweepError, before any is made."""
+    check_trial_count(grid, len(seeds))
     if isinstance(grid, dict):
         grid = [dict(zip(grid, combo)) for combo in itertools.product(*grid.values())]
     return [point | {"seed": seed} for point in grid for seed in seeds]
+
+
+def check_trial_count(grid: dict[str, list] | list[dict], seeds: int) -> int:
+    """The number of trials of `grid` with `seeds` seeds, counted without making them; a SweepError naming the
+    limit when it is more than MAX_TRIALS."""
+    count = (math.prod(len(v) for v in grid.values()) if isinstance(grid, dict) else len(grid)) * seeds
+    if count > MAX_TRIALS:
+        raise SweepError(f"this sweep asks for {count:,} trials, more than the {MAX_TRIALS:,} a sweep may run: give "
+                         "fewer values or seeds, or split it into several sweeps")
+    return count
 
 
 def varied_settings(grid: dict[str, list] | list[dict]) -> list[str]:
@@ -154,8 +181,12 @@ def varied_settings(grid: dict[str, list] | list[dict]) -> list[str]:
 
 
 def trial_name(point: dict) -> str:
-    """A trial's folder name: its varied settings and seed, 'max_lr=0.2,seed=1'."""
-    return ",".join(f"{k}={v:g}" if isinstance(v, float) else f"{k}={v}" for k, v in point.items())
+    """A trial's folder name: its varied settings and seed, 'max_lr=0.2,seed=1'; a value's '/' (or any character
+    a folder name should not hold) is %-quoted, so every trial is one folder inside trials/."""
+    def value(v) -> str:
+        return quote(f"{v:g}" if isinstance(v, float) else str(v), safe=" +-.:@_~")
+
+    return ",".join(f"{k}={value(v)}" for k, v in point.items())
 
 
 def trial(base: TrainConfig, point: dict, trials: str | os.PathLike | None = None, *, arrays=None,
@@ -203,6 +234,11 @@ def _ray_trial(config: dict, *, base: dict, trials: str, figures: bool = True) -
 
 def _quiet_ray(address: str | None) -> None:
     """Ray's environment, set before ray is imported (it reads it once, at import)."""
+    if not (address or os.environ.get("RAY_ADDRESS")):
+        # a local Ray on the loopback address only: with its 'cluster mode' off, Ray 2.60 takes 127.0.0.1 as the
+        # node's address and binds gcs_server, raylet, the object manager and the agents there (read from
+        # ray._private.services.get_node_ip_address and checked with ss); on, they bind every interface
+        os.environ["RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"] = "0"
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # no usage report to Anyscale
     os.environ.setdefault("RAY_CHDIR_TO_TRIAL_DIR", "0")  # trials keep the working directory (paths are absolute)
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
@@ -210,28 +246,78 @@ def _quiet_ray(address: str | None) -> None:
     # Tune's automatic loggers off: its TensorBoard one warns without tensorboardX; _tuner adds the JSON and CSV ones
     # (result.json, progress.csv: what Tune's ExperimentAnalysis(DIR/tune).dataframe() reads) itself
     os.environ.setdefault("TUNE_DISABLE_AUTO_CALLBACK_LOGGERS", "1")
+    os.environ.setdefault("TUNE_DISABLE_SIGINT_HANDLER", "1")  # Ctrl-C stops the sweep as it stops a run
     token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or Path.home().joinpath(
         ".ray", "auth_token").is_file()
     if (address or os.environ.get("RAY_ADDRESS")) and token:  # a cluster from `ray start` (Ray 2.5x) checks a token,
         os.environ.setdefault("RAY_AUTH_MODE", "token")  # which a driver sends in token mode only
 
 
-def _start_ray(address: str | None) -> bool:
-    """Connect to `address` ($RAY_ADDRESS), else start a local Ray; True when this call started or joined it (the
-    sweep then ends it), False when Ray was already running in this process (left as it was)."""
+@contextlib.contextmanager
+def ray_for_sweep(address: str | None):
+    """Ray for the block: connected to `address` ($RAY_ADDRESS), used as the cluster is configured; else a local
+    Ray on the loopback address only, whose every process is ended when the block ends, however it ends
+    (ray.shutdown, then helpers.reaper; if this process is killed, the reaper alone). Ray already running in this
+    process (a notebook's own ray.init) is used and left as it was."""
     import ray  # deferred: Ray, an optional extra
 
     if ray.is_initialized():
-        return False
+        yield
+        return
     where = address or os.environ.get("RAY_ADDRESS")
-    kwargs = {"include_dashboard": False} if where is None else {}
+    reaper = None
+    try:
+        if where is None:
+            reaper = _start_local_ray()
+        else:
+            _connect_ray(address, where)
+        yield
+    finally:
+        ray.shutdown()  # a local Ray's processes and memory go with the sweep (a notebook kernel lives on)
+        if reaper is not None:
+            reaper.stdin.close()  # the reaper ends what ray.shutdown left (Ray's agents), then exits
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                reaper.wait(timeout=60)
+
+
+def _connect_ray(address: str | None, where: str) -> None:
+    import ray  # deferred: Ray, an optional extra
+
     try:
         _check_reachable(where)  # Ray itself retries an address nobody listens at for minutes
-        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False, **kwargs)
+        ray.init(address=address, logging_level=logging.ERROR, log_to_driver=False)
     except ConnectionError as err:
         raise SweepError(f"cannot reach the Ray cluster at {where} ({str(err).splitlines()[0]}): start it (ray start "
                          "--head), check the address, or leave --address and RAY_ADDRESS out for a local Ray") from None
-    return True
+
+
+def _start_local_ray() -> subprocess.Popen:
+    """Start a local Ray on the loopback address, its processes marked for helpers.reaper, and the reaper that
+    ends them when this process ends; returns the reaper (its stdin is the pipe it waits on)."""
+    import ray  # deferred: Ray, an optional extra
+
+    token = secrets.token_hex(8)
+    os.environ[reaper.MARK] = token  # inherited by gcs_server, raylet, the agents and every worker
+    on_sigterm = signal.getsignal(signal.SIGTERM)
+    try:
+        watcher = subprocess.Popen([sys.executable, "-m", "helpers.reaper", token], stdin=subprocess.PIPE,
+                                   cwd=Path(__file__).resolve().parents[1], start_new_session=True,
+                                   env={k: v for k, v in os.environ.items() if k != reaper.MARK})
+        # address "local": a Ray of its own, never one that `ray start` left running on this machine
+        ray.init(address="local", include_dashboard=False, logging_level=logging.ERROR, log_to_driver=False)
+    finally:
+        del os.environ[reaper.MARK]  # this process's later children are not Ray's
+        if callable(on_sigterm) and threading.current_thread() is threading.main_thread():
+            # Ray's core puts a handler of its own on SIGTERM that ends the process at once; keep the sweep's
+            # (helpers.cli.sigterm_as_interrupt: a stop that says what was kept)
+            signal.signal(signal.SIGTERM, on_sigterm)
+    if (node := ray.util.get_node_ip_address()) != LOOPBACK:  # Ray was imported before the sweep set its environment
+        ray.shutdown()
+        watcher.stdin.close()
+        raise SweepError(f"Ray was imported before the sweep with its network mode on (it would listen on {node}, "
+                         "not 127.0.0.1 alone): restart Python (the notebook's kernel) and run the sweep before "
+                         "importing ray, or start Ray yourself (ray.init) as you want it")
+    return watcher
 
 
 def _check_reachable(address: str | None) -> None:
@@ -265,6 +351,7 @@ def run_sweep(base: TrainConfig, grid: dict[str, list] | list[dict], out: str | 
                          "(use engine='ray', --engine ray)")
     if out is None and engine == "ray":
         raise SweepError("a Ray sweep needs a folder (out, --out): its trials and Tune's state are kept there")
+    check_trial_count(grid, seeds)
     points = sweep_points(grid, [base.seed + k for k in range(seeds)])
     if base.workers is None:  # one trial's settings whatever engine runs it: DataLoader workers = its CPUs less one
         base = evolve(base, workers=max(0, int(cpus_per_trial) - 1))
@@ -273,24 +360,59 @@ def run_sweep(base: TrainConfig, grid: dict[str, list] | list[dict], out: str | 
         base = evolve(base, data_dir=str(Path(base.data_dir).expanduser().resolve()))
     for point in points:  # every trial is a valid config before anything starts
         evolve(base, **point)
-    if out is not None:
-        _same_sweep(out, base, grid, seeds)
     run = _run_local if engine == "local" else _run_ray
-    rows = run(base, points, out, arrays=arrays, device=device, progress=progress, figures=figures,
-               gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, storage=storage,
-               asha=asha)
-    if out is not None:
-        write_results(rows, varied_settings(grid), out)
+    with contextlib.ExitStack() as held:
+        if out is not None:
+            held.enter_context(hold_sweep_folder(out))
+            _same_sweep(out, base, grid, seeds)
+        rows = run(base, points, out, arrays=arrays, device=device, progress=progress, figures=figures,
+                   gpus_per_trial=gpus_per_trial, cpus_per_trial=cpus_per_trial, address=address, storage=storage,
+                   asha=asha)
+        if out is not None:
+            write_results(rows, varied_settings(grid), out)
     return rows
+
+
+def hold_sweep_folder(out: Path):
+    """Hold the sweep folder `out` while the sweep runs, as a run holds its folder (helpers.run.hold_run_folder:
+    an OS lock, released if the process dies): a second sweep into it is refused, naming the first."""
+    return hold_run_folder(out, what="sweep")
+
+
+def finished_trials(points: list[dict], trials: Path | None) -> dict[str, dict]:
+    """{trial name: its row} of the trials of `points` that finished (their trial.json), read as JSON only."""
+    if trials is None:
+        return {}
+    found = {trial_name(p): trials / trial_name(p) / "trial.json" for p in points}
+    return {name: read_trial(path, point) for (name, path), point in zip(found.items(), points) if path.is_file()}
+
+
+def read_trial(path: Path, point: dict) -> dict:
+    """A finished trial's row from its trial.json; a SweepError that says what to do when it is damaged."""
+    try:
+        row = json.loads(path.read_text())
+        if not isinstance(row, dict):
+            raise TypeError("not a JSON object")
+        missing = [k for k in RESULT_COLUMNS if k not in row]
+        if missing:
+            raise KeyError(f"no {missing[0]}")
+        numbers = ("test_acc", "test_acc_tta", "train_seconds", "epochs")
+        if any(row[k] is not None and (isinstance(row[k], bool) or not isinstance(row[k], (int, float)))
+               for k in numbers) or any(row.get(k) != v for k, v in point.items()):
+            raise TypeError("wrong types or another trial's settings")
+    except (OSError, ValueError, KeyError, TypeError) as err:  # ValueError: JSON and UTF-8 errors
+        raise SweepError(f"{path} is damaged ({type(err).__name__}: {str(err)[:80]}): delete it and run the same "
+                         "sweep again (that trial is then finished from its checkpoint or run again)") from None
+    return row
 
 
 def _run_local(base, points, out, *, arrays, device, progress, figures, **ray_options) -> list[dict]:
     """The trials one after another in this process; a finished trial (its trial.json) is not run again."""
     rows, trials = [], out / "trials" if out is not None else None
+    done = finished_trials(points, trials)
     for k, point in enumerate(points, 1):
-        done = trials / trial_name(point) / "trial.json" if trials is not None else None
-        if done is not None and done.is_file():
-            rows.append(json.loads(done.read_text()))
+        if trial_name(point) in done:
+            rows.append(done[trial_name(point)])
         else:
             try:
                 rows.append(trial_row(point, trial(base, point, trials, arrays=arrays, device=device,
@@ -312,7 +434,7 @@ def _say_done(done: int, total: int, point: dict, row: dict) -> None:
     score = f"{acc:.2f}%" if acc is not None else row.get("status", "no result")
     score = f"validation {val:.2f}%, test {score}" if val is not None else score
     seconds = f" ({row['train_seconds']:.0f} s)" if row.get("train_seconds") is not None else ""
-    print(f"[{done}/{total}] {trial_name(point)}: {score}{seconds}", flush=True)
+    print(f"[{done}/{total}] {safe_text(trial_name(point))}: {safe_text(score)}{seconds}", flush=True)
 
 
 def _run_ray(base, points, out, *, progress, figures, gpus_per_trial, cpus_per_trial, address, storage, asha,
@@ -331,28 +453,25 @@ def _run_ray(base, points, out, *, progress, figures, gpus_per_trial, cpus_per_t
     trainable = tune.with_resources(
         tune.with_parameters(_ray_trial, base=base.to_dict(), trials=str(out / "trials"), figures=figures),
         {"cpu": cpus_per_trial, "gpu": gpus})
-    storage = storage or str(out)
-    started = _start_ray(address)
-    try:
-        return _rows(_tuner(trainable, points, out, storage, base.epochs, asha, progress,
-                            selection_metric(base)).fit(), points, out / "trials")
-    finally:
-        if started:  # a local Ray's processes and memory go with the sweep (a notebook kernel lives on)
-            import ray  # deferred: Ray, an optional extra
+    done = finished_trials(points, out / "trials")  # our own JSON records: Tune's pickled state is never read
+    todo = [p for p in points if trial_name(p) not in done]
+    if done:
+        print(f"continuing the sweep in {safe_text(out)}: {len(done)} finished trials kept, {len(todo)} to run",
+              file=sys.stderr)
+    results = []
+    if todo:
+        with ray_for_sweep(address):
+            results = _tuner(trainable, todo, storage or str(out), base.epochs, asha, progress,
+                             selection_metric(base)).fit()
+    return _rows(results, points, out / "trials", done)
 
-            ray.shutdown()
 
-
-def _tuner(trainable, points: list[dict], out: Path, storage: str, epochs: int, asha: bool, progress: bool,
+def _tuner(trainable, points: list[dict], storage: str, epochs: int, asha: bool, progress: bool,
            metric: str = "test_acc"):
-    """A new Tuner over `points`, or the one saved in `storage` (restored: finished trials are kept); ASHA stops
-    trials on `metric` (selection_metric)."""
+    """A new Tuner over `points`, its state under storage/tune/<a new name>: each call is an experiment of its own,
+    and nothing an earlier one left there is read; ASHA stops trials on `metric` (selection_metric)."""
     from ray import tune  # deferred: Ray, an optional extra
 
-    path = f"{storage.rstrip('/')}/tune"
-    if tune.Tuner.can_restore(path):
-        print(f"continuing the sweep in {out} (finished trials are kept)", file=sys.stderr)
-        return tune.Tuner.restore(path, trainable=trainable, resume_errored=True)
     scheduler = None
     if asha:
         from ray.tune.schedulers import ASHAScheduler  # deferred: Ray, an optional extra
@@ -374,7 +493,12 @@ def _same_sweep(out: Path, base: TrainConfig, grid, seeds: int) -> None:
     asked = {"base": base.to_dict(), "grid": grid, "seeds": seeds}
     saved = out / "sweep.json"
     if saved.is_file():
-        if json.loads(saved.read_text()) != json.loads(json.dumps(asked)):
+        try:
+            kept = json.loads(saved.read_text())
+        except ValueError as err:  # JSON and UTF-8 errors
+            raise SweepError(f"{saved} is damaged ({type(err).__name__}): delete it and run the sweep again (its "
+                             "finished trials are kept)") from None
+        if kept != json.loads(json.dumps(asked)):
             raise SweepError(f"{out} holds another sweep (other settings, grid or seeds; see {saved}): run the same "
                              "sweep to continue it, or choose another folder (--out)")
         return
@@ -386,15 +510,18 @@ def _has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def _rows(results, points: list[dict], trials: Path) -> list[dict]:
-    """One row per trial, in the order of `points`: its trial.json when it finished, else what it last reported
-    (stopped early by ASHA, or failed)."""
+def _rows(results, points: list[dict], trials: Path, done: dict[str, dict]) -> list[dict]:
+    """One row per trial, in the order of `points`: `done`'s (finished before), its trial.json when it finished
+    now, else what it last reported (stopped early by ASHA, or failed)."""
     by_name = {trial_name(result.config["point"]): result for result in results}
     rows = []
     for point in points:
+        if trial_name(point) in done:
+            rows.append(done[trial_name(point)])
+            continue
         folder, result = trials / trial_name(point), by_name[trial_name(point)]
         if (folder / "trial.json").is_file() and result.error is None:
-            rows.append(json.loads((folder / "trial.json").read_text()))
+            rows.append(read_trial(folder / "trial.json", point))
             continue
         status = f"error: {str(result.error).strip().splitlines()[-1][:200]}" if result.error else "stopped (ASHA)"
         rows.append(_unfinished_row(point, status, trials, result.metrics or {}))
@@ -440,8 +567,8 @@ class _Progress:
 
             def on_trial_error(self, iteration, trials, trial, **info):
                 self.done += 1
-                print(f"[{self.done}/{total}] {trial_name(trial.config['point'])} failed: see {trial.local_path}",
-                      flush=True)
+                print(f"[{self.done}/{total}] {safe_text(trial_name(trial.config['point']))} failed: see "
+                      f"{safe_text(trial.local_path)}", flush=True)
 
         return Progress()
 
@@ -480,7 +607,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(sys.argv[1:] if argv is None else argv)
-    try:
+
+    def sweep() -> None:
         grid = dict(parse_grid(g) for g in args.grid)
         if not grid and args.seeds < 2:
             raise SweepError("nothing to sweep: give --grid SETTING=V1,V2 and/or --seeds K (K >= 2)")
@@ -492,16 +620,12 @@ def main(argv: list[str] | None = None) -> int:
                              gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,
                              address=args.address, storage=args.storage, asha=args.asha,
                              figures=args.figures)
-    except (SweepError, ConfigError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\ninterrupted: run the same command again to continue the sweep in {args.out} (finished trials are "
-              "kept; the unfinished one resumes from its last finished epoch)", file=sys.stderr)
-        return 130
-    out = Path(args.out)
-    print(f"{len(rows)} trials: {out / 'results.csv'}, {out / 'sweep.png'}")
-    return 0
+        out = Path(args.out)
+        print(f"{len(rows)} trials: {safe_text(out / 'results.csv')}, {safe_text(out / 'sweep.png')}")
+
+    return run_command(sweep, interrupted=lambda err: (
+        "interrupted: run the same command again to continue the sweep in "
+        f"{args.out} (finished trials are kept; the unfinished one resumes from its last finished epoch)"))
 
 
 if __name__ == "__main__":

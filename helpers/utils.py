@@ -1,14 +1,19 @@
 """Small pieces every other module needs: seeding, the device, the autocast dtype, restoring a model's modes,
-and writing a file atomically. Imports nothing else from helpers (the bottom layer)."""
+writing a file atomically, showing text from files safely and ending a command line with one `error:` line.
+Imports nothing else from helpers (the bottom layer)."""
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
+import errno
 import os
 import random
 import re
+import shutil
+import sys
 import tempfile
+import unicodedata
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -73,7 +78,12 @@ def describe_device(device: str | torch.device | None = "auto") -> str:
     return f"{device.type} ({os.cpu_count()} cores{gpu})" if device.type == "cpu" else str(device)
 
 
-class DeviceError(RuntimeError):
+class UserError(Exception):
+    """A mistake in what was asked for or given (a flag, a path, a file's contents): one line that says what to do.
+    Every command line ends with it as `error: ...` and exit status 2 (run_command)."""
+
+
+class DeviceError(UserError, RuntimeError):
     """The device asked for is not on this machine."""
 
 
@@ -176,10 +186,11 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], None]) -> Path
         os.chmod(tmp, _mode_for(path))  # mkstemp's file is private (0600); the file we leave is not
         os.replace(tmp, path)
     except BaseException as err:
+        full = _disk_full(err, path.parent)  # before the unlink frees what the write took
         tmp.unlink(missing_ok=True)
         if isinstance(err, Exception) and not isinstance(err, WriteError):  # disk full, permissions, torch.save's
-            raise WriteError(f"could not write {path} ({type(err).__name__}: {_first_line(err)}); "
-                             "any earlier version of it is kept") from err
+            cause = "the disk is full: free some space" if full else f"{type(err).__name__}: {_first_line(err)}"
+            raise WriteError(f"could not write {path} ({cause}); any earlier version of it is kept") from err
         raise
     return path
 
@@ -222,18 +233,52 @@ def remove_stale_temporaries(folder: str | os.PathLike, ours: Callable[[str], bo
     return stale
 
 
-class RunError(Exception):
+class RunError(UserError):
     """A mistake in how a run was asked for or pointed to (its folder, its checkpoint, its data): one line that
     says what to do."""
 
 
-class WriteError(OSError):
+
+def _disk_full(err: BaseException, folder: Path) -> bool:
+    """Whether a failed write ran out of space: ENOSPC, or (torch.save reports 'file write failed' without an
+    errno) less than FULL_BELOW bytes left where it wrote."""
+    if isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT):
+        return True
+    try:
+        return shutil.disk_usage(folder).free < FULL_BELOW
+    except OSError:
+        return False
+
+
+FULL_BELOW = 1 << 20  # bytes: a write that failed with less than this left free failed for want of space
+
+
+class WriteError(UserError, OSError):
     """A file could not be written (disk full, permissions, ...): the message names the path and the cause."""
 
 
 def _first_line(err: BaseException) -> str:
     text = str(err).strip().splitlines()
     return text[0][:200] if text else "no detail"
+
+
+def check_can_write(path: str | os.PathLike, what: str) -> Path:
+    """`path` if a file can be made there, else a UserError naming `what` (e.g. "--out x.png"): checked before any
+    work, not after it. Its nearest existing ancestor must be a writable folder on a disk with space left; nothing
+    is created."""
+    path = Path(path).expanduser()
+    ancestor = next(p for p in [path.parent, *path.parent.parents] if p.exists() or p == p.parent)
+    if not ancestor.is_dir():
+        raise UserError(f"{what}: {ancestor} is a file, not a folder: choose a path under a folder")
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        raise UserError(f"{what}: cannot write into {ancestor} (permission denied): choose a folder you can write to")
+    try:
+        full = shutil.disk_usage(ancestor).free < FULL_BELOW
+    except OSError:
+        full = False
+    if full:
+        raise UserError(f"{what}: the disk holding {ancestor} is full: free some space or choose another disk")
+    return path
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -283,3 +328,60 @@ def follow_latest(path: str | os.PathLike) -> Path:
         if name and name == Path(name).name and name not in (".", "..") and (path.parent / name).is_dir():
             return path.parent / name
     return path
+def check_parameters(namespace: dict, **kinds) -> None:
+    """A notebook's parameters (as its parameters cell, papermill's -p or a user set them) checked against the
+    kinds they take before anything uses them: a UserError naming the first wrong one, its value and its kind.
+    kinds: a type or a tuple of types, None standing for None; an int is a float, a bool is not an int."""
+    for name, kind in kinds.items():
+        allowed = tuple(type(None) if k is None else k for k in (kind if isinstance(kind, tuple) else (kind,)))
+        value = namespace.get(name)
+        ok = isinstance(value, allowed + ((int,) if float in allowed else ()))
+        if not ok or (isinstance(value, bool) and bool not in allowed):
+            names = " or ".join("None" if k is type(None) else k.__name__ for k in allowed)
+            raise UserError(f"notebook parameter {name} = {value!r}: it takes {names}; set it so in the parameters "
+                            "cell (or papermill's -p)")
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Text from files and paths, and how a command line ends
+
+# Unicode categories shown escaped: control (C0/C1: escape sequences, newlines), format (bidi overrides,
+# zero-width), surrogates (undecodable bytes of a file name), private use, unassigned, line/paragraph separators
+UNSAFE = frozenset({"Cc", "Cf", "Cs", "Co", "Cn", "Zl", "Zp"})
+
+
+def safe_text(value) -> str:
+    """`value` as text that cannot act on a terminal or break a line: every control or invisible formatting
+    character shown escaped (ESC as \\x1b, a newline as \\n, U+202E as \\u202e). Everything printed that came from
+    a file or a path (class names, metrics, folder and file names, error messages naming them) goes through it."""
+    text = str(value)
+    if text.isprintable():  # the common case, fast (no control, format or separator characters but space)
+        return text
+    return "".join(ch.encode("unicode_escape", "backslashreplace").decode("ascii")
+                   if unicodedata.category(ch) in UNSAFE else ch for ch in text)
+
+
+def run_command(body: Callable[[], int | None], *, interrupted: Callable[[KeyboardInterrupt], str] | None = None,
+                failures: tuple[type[BaseException], ...] = ()) -> int:
+    """Run a command line's `body` and return its exit status: 0 (or what it returns); a UserError (every
+    `...Error` of ours that means "what you asked for or gave is wrong") or an OSError (a file or folder that
+    cannot be read or written) is one `error: ...` line on stderr, made safe, and status 2; `failures` (the work
+    itself failed, e.g. training diverged): one line and status 1; Ctrl-C or SIGTERM: interrupted() (what was
+    kept; default: the interruption's own message) and status 130. Every command line (train, predict, compare,
+    demo, sweep) ends through here."""
+    try:
+        return body() or 0
+    except failures as err:
+        print(f"error: {safe_text(err)}", file=sys.stderr)
+        return 1
+    except UserError as err:
+        print(f"error: {safe_text(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # a file we were told to read or write: name it and the cause, no traceback
+        where = f"{err.filename}: " if err.filename else ""
+        print(f"error: {safe_text(where)}{safe_text(err.strerror or err)}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt as err:
+        message = interrupted(err) if interrupted is not None else str(err) or "interrupted"
+        print(f"\n{safe_text(message)}", file=sys.stderr)
+        return 130

@@ -147,3 +147,24 @@ def write_image_folder(root: Path, *, per_class: int = 12, split: bool = False, 
             suffix = ".jpg" if i % 2 else ".png"
             (img.convert("RGB") if suffix == ".jpg" else img).save(where / f"{name}_{i}{suffix}")
     return root
+# class names a hostile checkpoint or data set could carry: escape sequences (clear the screen, set the window
+# title), a newline, HTML and Markdown that would fetch or link, matplotlib math, a path separator, bidi override
+HOSTILE_CLASSES = ["\x1b[2J\x1b]0;pwned\x07cat", "dog\nfrog", "<img src=http://127.0.0.1:{port}/x>",
+                   "[link](http://127.0.0.1:{port}/y)", "$\\notasymbol{$", "a/b\\c", "\u202eevil", "**bold**",
+                   "ship", "truck"]
+
+
+def hostile_run(trained_run: Path, out: Path, *, port: int = 9, **changes) -> Path:
+    """A copy of trained_run whose checkpoint carries HOSTILE_CLASSES (and `changes` on top), as a crafted
+    checkpoint would; weights_only-loadable like any checkpoint."""
+    import shutil
+
+    import torch
+
+    out.mkdir(parents=True, exist_ok=True)
+    state = torch.load(trained_run / "checkpoint.pt", map_location="cpu", weights_only=True)
+    state["classes"] = [c.replace("{port}", str(port)) for c in HOSTILE_CLASSES]
+    state.update(changes)
+    torch.save(state, out / "checkpoint.pt")
+    shutil.copy(trained_run / "metrics.json", out / "metrics.json")
+    return out

@@ -3,9 +3,15 @@ as helpers.predict does. Skipped where Gradio is not installed (it is an optiona
 
 from __future__ import annotations
 
+import http.server
 import os
+import pickle
+import shutil
 import socket
+import subprocess
 import sys
+import threading
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -13,6 +19,7 @@ from PIL import Image
 
 from helpers import demo
 from helpers.predict import load_predictor
+from tests.conftest import hostile_run
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -81,3 +88,100 @@ def test_the_command_names_our_flag_not_gradios_keyword(trained_run, monkeypatch
     out = capsys.readouterr().out
     assert f"demo page on http://127.0.0.1:{port}/ (this machine only); add --share for a public link" in out
     assert "share=True" not in out and "launch()" not in out
+# ---------------------------------------------------------------------------------------------------------
+# Text from a checkpoint or a data set, uploads
+
+
+def test_page_text_shows_html_and_markdown_literally():
+    assert demo.page_text("<img src=x>") == "&lt;img src\\=x&gt;"
+    assert demo.page_text("[a](http://x)") == "\\[a\\]\\(http\\://x\\)"
+    assert demo.page_text("**b** \x1b[2J") == "\\*\\*b\\*\\* \\\\x1b\\[2J"
+
+
+def hostile_data(tmp_path, port: int):
+    """A tiny CIFAR-10 folder whose batches.meta names the classes with HOSTILE_CLASSES."""
+    from tests.conftest import HOSTILE_CLASSES, write_cifar_folder
+
+    root = write_cifar_folder(tmp_path / "data", n_train=20, n_test=20)
+    meta = root / "cifar-10-batches-py" / "batches.meta"
+    with open(meta, "wb") as f:
+        pickle.dump({"label_names": [c.replace("{port}", str(port)) for c in HOSTILE_CLASSES]}, f, protocol=2)
+    return root
+
+
+def test_example_images_are_named_by_index_whatever_the_class_names(trained_run, tmp_path):
+    from tests.conftest import hostile_run
+
+    predictor = load_predictor(hostile_run(trained_run, tmp_path / "run", port=9), device="cpu")  # its data's names
+    (tmp_path / "ex").mkdir()
+    paths, labels = demo.example_images(predictor, tmp_path / "ex", data_dir=str(hostile_data(tmp_path, 9)))
+    assert len(paths) == 10 and "a/b\\c" in labels
+    assert all(Path(p[0]).parent == tmp_path / "ex" and Path(p[0]).is_file() for p in paths)
+
+
+def chromium() -> str:
+    found = next((shutil.which(n) for n in ("chromium", "chromium-browser", "google-chrome") if shutil.which(n)), None)
+    if found is None:
+        pytest.skip("no headless Chromium here (Debian: apt-get install chromium)")
+    return found
+
+
+def test_no_text_from_a_checkpoint_makes_an_element_or_a_request_in_a_browser(trained_run, tmp_path):
+    """The page, rendered by headless Chromium, with a checkpoint and data set whose class names are HTML and
+    Markdown pointing at a server of ours: the names show as text, and that server is never asked for anything."""
+    browser = chromium()
+    pytest.importorskip("gradio")
+    asked = []
+
+    class Recorder(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            asked.append(self.path)
+            self.send_response(404)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    recorder = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Recorder)
+    threading.Thread(target=recorder.serve_forever, daemon=True).start()
+    port = recorder.server_address[1]
+    run = hostile_run(trained_run, tmp_path / "run", port=port)
+    served = demo.serve(run, port=free_port(), block=False, quiet=True, device="cpu",
+                        data_dir=str(hostile_data(tmp_path, port)))
+    try:
+        dom = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--no-first-run",
+                              f"--user-data-dir={tmp_path / 'profile'}", "--virtual-time-budget=30000", "--dump-dom",
+                              served.local_url], capture_output=True, text=True, timeout=300).stdout
+    finally:
+        served.close()
+        recorder.shutdown()
+    assert "What does my CIFAR-10 model see?" in dom  # the page rendered, headline included
+    assert "&lt;img src=http://127.0.0.1:" in dom  # the name, as text
+    assert f'src="http://127.0.0.1:{port}' not in dom and f'href="http://127.0.0.1:{port}' not in dom
+    assert asked == []
+
+
+def test_an_upload_that_is_not_an_image_gets_a_message(page, tmp_path):
+    from gradio_client import Client, handle_file
+
+    (tmp_path / "notes.png").write_text("not an image at all")
+    client = Client(page.local_url, verbose=False, download_files=str(tmp_path / "downloads"))
+    with pytest.raises(Exception, match="is not an image"):  # gradio_client's AppError carries the page's message
+        client.predict(handle_file(str(tmp_path / "notes.png")), api_name="/predict")
+
+
+def test_uploads_are_bounded_and_deleted(page):
+    assert page.max_file_size == 20 * 1024**2
+    assert page.delete_cache == (demo.CACHE_CHECK, demo.DELETE_AFTER)
+    from tests.conftest import REPO
+
+    assert not list((REPO / "helpers").glob("*.pyi"))  # nothing written beside the package (Gradio stubs)
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_the_headline_shows_names_as_text_and_reads_no_pipe(trained_run, tmp_path):
+    run = hostile_run(trained_run, tmp_path / "run")
+    (run / "metrics.json").unlink()
+    os.mkfifo(run / "metrics.json")  # reading it would wait for ever
+    text = demo.headline(load_predictor(run, device="cpu"))
+    assert "right on its" not in text and "&lt;img src\\=http\\://127\\.0\\.0\\.1\\:9/x&gt;" in text

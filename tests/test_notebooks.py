@@ -128,3 +128,17 @@ def test_setup_cell_runs_in_colab_without_a_gpu(path, monkeypatch, capsys):
     exec(compile(setup, path.name, "exec"), {})
     assert ran == [sys.executable]  # pip install -r requirements.txt, nothing else
     assert re.search(r"torch will use: cpu \(\d+ cores; no CUDA GPU\)", capsys.readouterr().out)
+def test_a_parameter_of_the_wrong_kind_fails_in_the_parameters_check(tmp_path):
+    """papermill -p SEED x: the notebook stops at its parameters check, with a message naming the parameter."""
+    papermill = pytest.importorskip("papermill")
+    with pytest.raises(papermill.PapermillExecutionError, match="notebook parameter SEED = 'x': it takes int"):
+        papermill.execute_notebook(str(REPO / "notebooks" / "01_data_exploration.ipynb"), str(tmp_path / "out.ipynb"),
+                                   parameters={"SEED": "x"}, cwd=str(REPO), kernel_name="python3", progress_bar=False)
+
+
+def test_check_parameters_takes_none_ints_as_floats_and_refuses_bools_as_ints():
+    from helpers.utils import UserError, check_parameters
+
+    check_parameters({"A": None, "B": 3, "C": (1,)}, A=(int, None), B=float, C=(tuple, list))
+    with pytest.raises(UserError, match="notebook parameter A = True: it takes int or None"):
+        check_parameters({"A": True}, A=(int, None))

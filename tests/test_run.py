@@ -388,7 +388,7 @@ def test_a_history_write_failure_is_one_line(tiny_data, tmp_path, monkeypatch, c
     monkeypatch.setattr(Path, "write_text", full)
     assert cli.main(cli_args(tiny_data, tmp_path / "run")) == 1
     err = capsys.readouterr().err
-    assert "could not write" in err and "history.json" in err and "No space left" in err and "Traceback" not in err
+    assert "could not write" in err and "history.json" in err and "the disk is full" in err and "Traceback" not in err
 
 
 def test_two_writers_to_one_path_never_share_a_temporary_file(tmp_path):

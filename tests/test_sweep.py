@@ -151,7 +151,7 @@ def test_a_two_trial_sweep_on_ray_and_its_restore(tiny_data, tmp_path):
     assert len(checkpoints) == 2
     again = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert again.returncode == 0, again.stderr[-3000:]
-    assert "continuing the sweep" in again.stderr
+    assert "continuing the sweep" in again.stderr and "2 finished trials kept, 0 to run" in again.stderr
     with open(out / "results.csv") as f:  # a rerun trial would say "finished" (its run had nothing left to train)
         assert [r["status"] for r in csv.DictReader(f)] == ["trained", "trained"]
     assert {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
@@ -230,3 +230,191 @@ def test_one_grid_point_gives_the_same_numbers_on_both_engines(tiny_data, tmp_pa
     assert local_settings == ray_settings and local_settings["workers"] == 0
     assert local["threads"] == ray["threads"] == "1"
     assert local["test_acc"] == ray["test_acc"]
+# ---------------------------------------------------------------------------------------------------------
+# Trust at the edges: bounded sweeps, one owner per folder, JSON records only, a local Ray on loopback only
+
+
+def test_counts_that_would_exhaust_memory_are_refused_with_the_limit(tmp_path, capsys):
+    assert sweep.main(["--engine", "local", "--seeds", "100000000", "--out", str(tmp_path / "s")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "100,000,000 trials" in err and f"{sweep.MAX_TRIALS:,}" in err and "\n" not in err
+    many = ",".join(str(k) for k in range(1, 400))
+    assert sweep.main(["--engine", "local", "--grid", f"epochs={many}", "--grid", f"batch_size={many}",
+                       "--out", str(tmp_path / "s")]) == 2
+    assert "159,201 trials" in capsys.readouterr().err
+    assert not (tmp_path / "s").exists()
+
+
+def test_a_sweep_folder_has_one_owner_at_a_time(tmp_path, capsys):
+    out = tmp_path / "s"
+    with sweep.hold_sweep_folder(out):  # a sweep running into it
+        assert sweep.main(["--engine", "local", "--grid", "max_lr=0.1,0.2", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error: another sweep is writing into") and "\n" not in err
+
+
+def test_an_out_that_is_a_file_is_one_line_and_kept(tmp_path, capsys):
+    mine = tmp_path / "notes.txt"
+    mine.write_text("mine")
+    assert sweep.main(["--engine", "local", "--grid", "max_lr=0.1,0.2", "--out", str(mine)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "is a file" in err and "\n" not in err
+    assert mine.read_text() == "mine"
+
+
+@pytest.mark.parametrize("text", ['{"base": ', "[1, 2]", "\xff\xfe"])
+def test_a_damaged_sweep_json_is_one_line(tmp_path, capsys, text):
+    out = tmp_path / "s"
+    out.mkdir()
+    (out / "sweep.json").write_bytes(text.encode("latin-1"))
+    code = sweep.main(["--engine", "local", "--grid", "max_lr=0.1,0.2", "--out", str(out)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err.startswith("error:") and "\n" not in err
+    assert ("damaged" in err or "holds another sweep" in err) and "Traceback" not in err
+
+
+@pytest.mark.parametrize("text", ['{"seed": 0', "[]", '{"seed": 0, "max_lr": 0.1, "test_acc": "high", '
+                                  '"test_acc_tta": null, "train_seconds": 1, "epochs": 1, "status": "trained", '
+                                  '"trial_dir": ""}', '{"seed": 0}'])
+def test_a_damaged_trial_json_is_one_line(tiny_data, tmp_path, capsys, text):
+    out = tmp_path / "s"
+    args = ["--engine", "local", "--model", "depthwise_net", "--epochs", "1", "--batch-size", "50", "--data-dir",
+            str(tiny_data), "--grid", "max_lr=0.1,0.2", "--no-figures", "--out", str(out)]
+    trial = out / "trials" / "max_lr=0.1,seed=0"
+    trial.mkdir(parents=True)
+    (trial / "trial.json").write_text(text)
+    assert sweep.main(args) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"error: {trial / 'trial.json'} is damaged") and "\n" not in err
+    assert (trial / "trial.json").read_text() == text  # nothing the user has is replaced
+
+
+def test_a_value_with_a_slash_stays_one_trial_folder():
+    assert "/" not in sweep.trial_name({"data_dir": "../../elsewhere", "seed": 0})
+    assert sweep.trial_name({"max_lr": 0.2, "seed": 1}) == "max_lr=0.2,seed=1"
+
+
+def test_the_reaper_ends_the_marked_processes_and_no_others():
+    from helpers import reaper
+
+    token = "test-" + os.urandom(4).hex()
+    marked = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                              env=os.environ | {reaper.MARK: token})
+    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"],
+                             env=os.environ | {reaper.MARK: "another"})
+    try:
+        assert reaper.marked(token) == [marked.pid]
+        watcher = subprocess.Popen([sys.executable, "-m", "helpers.reaper", token], stdin=subprocess.PIPE, cwd=REPO)
+        watcher.stdin.close()  # what the sweep's end (or death) does
+        assert watcher.wait(timeout=120) == 0
+        assert marked.wait(timeout=60) is not None and other.poll() is None
+    finally:
+        for p in (marked, other):
+            p.kill()
+            p.wait()
+
+
+def _ray_processes(driver: int) -> list:
+    """The processes a sweep's driver started (Ray's gcs_server, raylet, agents and workers: its descendants)."""
+    import psutil
+
+    try:
+        return psutil.Process(driver).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _listening(processes) -> list[tuple[str, str, int]]:
+    import psutil
+
+    found = []
+    for p in processes:
+        try:
+            found += [(p.name(), c.laddr.ip, c.laddr.port) for c in p.net_connections("inet")
+                      if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    return found
+
+
+def _is_loopback(ip: str) -> bool:
+    import ipaddress
+
+    address = ipaddress.ip_address(ip.split("%")[0])
+    mapped = getattr(address, "ipv4_mapped", None)
+    return (mapped or address).is_loopback
+
+
+def _wait_for_trials(driver: subprocess.Popen) -> list:
+    """The Ray processes of a sweep once its trials train (its workers listen too), waiting up to 5 minutes."""
+    import time
+
+    for _ in range(600):
+        assert driver.poll() is None, driver.communicate()[1][-3000:]
+        processes = _ray_processes(driver.pid)
+        names = {p.name() for p in processes if p.is_running()}
+        if "raylet" in names and any("_ray_trial" in n or "ImplicitFunc" in n for n in names):
+            return processes
+        time.sleep(0.5)
+    raise AssertionError("the sweep's trials did not start")
+
+
+def _gone(processes, *, within: float = 120) -> list:
+    """Those of `processes` still running after `within` seconds (each checked by its start time: no PID reuse)."""
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + within
+    while True:
+        left = [p for p in processes if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
+        if not left or time.monotonic() > deadline:
+            return [(p.pid, p.name()) for p in left]
+        time.sleep(0.5)
+
+
+@pytest.mark.slow
+def test_a_local_ray_sweep_listens_on_loopback_only_leaves_no_process_and_unpickles_nothing(tiny_data, tmp_path):
+    """A local Ray sweep: every socket its Ray processes listen on is on the loopback address; none of them outlives
+    the sweep, killed (SIGKILL) or stopped (SIGTERM); it continues from its JSON records, never from a pickle left
+    in its folder (a planted payload does not run)."""
+    pytest.importorskip("ray.tune")
+    pytest.importorskip("psutil")
+    import pickle
+    import signal
+
+    out, proof = tmp_path / "sweep", tmp_path / "payload-ran"
+    command = [sys.executable, "-m", "helpers.sweep", "--model", "depthwise_net", "--epochs", "6", "--batch-size",
+               "20", "--workers", "0", "--data-dir", str(tiny_data), "--grid", "max_lr=0.02,0.05", "--no-figures",
+               "--out", str(out)]
+    env = os.environ | {"TQDM_DISABLE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    env.pop("RAY_ADDRESS", None)
+
+    class Payload:
+        def __reduce__(self):
+            return (os.system, (f"touch {proof}",))
+
+    for stop in (signal.SIGKILL, signal.SIGTERM):
+        driver = subprocess.Popen(command, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True)
+        try:
+            processes = _wait_for_trials(driver)
+            listening = _listening(processes)
+            assert listening and all(_is_loopback(ip) for _, ip, _ in listening), listening
+            driver.send_signal(stop)
+            driver.communicate(timeout=300)
+            assert driver.returncode == (-9 if stop == signal.SIGKILL else 130)
+            assert _gone(processes) == []
+        finally:
+            driver.kill()
+        for name in ("tuner.pkl", "trainable.pkl", "experiment_state-2026-01-01_00-00-00.json", "search_gen_state.pkl"):
+            for folder in (out / "tune", *(out / "tune").glob("*")):
+                if folder.is_dir():
+                    (folder / name).write_bytes(pickle.dumps(Payload()))
+    done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert not proof.exists()
+    with open(out / "results.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["max_lr"] for r in rows] == ["0.02", "0.05"]
+    assert all(r["status"] in ("trained", "resumed") and r["epochs"] == "6" for r in rows)
