@@ -22,7 +22,7 @@ import torch
 from helpers import distributed
 from helpers.config import ConfigError, TrainConfig
 from helpers.data import CIFAR10_CLASSES, CIFAR10_MEAN, CIFAR10_STD
-from helpers.utils import UserError, atomic_write
+from helpers.utils import UserError, atomic_write, follow_latest
 
 CHECKPOINT_FORMAT = 2  # 2: config has `recipe` and `mode`, training state under "step_state"
 READABLE_FORMATS = (1, 2)  # 1: config had `compile: bool`; optimizer, scheduler and scaler states at the top
@@ -226,8 +226,8 @@ class Checkpoint:
 
 
 def checkpoint_path(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or the checkpoint.pt inside a run folder."""
-    path = Path(path).expanduser()
+    """A checkpoint file, or the checkpoint.pt inside a run folder (runs/latest: the last run's)."""
+    path = follow_latest(path)
     return path / NAME if path.is_dir() else path
 
 

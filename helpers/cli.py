@@ -17,15 +17,25 @@ import sys
 from dataclasses import fields
 from pathlib import Path
 
-from helpers import utils
-from helpers.checkpoints import read_checkpoint
+from helpers import distributed, utils
+from helpers.checkpoints import checkpoint_path, read_checkpoint
 from helpers.config import ConfigError, TrainConfig, config_text, read_config_file, recipe_table
 from helpers.distributed import exit_process, world
 from helpers.run import RunInterrupted, interrupted_message, resolve_config, train_run
 from helpers.train import TrainingDiverged
-from helpers.utils import RunError, WriteError, add_version_flag, resolve_device, safe_text
+from helpers.utils import (
+    LATEST,
+    RunError,
+    WriteError,
+    add_version_flag,
+    messages_in_flags,
+    next_run_folder,
+    point_latest,
+    resolve_device,
+    safe_text,
+)
 
-DEFAULT_OUT = "runs/latest"
+RUNS = "runs"  # where runs go by default: a new numbered folder each (utils.next_run_folder), and runs/latest
 
 
 class Parser(argparse.ArgumentParser):
@@ -60,7 +70,8 @@ def add_setting(parser: argparse.ArgumentParser, f) -> None:
     config then takes the recipe's value or the field's default."""
     meta, flag = f.metadata, "--" + f.name.replace("_", "-")
     default = "the recipe's" if meta["recipe"] else "see above" if callable(f.default_factory) else repr(f.default)
-    kwargs = {"help": f"{meta['help']} (default: {default})", "default": None}
+    said = "(default:" in meta["help"]  # a help that names its default says it once
+    kwargs = {"help": meta["help"] if said else f"{meta['help']} (default: {default})", "default": None}
     if meta["kind"] == "bool":
         kwargs["action"] = argparse.BooleanOptionalAction
     elif meta["choices"]:
@@ -99,8 +110,9 @@ def build_parser() -> argparse.ArgumentParser:
     settings.add_argument("--compile", dest="mode", action="store_const", const="compile",
                           help="same as --mode compile")
     where = p.add_argument_group("where it goes and how it reports")
-    where.add_argument("--out", help=f"folder for checkpoint, history, metrics and figures (default: {DEFAULT_OUT}; "
-                       "with --resume: the checkpoint's folder)")
+    where.add_argument("--out", help="folder for checkpoint, history, metrics and figures (default: a new folder "
+                       f"{RUNS}/MODEL-RECIPE-N, and {RUNS}/{LATEST} leads to the last; with --resume: the checkpoint's "
+                       "folder)")
     where.add_argument("--resume", metavar="PATH", help="continue the run saved in this checkpoint or run folder, "
                        "with its settings, writing into its folder")
     where.add_argument("--init-from", metavar="RUN", help="start a new run (new schedule) from the weights of this "
@@ -120,16 +132,50 @@ def given_settings(args: argparse.Namespace) -> dict:
     return {k: v for k, v in vars(args).items() if k in names and v is not None}
 
 
-def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path]:
-    """(config, out folder); with --resume, the checkpoint's settings with the flags typed on top (helpers.run
-    refuses those that would change what the run computes)."""
+# what a run started with --init-from takes from its source unless typed: the same network and the same images (a
+# source trained on a 2,000-image subset must not start a 50,000-image run); the subsets are drawn with the seed
+INHERITED = ("model", "data_dir", "subset_train", "subset_test", "seed")
+
+
+def inherited_settings(source: dict, given: dict) -> dict:
+    """The settings of `source` (a checkpoint's config) that a run started from it takes, those not in `given`
+    (the recipe too when the model is the source's)."""
+    keep = INHERITED + (() if "model" in given else ("recipe",))
+    return {k: source[k] for k in keep if k not in given and k in source}
+
+
+def config_from_args(args: argparse.Namespace) -> tuple[TrainConfig, Path | None]:
+    """(config, out folder: None for a new numbered one); with --resume, the checkpoint's settings with the flags
+    typed on top (helpers.run refuses those that would change what the run computes); with --init-from, the
+    source's model and data settings unless typed (`INHERITED`)."""
     given = given_settings(args)
+    if args.init_from and not args.resume:
+        source = read_checkpoint(args.init_from).config.to_dict()
+        taken = inherited_settings(source, given)
+        shown = [f"--{k.replace('_', '-')} {v}" for k, v in taken.items() if k != "data_dir" and v is not None]
+        if world().is_main:  # a note: stdout, except under --print-config (stdout is then the config file)
+            print(f"--init-from: as the source run: {' '.join(shown) or 'its data folder'} (type a flag to change one)",
+                  file=sys.stderr if args.print_config else sys.stdout)
+        given = taken | given
     if not args.resume:
-        return TrainConfig(**given), Path(args.out or DEFAULT_OUT)
+        return TrainConfig(**given), Path(args.out) if args.out else None
     if args.init_from:
         raise RunError("--resume continues a run with its own weights; --init-from starts a new one: pass one")
     ckpt = read_checkpoint(args.resume)
     return TrainConfig.from_dict(ckpt.requested.to_dict() | given), Path(args.out) if args.out else ckpt.path.parent
+
+
+def mark_latest(out: Path | None) -> None:
+    """runs/latest leads to `out` when it is a run folder in runs/ with a checkpoint (rank 0; never fatal)."""
+    if out is None or not world().is_main or not (out / "checkpoint.pt").is_file():
+        return
+    folder = out.resolve()
+    if folder.parent != Path(RUNS).resolve():
+        return
+    try:
+        point_latest(folder)
+    except OSError as err:
+        print(f"note: could not point {RUNS}/{LATEST} at {folder.name} ({err})")
 
 
 @contextlib.contextmanager
@@ -151,8 +197,8 @@ def main(argv: list[str] | None = None) -> int:
 
     def train() -> int:
         nonlocal out
-        with sigterm_as_interrupt():
-            device = resolve_device(args.device)
+        with sigterm_as_interrupt(), messages_in_flags():
+            device = distributed.setup(resolve_device(args.device))  # joined before the processes agree on a name
             config, out = config_from_args(args)
             if args.print_config:  # the file on stdout, what the small-run rule changed on stderr
                 resolved, notes = resolve_config(config)
@@ -160,18 +206,25 @@ def main(argv: list[str] | None = None) -> int:
                     print(note, file=sys.stderr)
                 print(config_text(resolved), end="")
                 return 0
+            if out is None:
+                out = distributed.agree(lambda: next_run_folder(RUNS, f"{config.model}-{config.recipe}"))
             result = train_run(config, out, device=device, resume=args.resume or False,
                                init_from=args.init_from, overwrite=args.overwrite, figures=args.figures,
                                quiet=args.quiet)
         if not world().is_main:  # under torchrun rank 0 alone reports
             return 0
+        mark_latest(out)
         figures = [str(p) for k, p in result.paths.items() if k not in ("checkpoint", "history", "metrics")]
         if figures and result.status != "finished":
             print("figures: " + safe_text(", ".join(figures)))
         print(safe_text(result.summary()))
+        if checkpoint_path(Path(RUNS) / LATEST).parent.resolve() == out.resolve():
+            print(f"{RUNS}/{LATEST} leads to {safe_text(out.resolve().name)}: pass it to predict, compare, demo or "
+                  "--init-from")
         return 0
 
     def interrupted(err: KeyboardInterrupt) -> str:
+        mark_latest(out)
         return str(err) if isinstance(err, RunInterrupted) else interrupted_message(out)
 
     return utils.run_command(train, interrupted=interrupted, failures=(TrainingDiverged, WriteError))

@@ -3,9 +3,10 @@
     python -m helpers.compare RUN [RUN ...] [--out FILE.png]
 
 prints one row per run (model, recipe, epochs, final and test-time-augmented test accuracy, training seconds,
-test images, device) and, with --out, draws their test accuracy and test loss per epoch on shared axes. A RUN is
-a folder written by `python -m helpers.train` (metrics.json and history.json; for a run stopped before its end,
-its checkpoint.pt), or any file inside it. From Python: `rows, fig = compare_runs(["runs/a", "runs/b"])`.
+test images, device, the run it was started from with --init-from) and, with --out, draws their test accuracy
+and test loss per epoch on shared axes. A RUN is a folder written by `python -m helpers.train` (metrics.json and
+history.json; for a run stopped before its end, its checkpoint.pt), or any file inside it. From Python:
+`rows, fig = compare_runs(["runs/a", "runs/b"])`.
 
 Accuracies are comparable only on the same test images: the table shows how many each run was tested on.
 """
@@ -16,24 +17,27 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.cli import Parser
 from helpers.predict import new_figure_path
 from helpers.train import History
-from helpers.utils import RunError, add_version_flag, run_command, safe_text
+from helpers.utils import RunError, add_version_flag, follow_latest, run_command, safe_text
 
 COLUMNS = {  # row key: (header, format)
     "run": ("run", "{}"), "model": ("model", "{}"), "recipe": ("recipe", "{}"), "epochs": ("epochs", "{}"),
     "test_acc": ("test acc %", "{:.2f}"), "test_acc_tta": ("TTA acc %", "{:.2f}"),
     "train_seconds": ("train s", "{:.1f}"), "test_images": ("test images", "{:,}"), "device": ("device", "{}"),
+    "init_from": ("started from", "{}"),  # --init-from: the run whose weights it started from
 }
+# why `train s` is less than the total a run prints at its end
+TRAIN_SECONDS = ("train s: the training steps alone; the total a run prints at its end adds each epoch's test pass "
+                 "(and its warm-up apart)")
 
 
 def read_run(path: str | os.PathLike):
     """(row, History) of one run folder: the row has COLUMNS' keys (None where the run did not record it)."""
-    folder = Path(path).expanduser()
+    folder = follow_latest(path)  # runs/latest, also where it is a file naming the run
     folder = folder.parent if folder.is_file() else folder
     label = str(path).rstrip("/\\") or str(folder)
     if not folder.is_dir():
@@ -62,7 +66,7 @@ def read_run(path: str | os.PathLike):
             "epochs": f"{ckpt.epoch}/{ckpt.config.epochs} (unfinished)",
             "test_acc": last.get("test_acc"), "test_acc_tta": last.get("test_acc_tta"),
             "train_seconds": sum(seconds) if seconds and None not in seconds else None,
-            "test_images": None, "device": None}, hist)
+            "test_images": None, "device": None, "init_from": ckpt.init_from}, hist)
 
 
 NUMBERS = ("test_acc", "test_acc_tta", "train_seconds", "test_images")  # row keys that must be numbers
@@ -145,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
         read = [read_run(r) for r in args.runs]
         rows, histories = [r for r, _ in read], [h for _, h in read]
         print(format_table(rows))
+        print(TRAIN_SECONDS)
         if len({r["test_images"] for r in rows} - {None}) > 1:
             print("note: these runs were tested on different numbers of images: their accuracies are not comparable")
         if out is None:

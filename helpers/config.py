@@ -23,7 +23,7 @@ from pathlib import Path
 
 from helpers.data import AUGMENTATIONS, default_data_dir
 from helpers.models import MODELS
-from helpers.utils import UserError
+from helpers.utils import UserError, setting_name
 
 MODES = ("auto", "eager", "graphs", "compile")
 SCHEDULERS = ("onecycle", "plateau", "none")
@@ -179,9 +179,10 @@ class TrainConfig:
     data_dir: str = setting(default_data_dir, "folder holding cifar-10-batches-py (cifar-100-python), or that folder "
                             "itself; downloaded if missing (default: $CIFAR_DIR, else the clone's data/)", "path",
                             resume_free=True)
-    subset_train: int | None = setting(None, "class-balanced training subset size", "int", nullable=True,
+    subset_train: int | None = setting(None, "class-balanced training subset size (default: all)", "int",
+                                       nullable=True,
                                        ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
-    subset_test: int | None = setting(None, "class-balanced test subset size", "int", nullable=True,
+    subset_test: int | None = setting(None, "class-balanced test subset size (default: all)", "int", nullable=True,
                                       ok=lambda v: v >= 10, allowed="at least 10 (one image per class)")
     val_split: int | None = setting(None, "hold out this many training images (class-balanced, seeded, kept by "
                                     "--resume) for validation: the per-epoch table, the plateau scheduler and "
@@ -307,7 +308,7 @@ def _checked(f, value):
     kind, allowed = meta["kind"], meta["allowed"]
 
     def fail(what: str):
-        raise ConfigError(f"{f.name} must be {what}, got {value!r}")
+        raise ConfigError(f"{setting_name(f.name)} must be {what}, got {value!r}")
 
     if value is None:
         return None if meta["nullable"] else fail(allowed or kind)

@@ -21,7 +21,6 @@ import os
 import pickle
 import random
 import socket
-import sys
 import tarfile
 import threading
 from dataclasses import dataclass
@@ -435,7 +434,7 @@ def folder_arrays(root: str | os.PathLike, data_dir: str | os.PathLike | None = 
                 pass  # damaged: decoded again below
         count = sum(len(files) for classes in layout.values() for _, files in classes)
         print(f"reading {count:,} images of {safe_text(root)} once (resized to {SIZE}x{SIZE}, cached in "
-              f"{cache_dir})", file=sys.stderr, flush=True)
+              f"{safe_text(cache_dir)})", flush=True)  # a note, not an error: stdout (Jupyter shows stderr red)
         arrays = _decode_folder(layout)
 
         def write(tmp: Path) -> None:
@@ -786,6 +785,15 @@ def make_loader(
         generator=torch.Generator().manual_seed(seed + 1),
     )
     return loader
+
+
+def augmented_copies(image: np.ndarray, recipe: str, *, n: int, seed: int = 0) -> torch.Tensor:
+    """`n` draws of augmentation `recipe` on one uint8 image (32, 32, 3) -> normalised float (n, 3, 32, 32), drawn
+    exactly as training draws them: one epoch of a training loader (`make_loader`) over n copies of the image, so
+    the steps decide independently, as they do in a run (what notebook 01's preview shows)."""
+    copies = CifarArrays(np.repeat(image[None], n, 0), np.zeros(n, np.int64), list(CIFAR10_CLASSES))
+    images, _ = next(iter(make_loader(copies, batch_size=n, recipe=recipe, workers=0, seed=seed, pin_memory=False)))
+    return images
 
 
 # ---------------------------------------------------------------------------------------------------------

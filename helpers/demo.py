@@ -226,11 +226,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
 
-    def run() -> None:
-        serve(args.run, port=args.port, share=args.share, host=args.host, data_dir=args.data_dir,
-              device=args.device)
+    def run() -> None:  # Gradio's own lines are off (quiet): its "set share=True in launch()" tip is our --share
+        page = serve(args.run, port=args.port, share=args.share, host=args.host, data_dir=args.data_dir,
+                     device=args.device, block=False, quiet=True)
+        print(serving_message(page, args.host))
+        page.block_thread()  # until Ctrl-C
 
     return run_command(run, interrupted=lambda err: "stopped")
+
+
+def serving_message(page, host: str) -> str:
+    """Where the page is, in our flags' words."""
+    where = "every network this machine is on" if host == "0.0.0.0" else "this machine only"
+    public = (f"; public link (Gradio's share servers, temporary): {page.share_url}" if page.share_url
+              else "; add --share for a public link")
+    return f"demo page on {page.local_url} ({where}){public}. Ctrl-C stops it"
 
 
 if __name__ == "__main__":

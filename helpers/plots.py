@@ -18,7 +18,7 @@ from matplotlib.colors import LinearSegmentedColormap
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from helpers.data import CIFAR10_MEAN, CIFAR10_STD, build_transform, channel_stats, denormalize
+from helpers.data import CIFAR10_MEAN, CIFAR10_STD, augmented_copies, channel_stats, denormalize
 from helpers.gradcam import find_layer, gradcam_maps, misclassified, normalize_images, overlay
 from helpers.utils import atomic_write, safe_text, unwrap
 
@@ -118,15 +118,12 @@ def plot_channels(image: np.ndarray, *, title: str | None = None, save=None):
 
 
 def plot_augmentations(image: np.ndarray, recipe: str, *, n: int = 15, cols: int = 8, seed: int = 0, save=None):
-    """The uint8 image (H, W, 3) and `n` draws of augmentation `recipe` on it (helpers.data.build_transform)."""
-    transform = build_transform(recipe)
+    """The uint8 image (H, W, 3) and `n` draws of augmentation `recipe` on it, drawn as training draws them
+    (helpers.data.augmented_copies)."""
     if recipe == "none":  # n identical copies say nothing: one image and the reason
         return finish_figure(_image_grid([image], ["original = every draw"], cols=1, size=2.2,
                                    suptitle="Recipe 'none':\nno augmentation"), save)
-    draws = []
-    for k in range(n):
-        transform.set_random_seed(seed + k)  # albumentations keeps its randomness in the Compose
-        draws.append(denormalize(transform(image=image)["image"]))
+    draws = denormalize(augmented_copies(image, recipe, n=n, seed=seed))  # as a training epoch draws them
     images = [image, *draws]
     titles = ["original", *[f"draw {k + 1}" for k in range(n)]]
     return finish_figure(_image_grid(images, titles, cols=min(cols, len(images)),  # no empty columns for small n

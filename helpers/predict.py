@@ -308,6 +308,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 FIGURE_TYPES = (".png", ".jpg", ".jpeg", ".pdf", ".svg")
+IMAGE_TYPES = (".png", ".jpg", ".jpeg", ".webp", ".gif", ".bmp", ".tif", ".tiff")  # what a user's photo is called
 
 
 def new_figure_path(path: str, *, overwrite: bool, flag: str = "--gradcam") -> Path:
@@ -338,6 +339,9 @@ def main(argv: list[str] | None = None) -> int:
 
     def run() -> None:
         out = new_figure_path(args.gradcam, overwrite=args.overwrite) if args.gradcam else None
+        if Path(args.checkpoint).suffix.lower() in IMAGE_TYPES:  # the arguments swapped
+            raise InputError(f"{args.checkpoint} is an image, not a run: give the run first, then the images "
+                             "(python -m helpers.predict RUN_OR_CHECKPOINT IMAGE ...)")
         predictor = load_predictor(args.checkpoint, device=args.device)
         if not 1 <= args.top <= len(predictor.classes):
             raise InputError(f"--top {args.top}: choose 1 to {len(predictor.classes)}")

@@ -50,6 +50,7 @@ from helpers.utils import (
     RunError,
     WriteError,
     amp_dtype,
+    ask,
     atomic_write_text,
     deterministic_algorithms,
     precision_name,
@@ -57,6 +58,7 @@ from helpers.utils import (
     resolve_device,
     safe_text,
     seed_everything,
+    setting_name,
 )
 
 MIN_STEPS = 20  # training steps per epoch below which a recipe's batch is halved (adapt_to_data)
@@ -214,8 +216,10 @@ def adapt_to_data(config: TrainConfig, images: int) -> tuple[TrainConfig, list[s
             notes.append(note)
     steps = steps_per_epoch(images, config.batch_size) * config.epochs
     if steps < 2 * MIN_STEPS:
+        # after the small-run rule chose the smallest batch itself, a smaller one is no longer the advice
+        advice = "more data or more epochs" if notes and notes[0] else "a smaller batch size, more data or more epochs"
         notes.append(f"warning: only {steps} training step(s) in all ({images:,} images, batch {config.batch_size}, "
-                     f"{config.epochs} epoch(s)): too few to learn much; use a smaller batch size or more data")
+                     f"{config.epochs} epoch(s)): too few to learn much; use {advice}")
     return config, [n for n in notes if n]
 
 
@@ -247,7 +251,8 @@ def _smaller_batch(config: TrainConfig, images: int) -> tuple[TrainConfig, str |
         scale = batch / old
         changes |= {"max_lr": config.max_lr * scale, "lr": config.lr * scale if config.lr is not None else None}
         note += f" and peak LR {changes['max_lr']:.3g} (scaled with the batch)"
-    return evolve(config, **changes), note + ". Set the batch size, or adapt_small_runs=False, to choose yourself."
+    return evolve(config, **changes), (note + f". Set {ask('--batch-size', 'batch_size')}, or "
+                                       f"{ask('--no-adapt-small-runs', 'adapt_small_runs=False')}, to choose yourself.")
 
 
 def _fit_average(config: TrainConfig, images: int) -> tuple[TrainConfig, str | None]:
@@ -393,9 +398,10 @@ def _open_folder(folder: RunFolder, config: TrainConfig, resume, overwrite: bool
             what = read_checkpoint(here).describe()
         except CheckpointError:
             what = "an unreadable checkpoint"
-        hint = "continue it with resume=True (--resume), " if "unfinished" in what else ""
-        raise RunError(f"{out} already holds {what}: {hint}choose another output folder, or overwrite=True "
-                       "(--overwrite) to move that run aside (kept as a sibling folder) and start afresh")
+        hint = f"continue it with {ask(f'--resume {out}', 'resume=True')}, " if "unfinished" in what else ""
+        raise RunError(f"{out} already holds {what}: {hint}choose another output folder, or "
+                       f"{ask('--overwrite', 'overwrite=True')} to move that run aside (kept as a sibling folder) and "
+                       "start afresh")
     removed = folder.remove_stale_temporaries()
     if removed:
         say(f"removed {len(removed)} temporary file(s) left in {out} by a write that was cut short: "
@@ -410,9 +416,10 @@ def _open_folder(folder: RunFolder, config: TrainConfig, resume, overwrite: bool
     changed = [f.name for f in fields(TrainConfig) if f.name not in RESUME_FREE
                and getattr(config, f.name) not in (getattr(ckpt.requested, f.name), getattr(ckpt.config, f.name))]
     if changed:
-        settings = ", ".join(f"{k} {getattr(config, k)!r} (the run's: {getattr(ckpt.requested, k)!r})" for k in changed)
+        settings = ", ".join(f"{setting_name(k)} {getattr(config, k)!r} (the run's: {getattr(ckpt.requested, k)!r})"
+                             for k in changed)
         extra = (" A one-cycle schedule cannot be extended: its learning rate has already annealed. To train on, "
-                 "start a new run from its weights (init_from, --init-from) with a schedule of its own."
+                 f"start a new run from its weights ({ask('--init-from', 'init_from')}) with a schedule of its own."
                  if "epochs" in changed else " Start a new run (another output folder) to train with other settings.")
         raise RunError(f"{ckpt.path} is a run with other settings: {settings}.{extra}")
     return ckpt
@@ -470,7 +477,7 @@ class _Run:
         """Print `note` (rank 0) and keep it in the result's notes."""
         self.notes.append(note)
         if distributed.world().is_main:
-            print(safe_text(note), file=sys.stderr, flush=True)
+            print(safe_text(note), flush=True)  # a note, not an error: stdout (Jupyter shows stderr red)
 
     def start(self, arrays, out: Path | None, ckpt: Checkpoint | None, init_from) -> RunResult:
         """Set the run up (data, the small-run rule, loaders, model), then train it, or complete a finished one."""
@@ -511,6 +518,8 @@ class _Run:
                            started=self.started, val_arrays=val_arrays, normalization=norm)
         if ckpt is not None and ckpt.finished:
             return self.complete_finished(result, ckpt, test_loader)
+        if ckpt is not None:
+            self.say(f"resuming {ckpt.path} at epoch {ckpt.epoch + 1} of {config.epochs}")
         return self.train(result, ckpt, init_from, train_loader, test_loader)
 
     def train(self, result: RunResult, ckpt: Checkpoint | None, init_from, train_loader, test_loader) -> RunResult:
@@ -565,8 +574,9 @@ class _Run:
             write_outputs(result, figures=self.figures, init_from=ckpt.init_from, only=missing)
             self.say(f"{done}; wrote its missing outputs ({', '.join(missing)}), nothing else rewritten")
         elif not missing:
-            self.say(f"{done}, nothing rewritten. To train on, start a new run from its weights (init_from, "
-                     "--init-from RUN --out NEW); to redo it, overwrite=True (--overwrite)")
+            self.say(f"{done}, nothing rewritten. To train on, start a new run from its weights "
+                     f"({ask(f'--init-from {ckpt.path.parent} --epochs N', 'init_from')}); to redo it, "
+                     f"{ask('--overwrite', 'overwrite=True')}")
         if result.out is not None:
             result.paths["checkpoint"] = ckpt.path
         return result
@@ -661,8 +671,8 @@ def _compare_average(result: RunResult, say) -> None:
         where = "" if split == "test" else " on the validation split"
         say(f"note: the weight average scored {average:.2f}%{where}, below the trained weights' {trained:.2f}%: "
             f"averaging did not pay on this run (ema {result.config.ema:g} over {result.config.ema_epochs or 'all'} "
-            "epoch(s)); the average is what the checkpoint's evaluated weights and these results hold. Try ema=0 "
-            "(--ema 0)")
+            "epoch(s)); the average is what the checkpoint's evaluated weights and these results hold. Try "
+            f"{ask('--ema 0', 'ema=0')}")
 
 
 def _evaluate_saved(result: RunResult, ckpt: Checkpoint, test_loader) -> RunResult:
@@ -699,7 +709,7 @@ def interrupted_message(out: Path | None) -> str:
         return "interrupted: nothing was saved (no output folder)"
     if (out / CHECKPOINT).is_file():
         return (f"interrupted: the last finished epoch is saved in {out / CHECKPOINT}; continue with "
-                f"--resume {out} (Python: resume=True)")
+                f"{ask(f'--resume {out}', 'resume=True')}")
     return f"interrupted before the first epoch finished: no checkpoint in {out}; start the run again"
 
 
@@ -774,3 +784,19 @@ def write_outputs(result: RunResult, *, figures: bool = True, init_from=None,
     except OSError as err:  # our own writes raise WriteError, an OSError, already
         raise err if isinstance(err, WriteError) else WriteError(f"could not write into {out} ({err})") from err
     return result.paths
+
+
+def rank_by_training(paths) -> list[tuple[Path, int, str]]:
+    """The readable checkpoints among `paths` (files or run folders), most trained first: (checkpoint, training
+    images seen = finished epochs x training images, a description). Unreadable ones are left out."""
+    ranked = {}
+    for path in paths:
+        try:
+            ckpt = read_checkpoint(checkpoint_path(path).resolve())
+        except (CheckpointError, OSError):
+            continue
+        config = ckpt.config
+        images = (ckpt.data or {}).get("train", {}).get("images") or config.subset_train or 50_000
+        ranked[ckpt.path] = (ckpt.epoch * images, f"{config.model} ({config.recipe} recipe), {ckpt.epoch}/"
+                                                  f"{config.epochs} epochs on {images:,} training images")
+    return sorted(((p, seen, what) for p, (seen, what) in ranked.items()), key=lambda r: -r[1])

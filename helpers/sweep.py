@@ -59,7 +59,10 @@ RAY_PIN = "ray[tune]==2.60.0"
 INSTALL_HINT = (f'the sweep runs on Ray Tune, which is not installed: pip install -e ".[sweep]" (or pip install '
                 f'"{RAY_PIN}"), or run the trials one after another here without Ray (--engine local, '
                 'engine="local")')
-RESULT_COLUMNS = ("seed", "test_acc", "test_acc_tta", "val_acc", "train_seconds", "epochs", "status", "trial_dir")
+# threads: torch's CPU threads in the trial (Ray gives a trial cpus_per_trial; the local engine, the process's):
+# the one thing that may still tell two engines' trials of one point apart, so the results say it
+RESULT_COLUMNS = ("seed", "test_acc", "test_acc_tta", "val_acc", "train_seconds", "epochs", "status", "threads",
+                  "trial_dir")
 MAX_TRIALS = 10_000  # trials one sweep may ask for (each is a training run; their settings are made up front)
 LOOPBACK = "127.0.0.1"
 
@@ -204,7 +207,7 @@ def trial_row(point: dict, result) -> dict:
     return {**point, "test_acc": result.accuracy, "test_acc_tta": result.tta_accuracy,
             "val_acc": result.val_accuracy,
             "train_seconds": sum(s for s in result.history.train_seconds if s is not None),
-            "epochs": len(result.history), "status": result.status,
+            "epochs": len(result.history), "status": result.status, "threads": torch.get_num_threads(),
             "trial_dir": str(result.out) if result.out is not None else ""}
 
 
@@ -350,6 +353,8 @@ def run_sweep(base: TrainConfig, grid: dict[str, list] | list[dict], out: str | 
         raise SweepError("a Ray sweep needs a folder (out, --out): its trials and Tune's state are kept there")
     check_trial_count(grid, seeds)
     points = sweep_points(grid, [base.seed + k for k in range(seeds)])
+    if base.workers is None:  # one trial's settings whatever engine runs it: DataLoader workers = its CPUs less one
+        base = evolve(base, workers=max(0, int(cpus_per_trial) - 1))
     if out is not None:
         out = Path(out).expanduser().resolve()  # Ray runs trials elsewhere: every path absolute
         base = evolve(base, data_dir=str(Path(base.data_dir).expanduser().resolve()))
@@ -610,8 +615,6 @@ def main(argv: list[str] | None = None) -> int:
         if args.seeds < 1:
             raise SweepError(f"--seeds must be at least 1, got {args.seeds}")
         given = given_settings(args)
-        if "workers" not in given and args.engine == "ray":  # DataLoader workers within a trial's CPUs
-            given["workers"] = max(0, int(args.cpus_per_trial) - 1)
         with sigterm_as_interrupt():
             rows = run_sweep(TrainConfig(**given), grid, args.out, seeds=args.seeds, engine=args.engine,
                              gpus_per_trial=args.gpus_per_trial, cpus_per_trial=args.cpus_per_trial,

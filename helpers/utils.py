@@ -5,6 +5,7 @@ Imports nothing else from helpers (the bottom layer)."""
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import errno
 import os
 import random
@@ -19,6 +20,29 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+
+# Messages name a setting as the reader typed it: a flag (--max-lr) under the command line, else a Python keyword
+_AS_FLAGS = contextvars.ContextVar("as_flags", default=False)
+
+
+@contextlib.contextmanager
+def messages_in_flags() -> Iterator[None]:
+    """Within the block, `setting_name` and `ask` word messages in command-line flags (the command line's main)."""
+    token = _AS_FLAGS.set(True)
+    try:
+        yield
+    finally:
+        _AS_FLAGS.reset(token)
+
+
+def setting_name(name: str) -> str:
+    """A TrainConfig setting as a message names it: 'max_lr', or '--max-lr' under `messages_in_flags`."""
+    return "--" + name.replace("_", "-") if _AS_FLAGS.get() else name
+
+
+def ask(flag: str, python: str) -> str:
+    """What a message tells the reader to do: `flag` on the command line, else 'python (flag)'."""
+    return flag if _AS_FLAGS.get() else f"{python} ({flag})"
 
 
 def add_version_flag(parser) -> None:
@@ -43,6 +67,15 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
     if device.type == "cuda" and not torch.cuda.is_available():
         raise DeviceError("--device cuda was asked for, but this machine has no CUDA GPU: use --device cpu")
     return device
+
+
+def describe_device(device: str | torch.device | None = "auto") -> str:
+    """The device a run asked for `device` uses, in words: 'cuda (NVIDIA L4)', or 'cpu (2 cores; no CUDA GPU)'."""
+    device = resolve_device(device)
+    if device.type == "cuda":
+        return f"cuda ({torch.cuda.get_device_name(device)})"
+    gpu = "" if torch.cuda.is_available() else "; no CUDA GPU"
+    return f"{device.type} ({os.cpu_count()} cores{gpu})" if device.type == "cpu" else str(device)
 
 
 class UserError(Exception):
@@ -252,6 +285,49 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+# ---------------------------------------------------------------------------------------------------------
+# Run folders: a new numbered one per run, and `latest` pointing at the last
+
+LATEST = "latest"
+
+
+def next_run_folder(root: str | os.PathLike, stem: str) -> Path:
+    """root/stem-N with N one more than any stem-N in root (runs/custom_resnet-writeup-3): a new folder per run,
+    so a second run never meets the first one's outputs."""
+    root = Path(root).expanduser()
+    taken = [int(p.name[len(stem) + 1:]) for p in (root.iterdir() if root.is_dir() else ())
+             if p.name.startswith(stem + "-") and p.name[len(stem) + 1:].isdigit()]
+    return root / f"{stem}-{max(taken, default=0) + 1}"
+
+
+def point_latest(folder: str | os.PathLike) -> Path | None:
+    """Make folder.parent/latest lead to `folder`, atomically: a relative symlink, or, where the filesystem has no
+    symlinks (some Windows set-ups, some network drives), a small text file holding the folder's name, which
+    `follow_latest` reads. A real folder called latest (a run of an older version) is left alone: None."""
+    folder = Path(folder)
+    latest = folder.parent / LATEST
+    if latest.is_dir() and not latest.is_symlink():
+        return None
+    tmp = folder.parent / f".{LATEST}.{os.getpid()}.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        os.symlink(folder.name, tmp, target_is_directory=True)
+        os.replace(tmp, latest)
+    except (OSError, NotImplementedError):
+        tmp.unlink(missing_ok=True)
+        atomic_write_text(latest, folder.name + "\n")
+    return latest
+
+
+def follow_latest(path: str | os.PathLike) -> Path:
+    """`path`, or, for a `latest` text file left by `point_latest`, the run folder it names (a bare name beside it;
+    anything else is not followed)."""
+    path = Path(path).expanduser()
+    if path.name == LATEST and path.is_file() and path.stat().st_size < 256:
+        name = path.read_text(errors="replace").strip()
+        if name and name == Path(name).name and name not in (".", "..") and (path.parent / name).is_dir():
+            return path.parent / name
+    return path
 def check_parameters(namespace: dict, **kinds) -> None:
     """A notebook's parameters (as its parameters cell, papermill's -p or a user set them) checked against the
     kinds they take before anything uses them: a UserError naming the first wrong one, its value and its kind.

@@ -87,3 +87,15 @@ def test_table_marks_what_a_run_did_not_record():
     row = dict.fromkeys(compare.COLUMNS) | {"run": "a", "model": "m", "test_acc": 91.234}
     table = compare.format_table([row])
     assert "91.23" in table and table.splitlines()[2].count(" - ") >= 3
+
+
+def test_the_table_shows_where_a_run_started_and_what_train_s_counts(trained_run, tmp_path, capsys):
+    more = tmp_path / "more"
+    shutil.copytree(trained_run, more)
+    metrics = json.loads((more / "metrics.json").read_text())
+    (more / "metrics.json").write_text(json.dumps(metrics | {"init_from": "runs/custom_resnet-writeup-1"}))
+    assert compare.main([str(trained_run), str(more)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert "started from" in lines[0]
+    assert lines[3].rstrip().endswith("runs/custom_resnet-writeup-1") and lines[2].rstrip().endswith("-")
+    assert any(line.startswith("train s: the training steps alone") and "test pass" in line for line in lines)

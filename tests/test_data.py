@@ -219,3 +219,23 @@ def test_make_loaders_builds_one_kind_with_whole_test_batches(tiny_arrays, kind,
 def test_make_loaders_unknown_kind(tiny_arrays):
     with pytest.raises(ValueError, match="unknown loader kind 'tpu'"):
         data.make_loaders(*tiny_arrays, kind="tpu", batch_size=32, recipe="none")
+
+
+def test_augmentation_preview_draws_as_training_draws():
+    """Notebook 01's preview (data.augmented_copies, which plots.plot_augmentations shows) draws each step's
+    decision as a training epoch does: the joint frequencies of (flip, warped, gray, hole) agree with a training
+    loader's over other images' seeds. Reseeding per draw with Compose.set_random_seed(seed + k) made equal-
+    probability steps decide alike (every gray draw also had a hole), which this test catches."""
+    n = 2000  # per combination of four steps (p = 1/16 each): +-0.0054 (1 sigma)
+
+    def combos(x: torch.Tensor) -> np.ndarray:  # (16,) frequency of each flip/warped/gray/hole combination
+        m = measure_depthwise(to_uint8(x).numpy())
+        code = m["flip"] * 8 + m["warped"] * 4 + m["gray"] * 2 + (m["area"] > 0)
+        return np.bincount(code.astype(np.int64), minlength=16) / len(code)
+
+    preview = combos(data.augmented_copies(ramp_image(), "depthwise", n=n, seed=0))
+    arrays = data.CifarArrays(np.repeat(ramp_image()[None], n, 0), np.zeros(n, np.int64), CLASSES)
+    training = combos(collect(make_loader(arrays, batch_size=500, recipe="depthwise", workers=0, seed=11))[0])
+    sigma = np.sqrt(2 * training.clip(1 / 16 / 4) * (1 - training) / n)  # of a difference of two rates
+    assert (preview > 0).all(), f"combinations the preview never shows: {np.flatnonzero(preview == 0)}"
+    assert (abs(preview - training) < 5 * sigma).all(), f"preview {preview.round(3)} vs training {training.round(3)}"

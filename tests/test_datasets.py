@@ -155,7 +155,7 @@ def test_a_bad_folder_is_a_one_line_error_naming_the_file(tmp_path, kind, capsys
             str(tmp_path / "run"), "--device", "cpu", "--quiet"]
     capsys.readouterr()
     assert cli.main(argv) == 2
-    err = capsys.readouterr().err.splitlines()  # a note that the folder is being read may come first
+    err = capsys.readouterr().err.splitlines()  # the error alone (the note that the folder is being read: stdout)
     assert err[-1].startswith("error: ") and re.search(message, err[-1]) and "Traceback" not in "\n".join(err)
     assert not (tmp_path / "run").exists()  # nothing left behind
 
@@ -210,7 +210,7 @@ def test_a_run_with_a_validation_split_selects_on_it_and_tests_once(tiny_data, t
     config = TrainConfig(**{**TINY, "epochs": 2, "data_dir": str(tiny_data), "val_split": 20,
                             "scheduler": "plateau", "lr": 0.01, "loader": "gpu"})  # GpuLoader runs on the CPU too
     seen = []  # the arrays every evaluation ran on
-    real = train_module.evaluate_on_device  # every evaluation: fit's per epoch, and evaluate's (the run's test)
+    real = train_module.evaluate_on_device  # every evaluation's (fit's per epoch, and evaluate's) one way in
 
     def spy(model, loader, **kw):
         seen.append(loader.num_images)
@@ -261,8 +261,8 @@ def test_a_one_epoch_run_on_each_data_set_from_the_command_line_and_python(kind,
             "--workers", "0", "--dataset", dataset, "--data-dir", str(data_dir), "--out", str(tmp_path / "cli"),
             "--device", "cpu", "--quiet"]
     assert cli.main(argv) == 0
-    err = capsys.readouterr().err
-    assert err.count("recipe was tuned on CIFAR-10") == 1 and "--max-lr auto" in err
+    out = capsys.readouterr().out  # a note, not an error: stdout
+    assert out.count("recipe was tuned on CIFAR-10") == 1 and "--max-lr auto" in out
     classes = 100 if kind == "cifar100" else 3
     ckpt = read_checkpoint(tmp_path / "cli")
     assert len(ckpt.classes) == classes and ckpt.weights["head.1.weight"].shape[0] == classes
@@ -307,6 +307,7 @@ def test_predict_on_a_folder_trained_run_names_one_of_its_classes(images, tmp_pa
     from helpers import predict
 
     train_run(folder_config(images, tmp_path / "cache"), tmp_path / "run", device="cpu", quiet=True, figures=False)
+    capsys.readouterr()  # the run's notes (stdout) before predict's lines
     photo = next((images / "leaf").glob("*.jpg"))
     assert predict.main([str(tmp_path / "run"), str(photo), "--top", "3"]) == 0
     out = capsys.readouterr().out.splitlines()

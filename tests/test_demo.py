@@ -80,6 +80,14 @@ def test_a_bad_checkpoint_is_one_line(tmp_path, capsys):
     assert err.startswith("error: no checkpoint at") and len(err.splitlines()) == 1
 
 
+def test_the_command_names_our_flag_not_gradios_keyword(trained_run, monkeypatch, capsys):
+    pytest.importorskip("gradio")
+    port = free_port()
+    monkeypatch.setattr("gradio.Blocks.block_thread", lambda self: self.close())  # serve, then stop at once
+    assert demo.main([str(trained_run), "--port", str(port), "--device", "cpu"]) == 0
+    out = capsys.readouterr().out
+    assert f"demo page on http://127.0.0.1:{port}/ (this machine only); add --share for a public link" in out
+    assert "share=True" not in out and "launch()" not in out
 # ---------------------------------------------------------------------------------------------------------
 # Text from a checkpoint or a data set, uploads
 

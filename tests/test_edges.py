@@ -71,7 +71,7 @@ def test_compare_prints_run_names_and_metrics_made_safe(trained_run, tmp_path, c
     assert compare.main([str(run), "--out", str(tmp_path / "c.png")]) == 0
     out = capsys.readouterr().out
     assert no_control(out) and "run\\x1b[2J" in out and "cpu\\nfake row" in out
-    assert len(out.strip().splitlines()) == 4  # header, rule, one row, curves
+    assert len(out.strip().splitlines()) == 5  # header, rule, one row, what train s counts, curves
 
 
 def test_what_was_typed_is_made_safe_in_usage_errors(capsys):

@@ -105,6 +105,29 @@ def test_notebook_runs_and_writes_figures_and_results(executed, prefix):
         assert results["source"].endswith("checkpoint.pt")  # notebook 04's, passed as CHECKPOINT
 
 
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.name[:2])
+def test_setup_cell_runs_in_colab_without_a_gpu(path, monkeypatch, capsys):
+    """Colab's CPU runtime has no nvidia-smi: the first cell must not call it, and says which device torch uses."""
+    import subprocess
+    import sys
+    import types
+
+    setup = next(c for c in nbformat.read(path, as_version=4).cells if c.cell_type == "code").source
+    ran = []
+
+    def run(cmd, **kwargs):  # git and pip succeed; any other program is missing, as on a CPU runtime
+        ran.append(cmd[0])
+        if cmd[0] not in ("git", sys.executable):
+            raise FileNotFoundError(2, "No such file or directory", cmd[0])
+        return subprocess.CompletedProcess(cmd, 0)
+
+    monkeypatch.setitem(sys.modules, "google.colab", types.ModuleType("google.colab"))
+    monkeypatch.setattr(subprocess, "run", run)
+    monkeypatch.setattr(os, "chdir", lambda path: None)
+    monkeypatch.setattr(os.path, "isdir", lambda path: True)  # the clone is there already
+    exec(compile(setup, path.name, "exec"), {})
+    assert ran == [sys.executable]  # pip install -r requirements.txt, nothing else
+    assert re.search(r"torch will use: cpu \(\d+ cores; no CUDA GPU\)", capsys.readouterr().out)
 def test_a_parameter_of_the_wrong_kind_fails_in_the_parameters_check(tmp_path):
     """papermill -p SEED x: the notebook stops at its parameters check, with a message naming the parameter."""
     papermill = pytest.importorskip("papermill")

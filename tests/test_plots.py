@@ -226,3 +226,12 @@ def test_save_run_figures(run, tmp_path):
     assert {"curves.png", "confusion_matrix.png", "misclassified.png", "gradcam.png"} <= names
     assert all(p.parent == tmp_path and p.stat().st_size > 1000 for p in written)
     assert plt.get_fignums() == open_before  # its own figures closed, nothing else
+
+
+def test_plot_augmentations_shows_the_training_draws(tiny_arrays):
+    from helpers.data import augmented_copies, denormalize
+
+    image = tiny_arrays[0].images[3]
+    fig = plots.plot_augmentations(image, "depthwise", n=5, seed=2)
+    shown = np.stack([np.asarray(ax.get_images()[0].get_array()) for ax in fig.axes[1:]])
+    np.testing.assert_allclose(shown, denormalize(augmented_copies(image, "depthwise", n=5, seed=2)), atol=1e-6)

@@ -157,6 +157,7 @@ def test_bad_inputs_are_one_clear_line(trained_run, tiny_arrays, tmp_path, capsy
         (trained_run, tmp_path / "absent.jpg"): "no such file",
         (tmp_path / "other.pt", good): "not a helpers.train checkpoint",
         (tmp_path / "nowhere", good): "no checkpoint at",
+        (good, trained_run): "is an image, not a run: give the run first",  # the arguments swapped
         (trained_run, good, "--top", "0"): "choose 1 to 10",
         (trained_run, good, "--class", "unicorn"): "choose one of airplane",
         (trained_run, good, "--gradcam", tmp_path / "cam.txt"): "end the name in .png",

@@ -127,3 +127,25 @@ def test_install_lines_pin_the_tested_torch_and_give_a_cpu_build():
     for line in installs:
         assert f"torch=={pins['torch']}" in line and f"torchvision=={pins['torchvision']}" in line, line
     assert any("--index-url https://download.pytorch.org/whl/cpu" in line for line in installs), "a CPU-only install"
+
+
+QUICK = "python -m helpers.train --epochs 2 --subset-train 2000 --subset-test 1000"
+
+
+def test_the_quick_start_numbers_are_its_commands():
+    """Every accuracy the README quotes for the quick start's CPU command is that command's, as its run recorded it
+    (assets/runs/cli_quick_start.json is the metrics.json it wrote), not another recipe's."""
+    import json
+
+    from helpers import cli
+
+    metrics = json.loads((REPO / "assets" / "runs" / "cli_quick_start.json").read_text())
+    given = cli.given_settings(cli.build_parser().parse_args(QUICK.split()[3:]))
+    assert {k: metrics["requested"][k] for k in given} == given and metrics["settings"]["model"] == "custom_resnet"
+    accuracy = f"{metrics['test_acc']:.2f}%"
+    quoted = [p for p in README.split("\n\n") if not p.lstrip().startswith("|") and "quick start" in p.lower()
+              and re.search(r"\d+\.\d\d%", p)]
+    quoted += [line for line in README.splitlines() if line.startswith("|") and "the quick start's CPU command" in line]
+    assert len(quoted) >= 3
+    for text in quoted:
+        assert set(re.findall(r"\d+\.\d\d%", text)) == {accuracy}, text

@@ -61,7 +61,9 @@ def test_the_small_run_rule_applies_in_python_and_says_so(tiny_data, tmp_path, c
     assert config.batch_size == 512  # the config given is left alone
     assert result.config.batch_size == 16 and result.config.max_lr == pytest.approx(0.45 * 16 / 512)
     assert any("using batch 16" in note for note in result.notes)
-    assert "using batch 16" in capsys.readouterr().err  # printed as it happens, in a notebook too
+    out = capsys.readouterr().out
+    assert "using batch 16" in out  # printed as it happens, on stdout: a note, not an error (Jupyter shows stderr red)
+    assert "adapt_small_runs=False (--no-adapt-small-runs)" in out  # Python words in Python, the flag beside them
     off = evolve(config, adapt_small_runs=False)
     assert adapt_to_data(off, 100)[0].batch_size == 512
 
@@ -421,3 +423,19 @@ def test_ctrl_c_in_the_lr_range_test_leaves_no_empty_folder(tiny_data, tmp_path,
     with pytest.raises(run_module.RunInterrupted, match="before the first epoch"):
         train_run(tiny(tiny_data, max_lr="auto"), out, device="cpu", quiet=True)
     assert not out.exists()
+
+
+def test_rank_by_training_puts_the_most_trained_run_first(trained_run, tmp_path):
+    """Notebook 05 explains the most trained checkpoint it finds, not the first (a SMOKE run of 200 images)."""
+    from helpers.run import rank_by_training
+
+    state = torch.load(trained_run / "checkpoint.pt", weights_only=True)
+    bigger = tmp_path / "bigger"
+    bigger.mkdir()
+    state["data"]["train"]["images"] = 5000  # as if trained on 5,000 images
+    torch.save(state, bigger / "checkpoint.pt")
+    (tmp_path / "damaged.pt").write_bytes(b"not a checkpoint")
+    ranked = rank_by_training([trained_run, tmp_path / "absent", tmp_path / "damaged.pt", bigger, trained_run])
+    assert [(p, seen) for p, seen, _ in ranked] == [((bigger / "checkpoint.pt").resolve(), 2 * 5000),
+                                                   ((trained_run / "checkpoint.pt").resolve(), 2 * 100)]
+    assert ranked[0][2] == "depthwise_net (writeup recipe), 2/2 epochs on 5,000 training images"

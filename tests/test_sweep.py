@@ -206,6 +206,30 @@ def test_a_sweep_on_a_running_ray_cluster_with_asha(tiny_data, tmp_path):
         subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
 
+@pytest.mark.slow
+def test_one_grid_point_gives_the_same_numbers_on_both_engines(tiny_data, tmp_path):
+    """The same command with --engine local and --engine ray trains one point with the same settings (workers
+    included: the trial's CPUs less one, whatever the engine) and, at the same CPU threads, the same accuracy."""
+    pytest.importorskip("ray.tune")
+    import json
+
+    env = os.environ | {"TQDM_DISABLE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    results = {}
+    for engine in ("local", "ray"):
+        out = tmp_path / engine
+        command = [sys.executable, "-m", "helpers.sweep", "--engine", engine, "--model", "depthwise_net", "--epochs",
+                   "2", "--batch-size", "20", "--data-dir", str(tiny_data), "--grid", "max_lr=0.05", "--no-figures",
+                   "--out", str(out)]
+        done = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert done.returncode == 0, done.stderr[-3000:]
+        with open(out / "results.csv") as f:
+            (row,) = csv.DictReader(f)
+        settings = json.loads((Path(row["trial_dir"]) / "metrics.json").read_text())["settings"]
+        results[engine] = row, {k: v for k, v in settings.items() if k != "data_dir"}
+    (local, local_settings), (ray, ray_settings) = results["local"], results["ray"]
+    assert local_settings == ray_settings and local_settings["workers"] == 0
+    assert local["threads"] == ray["threads"] == "1"
+    assert local["test_acc"] == ray["test_acc"]
 # ---------------------------------------------------------------------------------------------------------
 # Trust at the edges: bounded sweeps, one owner per folder, JSON records only, a local Ray on loopback only
 

@@ -216,7 +216,7 @@ def test_cli_trains_and_writes_outputs(tiny_data, tmp_path, capsys):
                        "--no-figures", "--quiet"]) == 0
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
     captured = capsys.readouterr()
-    assert "nothing left to train" in captured.err and "--init-from" in captured.err
+    assert "nothing left to train" in captured.out and "--init-from" in captured.out
     assert f"{metrics['test_acc']:.2f}%" in captured.out  # its accuracy, evaluated again
 
 
@@ -263,7 +263,7 @@ def test_the_readmes_cpu_advice_learns_on_real_data(shared_cifar, tmp_path, caps
                      "--data-dir", str(shared_cifar), "--out", str(out), "--device", "cpu", "--no-figures",
                      "--quiet"])
     assert code == 0
-    assert "using batch 64" in capsys.readouterr().err
+    assert "using batch 64" in capsys.readouterr().out
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train_images"] == 2000 and metrics["test_images"] == 1000
     assert metrics["settings"]["batch_size"] == 64
