@@ -23,6 +23,7 @@ import random
 import socket
 import tarfile
 import threading
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -320,28 +321,50 @@ def square_input(rgb) -> np.ndarray:
     return np.asarray(rgb.resize((SIZE, SIZE), Image.Resampling.LANCZOS, box=centre_square(*rgb.size)))
 
 
-def read_image_file(path: Path) -> np.ndarray:
-    """One image file of a folder data set -> uint8 (32, 32, 3); a DataError naming the file when it is not an
-    image, too large to decode safely, or damaged."""
-    if not path.is_file():  # a FIFO or a device would never end the read
-        raise DataError(f"{safe_text(path)} is not a regular file: take it out of the folder")
+def check_pixels(size: tuple[int, int], name: str, error: type[UserError] = DataError,
+                 remedy: str = "shrink it first") -> None:
+    """`error` when an image of `size` (width, height) is larger than MAX_PIXELS."""
+    if size[0] * size[1] > MAX_PIXELS:
+        raise error(f"{name} is {size[0]}x{size[1]} pixels, more than the {MAX_PIXELS / 1e6:.0f} megapixels read "
+                    f"safely (the model sees 32x32 anyway): {remedy}")
+
+
+def open_image(path: str | os.PathLike, error: type[UserError] = DataError,
+               remedy: str = "replace it or take it out of the folder") -> Image.Image:
+    """Decode an image file fully (a truncated file fails here, not later), upright by its EXIF orientation. The one
+    reader of image files (predict's inputs, a folder data set's images): `error` names the
+    file when it is a folder, missing, not a regular file, not an image, too large to decode safely, or damaged,
+    and ends with `remedy`, what the caller's user should do."""
+    path = Path(path).expanduser()
+    name = safe_text(path)
+    if path.is_dir():
+        raise error(f"{name} is a folder, not an image: {remedy}")
+    if not path.exists():
+        raise error(f"no such file: {name}")
+    if not path.is_file():  # a FIFO or a device would block the read or never end it
+        raise error(f"{name} is not a regular file (a pipe or a device?): {remedy}")
     try:
-        with Image.open(path) as img:
-            width, height = img.size
-            if width * height > MAX_PIXELS:  # checked from the header, before a pixel is decoded
-                raise DataError(f"{safe_text(path)} is {width}x{height} pixels, more than the {MAX_PIXELS:,} read "
-                                "safely: shrink it or take it out of the folder")
+        with warnings.catch_warnings():  # Pillow's bomb warning: our budget below is smaller, and says what to do
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            img = Image.open(path)
+        with img:
+            check_pixels(img.size, name, error, f"shrink it, or {remedy}")  # from the header, before decoding
             img.load()
-            return square_input(to_rgb(ImageOps.exif_transpose(img)))
+            return ImageOps.exif_transpose(img)
     except UnidentifiedImageError:
-        raise DataError(f"{safe_text(path)} is not an image Pillow can read: remove it from the folder or replace it "
-                        "with a PNG or JPEG file") from None
+        raise error(f"{name} is not an image Pillow can read (PNG, JPEG, WebP, GIF, BMP, TIFF): {remedy}") from None
     except Image.DecompressionBombError:
-        raise DataError(f"{safe_text(path)} has too many pixels to read safely: shrink it or take it out of the "
-                        "folder") from None
+        raise error(f"{name} has too many pixels to read safely: shrink it, or {remedy}") from None
+    except PermissionError:
+        raise error(f"cannot read {name}: permission denied") from None
     except (OSError, SyntaxError, ValueError) as err:
-        raise DataError(f"{safe_text(path)} could not be read ({err}): the file is damaged, cut short or not readable; "
-                        "replace it or take it out of the folder") from None
+        raise error(f"{name} could not be decoded ({safe_text(err)}): the file is damaged or cut short; "
+                    f"{remedy}") from None
+
+
+def read_image_file(path: Path) -> np.ndarray:
+    """One image file of a folder data set -> uint8 (32, 32, 3), read as predict reads yours (open_image)."""
+    return square_input(to_rgb(open_image(path)))
 
 
 def _list_classes(folder: Path) -> list[tuple[str, list[Path]]]:
@@ -567,7 +590,7 @@ def split_validation(train: CifarArrays, indices) -> tuple[CifarArrays, CifarArr
 def normalize(images, mean=CIFAR10_MEAN, std=CIFAR10_STD) -> torch.Tensor:
     """uint8 images (B, 32, 32, 3), an array or a tensor, -> the normalised float (B, 3, 32, 32) a test loader
     gives (albumentations' Normalize: (pixel - 255 mean) / (255 std), per channel)."""
-    x = torch.as_tensor(np.asarray(images, dtype=np.uint8)).float()
+    x = torch.from_numpy(np.asarray(images, dtype=np.uint8).astype(np.float32))  # a copy: a PIL image's is read-only
     x = (x - torch.tensor(mean) * 255) / (torch.tensor(std) * 255)
     return x.permute(0, 3, 1, 2).contiguous()
 

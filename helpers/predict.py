@@ -35,14 +35,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageOps
 from torch import nn
 
+from helpers import data
 from helpers.checkpoints import read_checkpoint
 from helpers.cli import Parser
 from helpers.config import TrainConfig
 from helpers.data import (  # how an image becomes the model's input lives in data: a folder data set reads the same
-    MAX_PIXELS,  # the largest image read, the one bound of every image we decode
     SIZE,
     centre_square,
     normalize,
@@ -65,36 +65,13 @@ class InputError(UserError, ValueError):
 
 
 def open_image(path: str | os.PathLike) -> Image.Image:
-    """Decode an image file fully (a truncated file fails here, not later), upright by its EXIF orientation."""
-    path = Path(path).expanduser()
-    if path.is_dir():
-        raise InputError(f"{path} is a folder, not an image: pass image files (PNG, JPEG, WebP, ...)")
-    if not path.exists():
-        raise InputError(f"no such file: {path}")
-    if not path.is_file():  # a FIFO or a device would block the read or never end it
-        raise InputError(f"{path} is not a regular file (a pipe or a device?): pass image files")
-    try:
-        with Image.open(path) as img:
-            check_pixels(img.size, str(path))  # from the header, before anything is decoded
-            img.load()
-            return ImageOps.exif_transpose(img)
-    except UnidentifiedImageError:
-        raise InputError(f"{path} is not an image Pillow can read: pass a PNG, JPEG, WebP, GIF, BMP or TIFF "
-                         "file") from None
-    except Image.DecompressionBombError:
-        raise InputError(f"{path} has too many pixels to read safely: shrink it first") from None
-    except PermissionError:
-        raise InputError(f"cannot read {path}: permission denied") from None
-    except (OSError, SyntaxError, ValueError) as err:
-        raise InputError(f"{path} could not be decoded ({err}): the file is damaged or cut short; use "
-                         "another copy") from None
+    """An image file, decoded fully and upright by its EXIF orientation (data.open_image); an InputError when not."""
+    return data.open_image(path, InputError, "pass image files (PNG, JPEG, WebP, ...)")
 
 
 def check_pixels(size: tuple[int, int], name: str) -> None:
     """An InputError when an image of `size` (width, height) is larger than MAX_PIXELS."""
-    if size[0] * size[1] > MAX_PIXELS:
-        raise InputError(f"{name} is {size[0]}x{size[1]} pixels, more than the {MAX_PIXELS / 1e6:.0f} megapixels "
-                         "read here: shrink it first (the model sees 32x32 anyway)")
+    data.check_pixels(size, name, InputError)
 
 
 def image_from_array(array) -> Image.Image:

@@ -133,7 +133,7 @@ def _bad(root: Path, kind: str) -> tuple[Path, str]:
         return root, "only one class folder \\(berry\\)"
     if kind == "unreadable file":
         (root / "sky" / "sky_0.png").write_bytes(b"\x89PNG\r\n\x1a\n" + b"garbage" * 10)
-        return root, "sky/sky_0.png (is not an image|could not be read)"
+        return root, "sky/sky_0.png (is not an image|could not be decoded)"
     if kind == "decompression bomb":
         from PIL import Image
 

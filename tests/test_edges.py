@@ -10,6 +10,7 @@ import pickle
 import struct
 import subprocess
 import sys
+import warnings
 import zlib
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from helpers import cli, compare, predict, utils
+from helpers import cli, compare, data, predict, utils
 from helpers.data import DataError, load_cifar10
 from tests.conftest import REPO, hostile_run, write_cifar_folder
 
@@ -97,10 +98,15 @@ def png_header(width: int, height: int, *, bit_depth: int = 16, colour: int = 0)
 def test_an_image_larger_than_the_budget_is_refused_before_decoding(tmp_path):
     bomb = tmp_path / "bomb.png"
     bomb.write_bytes(png_header(13000, 13000))  # passes Pillow's own bomb check (169 MP < 179 MP)
-    with pytest.raises(predict.InputError, match="13000x13000 pixels, more than the 67 megapixels"):
-        predict.open_image(bomb)
-    with pytest.raises(predict.InputError, match="megapixels"):
-        predict.as_pil(Image.new("L", (9000, 9000)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # our one-line error only, not Pillow's DecompressionBombWarning before it
+        with pytest.raises(predict.InputError, match="13000x13000 pixels, more than the 67 megapixels"):
+            predict.open_image(bomb)
+        with pytest.raises(predict.InputError, match="megapixels"):
+            predict.as_pil(Image.new("L", (9000, 9000)))
+        # a folder data set's images go through the same reader and the same budget, with their own advice
+        with pytest.raises(DataError, match="13000x13000 pixels.*take it out of the folder"):
+            data.read_image_file(bomb)
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
