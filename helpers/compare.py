@@ -14,7 +14,6 @@ Accuracies are comparable only on the same test images: the table shows how many
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 
@@ -22,7 +21,7 @@ from helpers.checkpoints import CheckpointError, read_checkpoint
 from helpers.cli import Parser
 from helpers.predict import new_figure_path
 from helpers.train import History
-from helpers.utils import RunError, add_version_flag, follow_latest, run_command, safe_text
+from helpers.utils import RunError, add_version_flag, follow_latest, read_json, run_command, safe_text
 
 COLUMNS = {  # row key: (header, format)
     "run": ("run", "{}"), "model": ("model", "{}"), "recipe": ("recipe", "{}"), "epochs": ("epochs", "{}"),
@@ -45,7 +44,7 @@ def read_run(path: str | os.PathLike):
     metrics, history = folder / "metrics.json", folder / "history.json"
     if metrics.is_file() and history.is_file():
         try:
-            m = json.loads(metrics.read_text())
+            m = read_json(metrics)
             hist = History.from_json(history)
             if not isinstance(m, dict):
                 raise TypeError("metrics.json is not an object")

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from helpers.data import AUGMENTATIONS, default_data_dir
 from helpers.models import MODELS
-from helpers.utils import UserError, setting_name
+from helpers.utils import UserError, read_text_file, setting_name
 
 MODES = ("auto", "eager", "graphs", "compile")
 SCHEDULERS = ("onecycle", "plateau", "none")
@@ -395,8 +395,8 @@ def read_config_file(path: str | os.PathLike) -> dict:
     The values are checked when a TrainConfig is made of them."""
     path = Path(path).expanduser()
     try:
-        text = path.read_text()
-    except (OSError, UnicodeDecodeError) as err:
+        text = read_text_file(path)
+    except (OSError, ValueError) as err:  # missing, unreadable, a pipe, too large, not UTF-8
         raise ConfigError(f"cannot read config file {path} ({getattr(err, 'strerror', None) or err}): give a file "
                           "written by --print-config or kept in a run folder (config.yaml)") from None
     is_yaml = path.suffix.lower() in (".yaml", ".yml")

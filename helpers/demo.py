@@ -35,7 +35,7 @@ from PIL import Image
 from helpers.cli import Parser
 from helpers.data import DataError, load_dataset
 from helpers.predict import DISPLAY, InputError, Predictor, load_predictor, overlay_on_square
-from helpers.utils import add_version_flag, run_command, safe_text
+from helpers.utils import add_version_flag, read_json, run_command, safe_text
 
 HOST = "127.0.0.1"  # loopback: the page is reachable from this machine only, unless --host says otherwise
 # small images (the 32x32s) fill their box with square pixels, not a blur
@@ -115,7 +115,7 @@ def headline(predictor: Predictor) -> str:
     try:
         if not metrics.is_file():  # none, or a pipe that would never end the read
             raise FileNotFoundError(metrics)
-        m = json.loads(metrics.read_text())
+        m = read_json(metrics)
         score = f", {float(m['test_acc']):.2f}% right on its {int(m['test_images']):,} test images"
     except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
         score = ""

@@ -54,6 +54,7 @@ from helpers.utils import (
     atomic_write_text,
     deterministic_algorithms,
     precision_name,
+    read_json,
     remove_stale_temporaries,
     resolve_device,
     safe_text,
@@ -374,7 +375,7 @@ def keep_aside(path: Path) -> Path:
 
 def _owner(out: Path) -> str:
     try:
-        o = json.loads((out / ".lock.owner").read_text())
+        o = read_json(out / ".lock.owner")
         return f"process {o['pid']} on {o['host']}, started {o['started']}: {o['command']}"
     except (OSError, ValueError, KeyError):
         return "a process that has just started"

@@ -51,7 +51,16 @@ from helpers.cli import Parser, add_setting, given_settings, sigterm_as_interrup
 from helpers.config import TrainConfig, evolve
 from helpers.data import DataError, load_dataset
 from helpers.run import RunInterrupted, hold_run_folder, train_run
-from helpers.utils import RunError, UserError, add_version_flag, atomic_write, atomic_write_text, run_command, safe_text
+from helpers.utils import (
+    RunError,
+    UserError,
+    add_version_flag,
+    atomic_write,
+    atomic_write_text,
+    read_json,
+    run_command,
+    safe_text,
+)
 
 SWEEP_PEAKS = {"sgd": (0.05, 0.1, 0.2, 0.4, 0.8), "adam": (2e-4, 5e-4, 1e-3, 2e-3, 5e-3)}  # one-cycle peaks swept
 ENGINES = ("ray", "local")
@@ -390,7 +399,7 @@ def finished_trials(points: list[dict], trials: Path | None) -> dict[str, dict]:
 def read_trial(path: Path, point: dict) -> dict:
     """A finished trial's row from its trial.json; a SweepError that says what to do when it is damaged."""
     try:
-        row = json.loads(path.read_text())
+        row = read_json(path)
         if not isinstance(row, dict):
             raise TypeError("not a JSON object")
         missing = [k for k in RESULT_COLUMNS if k not in row]
@@ -494,7 +503,7 @@ def _same_sweep(out: Path, base: TrainConfig, grid, seeds: int) -> None:
     saved = out / "sweep.json"
     if saved.is_file():
         try:
-            kept = json.loads(saved.read_text())
+            kept = read_json(saved)
         except ValueError as err:  # JSON and UTF-8 errors
             raise SweepError(f"{saved} is damaged ({type(err).__name__}): delete it and run the sweep again (its "
                              "finished trials are kept)") from None

@@ -42,6 +42,7 @@ from helpers.utils import (
     atomic_write,
     atomic_write_text,
     preserved_modes,
+    read_json,
     resolve_device,
     seed_everything,
     to_host,
@@ -123,7 +124,7 @@ class History:
 
     @classmethod
     def from_json(cls, path: str | os.PathLike) -> History:
-        saved = json.loads(Path(path).read_text())
+        saved = read_json(path)
         if isinstance(saved, list):  # written before warm-up was recorded
             return cls(saved)
         return cls(saved["epochs"], saved.get("warmup_seconds", 0.0), saved.get("mode", "eager"))

@@ -7,10 +7,12 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import errno
+import json
 import os
 import random
 import re
 import shutil
+import stat
 import sys
 import tempfile
 import unicodedata
@@ -283,6 +285,28 @@ def check_can_write(path: str | os.PathLike, what: str) -> Path:
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write(path, lambda tmp: tmp.write_text(text))
+
+
+MAX_TEXT_BYTES = 32 * 2**20  # the largest JSON or YAML file read (ours are kilobytes): a larger one is refused unread
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """The one reader of the small text files a run, a sweep or a user gives us (metrics, history, trial and sweep
+    records, a settings file). A ValueError, as for damaged contents, when the path is not a regular file (a pipe
+    would never end the read), holds more than MAX_TEXT_BYTES or is not UTF-8; OSError as open() raises it."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))  # a FIFO opens at once instead of waiting
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise ValueError(f"{safe_text(path)} is not a regular file")
+        data = f.read(MAX_TEXT_BYTES + 1)
+    if len(data) > MAX_TEXT_BYTES:
+        raise ValueError(f"{safe_text(path)} holds more than {MAX_TEXT_BYTES:,} bytes")
+    return data.decode("utf-8")
+
+
+def read_json(path: str | os.PathLike):
+    """A JSON file through read_text_file: ValueError (json's errors among them) for anything but a small JSON file."""
+    return json.loads(read_text_file(path))
 
 
 # ---------------------------------------------------------------------------------------------------------

@@ -235,3 +235,54 @@ def test_run_command_maps_errors_to_one_line_and_a_status(capsys):
     assert utils.run_command(raising(KeyboardInterrupt()), interrupted=lambda err: "kept") == 130
     assert capsys.readouterr().err.strip().endswith("kept")
     assert utils.run_command(lambda: None) == 0 and np.isscalar(utils.run_command(lambda: 3))
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
+def test_every_json_and_yaml_we_read_refuses_a_pipe_or_a_huge_file_with_one_line(trained_run, tmp_path, monkeypatch):
+    """The family of issue 23's leftover: metrics.json, history.json, a settings file (--config), trial.json and
+    sweep.json all go through utils.read_text_file, so a pipe never hangs a command and a file larger than
+    MAX_TEXT_BYTES is refused before it is read."""
+    import shutil
+
+    from helpers import config, sweep
+
+    monkeypatch.setattr(utils, "MAX_TEXT_BYTES", 20_000)  # a "huge" file without writing 32 MiB
+    for name in ("metrics.json", "history.json"):
+        for kind in ("pipe", "huge"):
+            run = tmp_path / f"{kind}-{name}"
+            shutil.copytree(trained_run, run)
+            (run / name).unlink()
+            if kind == "pipe":
+                os.mkfifo(run / name)  # nobody writes to it: reading it would wait for ever
+            else:
+                (run / name).write_text(json.dumps({"pad": "x" * 40_000}))
+            if kind == "pipe":  # not a file: compare reads the run as a stopped one, from its checkpoint
+                assert compare.read_run(run)[0]["epochs"] == "2/2 (unfinished)"
+            else:
+                with pytest.raises(utils.RunError, match="damaged"):
+                    compare.read_run(run)
+    settings = tmp_path / "config.yaml"
+    os.mkfifo(settings)
+    with pytest.raises(config.ConfigError, match="not a regular file"):
+        config.read_config_file(settings)
+    settings = tmp_path / "big.json"
+    settings.write_text(json.dumps({"epochs": 1, "pad": "x" * 40_000}))
+    with pytest.raises(config.ConfigError, match="more than"):
+        config.read_config_file(settings)
+    trial = tmp_path / "trial.json"
+    os.mkfifo(trial)
+    with pytest.raises(sweep.SweepError):
+        sweep.read_trial(trial, {})
+    with pytest.raises(ValueError, match="more than"):
+        utils.read_json(settings)
+    assert utils.read_json(trained_run / "metrics.json")["epochs"] == 2  # a real one still reads
+    (tmp_path / "pipe-metrics.json" / "history.json").unlink()
+    (tmp_path / "pipe-metrics.json" / "history.json").write_text("[]")  # history readable, metrics.json a pipe
+    lock_owner = tmp_path / "pipe-metrics.json" / ".lock.owner"
+    os.mkfifo(lock_owner)  # read when a second run is refused: a pipe there must not hang the refusal either
+    from helpers import run as run_module
+
+    assert run_module._owner(lock_owner.parent) == "a process that has just started"
+    done = subprocess.run([sys.executable, "-m", "helpers.compare", str(tmp_path / "pipe-metrics.json")], cwd=REPO,
+                          capture_output=True, text=True, timeout=120)  # a read of the pipe would time out
+    assert done.returncode == 0 and "unfinished" in done.stdout, done.stderr

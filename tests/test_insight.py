@@ -270,8 +270,11 @@ def test_lr_finder_import_is_quiet_in_a_notebook_kernel():
     code = "\n".join([
         "import sys, types, warnings, IPython",
         "sys.modules['ipykernel.zmqshell'] = types.ModuleType('ipykernel.zmqshell')",
-        "IPython.get_ipython = lambda: type('ZMQInteractiveShell', (), {})()",
+        # a kernel's shell as tqdm 4.67 (Colab's: IPKernelApp in its config) and 4.70 (its class name) recognise it
+        "IPython.get_ipython = lambda: type('ZMQInteractiveShell', (), {'config': {'IPKernelApp': {}}})()",
         "warnings.simplefilter('error')",
+        # matplotlib's own import may warn (pyparsing 3.3 under matplotlib 3.10): its, not ours, and hidden in a kernel
+        r"warnings.filterwarnings('ignore', category=DeprecationWarning, module=r'matplotlib\.')",
         "from helpers.lr_finder import _library",
         "library = _library()",
         "assert 'notebook' in library.tqdm.__module__, library.tqdm.__module__",  # it did take the notebook path
