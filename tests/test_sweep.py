@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -169,7 +170,8 @@ def test_the_command_line_says_what_is_wrong_in_one_line(tmp_path, capsys):
 @pytest.mark.slow
 def test_a_sweep_on_a_running_ray_cluster_with_asha(tiny_data, tmp_path):
     """--address: the sweep runs on a Ray cluster started apart (`ray start --head`), not a Ray of its own; --asha:
-    every trial ends trained or stopped early, each with a row."""
+    every trial ends trained or stopped early, each with a row; with --val-split, ASHA stops trials on the
+    validation accuracy (sweep.selection_metric) and every row has one beside the test accuracy."""
     pytest.importorskip("ray.tune")
     import socket
 
@@ -192,7 +194,7 @@ def test_a_sweep_on_a_running_ray_cluster_with_asha(tiny_data, tmp_path):
         out = tmp_path / "sweep"
         done = subprocess.run([sys.executable, "-m", "helpers.sweep", "--model", "depthwise_net", "--epochs", "4",
                                "--batch-size", "20", "--workers", "0", "--data-dir", str(tiny_data), "--grid",
-                               "max_lr=0.005,0.02,0.05,0.2", "--asha", "--no-figures", "--address",
+                               "max_lr=0.005,0.02,0.05,0.2", "--asha", "--val-split", "20", "--no-figures", "--address",
                                f"127.0.0.1:{port}", "--out", str(out)], cwd=REPO, env=env, capture_output=True,
                               text=True, timeout=900)
         assert done.returncode == 0, done.stderr[-3000:]
@@ -201,7 +203,9 @@ def test_a_sweep_on_a_running_ray_cluster_with_asha(tiny_data, tmp_path):
         assert [r["max_lr"] for r in rows] == ["0.005", "0.02", "0.05", "0.2"]
         assert all(r["status"] in ("trained", "stopped (ASHA)") and 1 <= int(r["epochs"]) <= 4 for r in rows)
         assert all(r["status"] == "stopped (ASHA)" or r["epochs"] == "4" for r in rows)
-        assert all(0 <= float(r["test_acc"]) <= 100 for r in rows)
+        assert all(0 <= float(r["test_acc"]) <= 100 and 0 <= float(r["val_acc"]) <= 100 for r in rows)
+        trial = json.loads((Path(rows[0]["trial_dir"]) / "metrics.json").read_text())
+        assert trial["selected_on"] == "validation split" and trial["settings"]["val_split"] == 20
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
 
@@ -211,7 +215,6 @@ def test_one_grid_point_gives_the_same_numbers_on_both_engines(tiny_data, tmp_pa
     """The same command with --engine local and --engine ray trains one point with the same settings (workers
     included: the trial's CPUs less one, whatever the engine) and, at the same CPU threads, the same accuracy."""
     pytest.importorskip("ray.tune")
-    import json
 
     env = os.environ | {"TQDM_DISABLE": "1", "MPLBACKEND": "Agg", "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     results = {}
