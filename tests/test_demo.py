@@ -7,10 +7,12 @@ import http.server
 import os
 import pickle
 import shutil
+import signal
 import socket
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +21,7 @@ from PIL import Image
 
 from helpers import demo
 from helpers.predict import load_predictor
-from tests.conftest import hostile_run
+from tests.conftest import REPO, hostile_run
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
@@ -176,6 +178,51 @@ def test_uploads_are_bounded_and_deleted(page):
     from tests.conftest import REPO
 
     assert not list((REPO / "helpers").glob("*.pyi"))  # nothing written beside the package (Gradio stubs)
+
+
+def test_what_the_page_stores_lives_in_the_process_folder(page):
+    """Gradio's cache (uploads, results) and the examples go into demo.process_folder(), deleted at exit."""
+    folder = demo.process_folder()
+    assert os.environ["GRADIO_TEMP_DIR"] == str(folder / "gradio")
+    assert list(folder.glob("examples-*/*.png"))  # one test image per class, shown under the input
+
+
+@pytest.mark.slow
+def test_a_stopped_demo_leaves_no_upload_behind(trained_run, tmp_path):
+    """`cifar10 demo` stopped with SIGTERM (as `kill` or a scheduler stops it) deletes everything its page stored:
+    an upload, the results and the example images (Gradio's own clean-up keeps most of them)."""
+    pytest.importorskip("gradio_client")
+    from gradio_client import Client, handle_file
+
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    Image.new("RGB", (48, 40), (200, 30, 30)).save(tmp_path / "upload.png")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if k != "GRADIO_TEMP_DIR"} | {"TMPDIR": str(temp), "TQDM_DISABLE": "1"}
+    server = subprocess.Popen([sys.executable, "-m", "helpers.demo", str(trained_run), "--port", str(port), "--device",
+                               "cpu"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        client = None
+        for _ in range(600):  # up to 5 minutes for Gradio to start on a loaded machine
+            if server.poll() is not None:
+                pytest.fail(f"the demo ended early: {server.stderr.read()[-2000:]}")
+            try:
+                client = Client(f"http://127.0.0.1:{port}/", verbose=False, download_files=str(tmp_path / "got"))
+                break
+            except Exception:  # noqa: BLE001 - not serving yet
+                time.sleep(0.5)
+        assert client is not None, "the demo never served"
+        client.predict(handle_file(str(tmp_path / "upload.png")), api_name="/predict")
+        (folder,) = temp.glob("cifar10-demo-*")
+        assert [p.name for p in folder.rglob("upload.png")] == ["upload.png"]  # the upload, in the process folder
+        server.send_signal(signal.SIGTERM)
+        server.wait(timeout=120)
+        assert not folder.exists(), sorted(str(p) for p in folder.rglob("*"))
+        assert not [p for p in temp.rglob("*") if p.is_file()]  # nothing else left in the temporary folder either
+    finally:
+        if server.poll() is None:
+            server.kill()
+            server.wait()
 
 
 @pytest.mark.skipif(not hasattr(os, "mkfifo"), reason="no FIFOs on this OS")
