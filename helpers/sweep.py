@@ -225,9 +225,12 @@ def _ray_trial(config: dict, *, base: dict, trials: str, figures: bool = True) -
     from ray import tune  # deferred: Ray, an optional extra
 
     point, seconds = config["point"], []
+    epochs = evolve(TrainConfig.from_dict(base), **point).epochs
 
     def report(record: dict) -> None:
         seconds.append(record.get("train_seconds") or record["seconds"])
+        if record["epoch"] >= epochs:  # the last epoch is reported below, with the run's final evaluation: a
+            return  # report here would let ASHA (at max_t) stop the trial before it and its outputs
         # with a validation split each epoch has val_acc (what ASHA stops on) and no test_acc: the test set is
         # seen once, in the trial's row
         tune.report({k: v for k, v in dict(epoch=record["epoch"], test_acc=record.get("test_acc"),
@@ -236,9 +239,9 @@ def _ray_trial(config: dict, *, base: dict, trials: str, figures: bool = True) -
                      if v is not None})
 
     row = trial_row(point, trial(TrainConfig.from_dict(base), point, trials, figures=figures, on_epoch=report))
-    if not seconds:  # a run already finished (restored sweep): nothing trained, report its numbers once
-        tune.report({k: v for k, v in row.items() if k in ("test_acc", "val_acc", "train_seconds") and v is not None}
-                    | {"epoch": row["epochs"]})
+    # the trial's last report (its row is in trial.json already): the final numbers, or a finished run's once more
+    tune.report({k: v for k, v in row.items() if k in ("test_acc", "test_acc_tta", "val_acc", "train_seconds")
+                 and v is not None} | {"epoch": row["epochs"]})
 
 
 def _quiet_ray(address: str | None) -> None:
@@ -605,8 +608,9 @@ def build_parser() -> argparse.ArgumentParser:
     sweep.add_argument("--storage", default=None, help="where Tune keeps the sweep's state (default: --out); "
                        "multi-node: a shared path or a URI such as s3://bucket/path")
     sweep.add_argument("--no-figures", dest="figures", action="store_false", help="trials skip their figures")
-    sweep.add_argument("--asha", action="store_true", help="stop the weaker trials early (ASHA, on test accuracy; "
-                       "a one-cycle run's early epochs rank trials only roughly)")
+    sweep.add_argument("--asha", action="store_true", help="stop the weaker trials early (ASHA, on the test accuracy, "
+                       "or the validation accuracy with --val-split; a one-cycle run's early epochs rank trials only "
+                       "roughly)")
     settings = p.add_argument_group("settings of every trial (helpers.config.TrainConfig; see python -m "
                                     "helpers.train --help)")
     for f in fields(TrainConfig):

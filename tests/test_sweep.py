@@ -202,9 +202,14 @@ def test_a_sweep_on_a_running_ray_cluster_with_asha(tiny_data, tmp_path):
             rows = list(csv.DictReader(f))
         assert [r["max_lr"] for r in rows] == ["0.005", "0.02", "0.05", "0.2"]
         assert all(r["status"] in ("trained", "stopped (ASHA)") and 1 <= int(r["epochs"]) <= 4 for r in rows)
-        assert all(r["status"] == "stopped (ASHA)" or r["epochs"] == "4" for r in rows)
-        assert all(0 <= float(r["test_acc"]) <= 100 and 0 <= float(r["val_acc"]) <= 100 for r in rows)
-        trial = json.loads((Path(rows[0]["trial_dir"]) / "metrics.json").read_text())
+        # a trial that ran every epoch finished (its final evaluation, outputs and trial.json), whatever ASHA said
+        assert all((r["status"], r["epochs"]) == ("trained", "4") or r["status"] == "stopped (ASHA)" and
+                   int(r["epochs"]) < 4 for r in rows), rows
+        assert all(0 <= float(r["val_acc"]) <= 100 for r in rows)  # what ASHA compared, every epoch of every trial
+        # the test set is measured once, at a trial's end: a trial stopped early has no test accuracy, not a guess
+        assert all(0 <= float(r["test_acc"]) <= 100 if r["status"] == "trained" else r["test_acc"] == "" for r in rows)
+        finished = next(r for r in rows if r["status"] == "trained")  # ASHA lets the best of each rung go on
+        trial = json.loads((Path(finished["trial_dir"]) / "metrics.json").read_text())
         assert trial["selected_on"] == "validation split" and trial["settings"]["val_split"] == 20
     finally:
         subprocess.run([str(ray_cli), "stop", "--force"], env=env, capture_output=True, timeout=120)
