@@ -27,6 +27,7 @@ import re
 import shutil
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import numpy as np
@@ -249,9 +250,19 @@ def main(argv: list[str] | None = None) -> int:
             page = serve(args.run, port=args.port, share=args.share, host=args.host, data_dir=args.data_dir,
                          device=args.device, block=False, quiet=True)
             print(serving_message(page, args.host), flush=True)
-            page.block_thread()  # until Ctrl-C or SIGTERM
+            try:
+                wait_while_serving(page)
+            finally:
+                page.close()
 
-    return run_command(run, interrupted=lambda err: "stopped")
+    return run_command(run, interrupted=lambda err: "demo stopped")
+
+
+def wait_while_serving(page) -> None:
+    """Until the server stops, Ctrl-C or SIGTERM (a KeyboardInterrupt, which run_command reports with status 130);
+    Gradio's block_thread would swallow the interrupt (status 0) and print a line of its own."""
+    while page.is_running:
+        time.sleep(0.2)
 
 
 def serving_message(page, host: str) -> str:

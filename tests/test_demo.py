@@ -85,7 +85,7 @@ def test_a_bad_checkpoint_is_one_line(tmp_path, capsys):
 def test_the_command_names_our_flag_not_gradios_keyword(trained_run, monkeypatch, capsys):
     pytest.importorskip("gradio")
     port = free_port()
-    monkeypatch.setattr("gradio.Blocks.block_thread", lambda self: self.close())  # serve, then stop at once
+    monkeypatch.setattr(demo, "wait_while_serving", lambda page: None)  # serve, then stop at once
     assert demo.main([str(trained_run), "--port", str(port), "--device", "cpu"]) == 0
     out = capsys.readouterr().out
     assert f"demo page on http://127.0.0.1:{port}/ (this machine only); add --share for a public link" in out
@@ -216,7 +216,7 @@ def test_a_stopped_demo_leaves_no_upload_behind(trained_run, tmp_path):
         (folder,) = temp.glob("cifar10-demo-*")
         assert [p.name for p in folder.rglob("upload.png")] == ["upload.png"]  # the upload, in the process folder
         server.send_signal(signal.SIGTERM)
-        server.wait(timeout=120)
+        assert server.wait(timeout=120) == 130 and server.stderr.read().strip() == "demo stopped"  # as Ctrl-C
         assert not folder.exists(), sorted(str(p) for p in folder.rglob("*"))
         assert not [p for p in temp.rglob("*") if p.is_file()]  # nothing else left in the temporary folder either
     finally:
