@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import atexit
 import html
-import json
 import os
 import re
 import shutil
@@ -112,13 +111,10 @@ def example_images(predictor: Predictor, folder: Path, *, data_dir: str | None =
 
 def headline(predictor: Predictor) -> str:
     """The page's heading: the model, its epochs and, when the run folder has metrics.json, its test accuracy."""
-    metrics = predictor.source.parent / "metrics.json"
-    try:
-        if not metrics.is_file():  # none, or a pipe that would never end the read
-            raise FileNotFoundError(metrics)
-        m = read_json(metrics)
+    try:  # read_json: none is an OSError; a pipe, a huge file or bad JSON a ValueError
+        m = read_json(predictor.source.parent / "metrics.json")
         score = f", {float(m['test_acc']):.2f}% right on its {int(m['test_images']):,} test images"
-    except (OSError, json.JSONDecodeError, KeyError, TypeError, ValueError, OverflowError):
+    except (OSError, KeyError, TypeError, ValueError, OverflowError):
         score = ""
     dataset = predictor.config.dataset
     what = {"cifar10": "CIFAR-10 ", "cifar100": "CIFAR-100 "}.get(dataset, "")

@@ -224,8 +224,8 @@ def _ray_trial(config: dict, *, base: dict, trials: str, figures: bool = True) -
     """Ray Tune's trainable: `trial` of the grid point config['point'], reporting every epoch to Tune."""
     from ray import tune  # deferred: Ray, an optional extra
 
-    point, seconds = config["point"], []
-    epochs = evolve(TrainConfig.from_dict(base), **point).epochs
+    point, seconds, settings = config["point"], [], TrainConfig.from_dict(base)
+    epochs = evolve(settings, **point).epochs
 
     def report(record: dict) -> None:
         seconds.append(record.get("train_seconds") or record["seconds"])
@@ -238,7 +238,7 @@ def _ray_trial(config: dict, *, base: dict, trials: str, figures: bool = True) -
                                            train_loss=record["train_loss"], train_seconds=sum(seconds)).items()
                      if v is not None})
 
-    row = trial_row(point, trial(TrainConfig.from_dict(base), point, trials, figures=figures, on_epoch=report))
+    row = trial_row(point, trial(settings, point, trials, figures=figures, on_epoch=report))
     # the trial's last report (its row is in trial.json already): the final numbers, or a finished run's once more
     tune.report({k: v for k, v in row.items() if k in ("test_acc", "test_acc_tta", "val_acc", "train_seconds")
                  and v is not None} | {"epoch": row["epochs"]})
